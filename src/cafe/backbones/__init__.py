@@ -1,0 +1,33 @@
+"""Supported backbone families, keyed by the checkpoint's ``model_type``.
+
+Adding a family is one small module (see ``llava_onevision.py`` and docs/backbones.md): combine
+`CafeForConditionalGeneration` with the family's transformers class, say how one image appears in
+a prompt, and how to run its vision encoder once; then register it here.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# model_type -> (module, class name). Imported lazily so that `import cafe` stays cheap.
+_FAMILIES: dict[str, tuple[str, str]] = {
+    "llava_onevision": ("cafe.backbones.llava_onevision", "CafeLlavaOnevisionForConditionalGeneration"),
+}
+
+BACKBONES_DOC = "docs/backbones.md"
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_FAMILIES)
+
+
+def get_cafe_class(model_type: str):
+    """Return the CAFe class for a checkpoint's ``model_type``, or raise a clear error."""
+    if model_type not in _FAMILIES:
+        raise ValueError(
+            f"cafe does not support the backbone model_type {model_type!r}. Supported: {supported_model_types()}. "
+            f"To add a family, combine CafeForConditionalGeneration with its transformers class as described in "
+            f"{BACKBONES_DOC}."
+        )
+    module, name = _FAMILIES[model_type]
+    return getattr(importlib.import_module(module), name)

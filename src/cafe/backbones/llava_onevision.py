@@ -1,0 +1,35 @@
+"""LLaVA-OneVision (``model_type: llava_onevision``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import LlavaOnevisionForConditionalGeneration
+
+from ..modeling import CafeForConditionalGeneration
+from ._conversion import inherit_checkpoint_conversion
+
+
+class CafeLlavaOnevisionForConditionalGeneration(CafeForConditionalGeneration, LlavaOnevisionForConditionalGeneration):
+    """LLaVA-OneVision with CAFe embeddings. Weights, forward and ``generate`` are the stock ones."""
+
+    # The reference's user turn for an image: "<image>\nCompress this image in one word:".
+    cafe_image_placeholder = "<image>\n"
+
+    def get_vision_features(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor,
+        batch_num_images: torch.Tensor | None = None,
+        **unused: Any,
+    ) -> dict[str, Any]:
+        image_outputs = self.model.get_image_features(
+            pixel_values.to(self.dtype), image_sizes, batch_num_images=batch_num_images, return_dict=True
+        )
+        return {"image": image_outputs}
+
+
+inherit_checkpoint_conversion(
+    CafeLlavaOnevisionForConditionalGeneration, LlavaOnevisionForConditionalGeneration, "llava_onevision"
+)

@@ -1,0 +1,74 @@
+"""CAFe settings: everything that makes a VLM a CAFe model, independent of the backbone family.
+
+The settings are stored as a plain dict under ``config.cafe`` in the backbone's own
+``config.json``, so the checkpoint stays a stock transformers checkpoint (stock classes keep the
+extra key as an attribute and ignore it) and `CafeForConditionalGeneration` restores them on load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+# Strings of the reference implementation (see shared/reference-notes.md). The paper's Table 1
+# writes the prompt with "!", the released code uses ":"; we follow the code.
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+DEFAULT_IMAGE_PROMPT = "Compress this image in one word:"
+DEFAULT_TEXT_PROMPT = "Compress this sentence in one word:"
+# Multimodal (MMEB) mode of the reference: image + text in the user turn, no "Compress" suffix.
+DEFAULT_MULTIMODAL_PROMPT = ""
+
+POOLING_MODES = ("last_token",)
+
+
+@dataclass
+class CafeSettings:
+    """CAFe embedding and contrastive settings (saved in ``config.json`` under ``"cafe"``).
+
+    Args:
+        system_prompt: System message of the embedding conversation.
+        image_prompt: Instruction appended after the image of an image-only input.
+        text_prompt: Instruction appended directly (no separator) after a text-only input.
+        multimodal_prompt: Instruction appended after image + text inputs (reference: none).
+        pooling: How a sequence becomes one vector. ``"last_token"``: last layer hidden state of
+            the last non-padding token (the final ``<|im_end|>`` of the empty assistant turn).
+        normalize: L2-normalise embeddings.
+        contrastive_temperature: InfoNCE temperature tau (logit scale 1/tau). Reference: 0.05.
+            Not called ``temperature``: transformers reads that config name as a generation setting.
+        learnable_logit_scale: Learn log(1/tau) during training instead of keeping it fixed.
+        embedding_chat_template: Jinja template that renders an embedding conversation. ``None``
+            means the backbone family's default (see `cafe.prompting.build_embedding_chat_template`).
+            Written out in full when a model is created so the checkpoint is self-describing, and
+            the sentence-transformers export renders with exactly this template.
+    """
+
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    image_prompt: str = DEFAULT_IMAGE_PROMPT
+    text_prompt: str = DEFAULT_TEXT_PROMPT
+    multimodal_prompt: str = DEFAULT_MULTIMODAL_PROMPT
+    pooling: str = "last_token"
+    normalize: bool = True
+    contrastive_temperature: float = 0.05
+    learnable_logit_scale: bool = False
+    embedding_chat_template: str | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.pooling not in POOLING_MODES:
+            raise ValueError(f"Unknown pooling {self.pooling!r}; supported: {POOLING_MODES}.")
+        if not self.contrastive_temperature > 0:
+            raise ValueError(
+                f"contrastive_temperature must be > 0 (got {self.contrastive_temperature}); the reference uses 0.05."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> CafeSettings:
+        data = dict(data or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown CAFe settings {unknown} in config['cafe']; known settings: {sorted(known)}.")
+        return cls(**data)

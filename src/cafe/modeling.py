@@ -1,0 +1,285 @@
+"""`CafeForConditionalGeneration`: one set of weights for embeddings and generation.
+
+Design: a concrete CAFe model is the backbone's own transformers class combined with this base,
+e.g. ``class CafeLlavaOnevisionForConditionalGeneration(CafeForConditionalGeneration,
+LlavaOnevisionForConditionalGeneration)``. The backbone class provides the weights layout, the
+forward pass and ``generate()``; this base adds the CAFe behaviour (embedding prompt, pooling,
+normalisation, contrastive settings) and knows nothing of any particular family. Each family
+supplies two small hooks: how to run the vision encoder once (so features can be reused) and
+which position ids an embedding pass needs. ``CafeForConditionalGeneration.from_pretrained``
+picks the family from the checkpoint's ``model_type`` (see `cafe.backbones`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, PreTrainedModel
+
+from .configuration import CafeSettings
+from .prompting import build_embedding_batch, build_embedding_chat_template, to_embedding_inputs
+
+# Keyword arguments of `from_pretrained` that also apply to loading the config and the processor.
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+
+
+def last_token_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Hidden state of the last non-padding token of each row, for left *and* right padding.
+
+    Args:
+        hidden_states: ``[batch, seq, hidden]``.
+        attention_mask: ``[batch, seq]`` with 1 on real tokens.
+
+    Returns:
+        ``[batch, hidden]``.
+    """
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    # The largest position holding a real token; works whichever side the padding is on.
+    last = (attention_mask.to(torch.long) * positions).argmax(dim=1)
+    return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last]
+
+
+class CafeForConditionalGeneration(PreTrainedModel):
+    """A vision-language model that both generates (its backbone's ``generate``) and embeds.
+
+    Use ``CafeForConditionalGeneration.from_pretrained(path_or_hub_id)`` on a stock checkpoint of a
+    supported family or on a CAFe checkpoint; it returns the family's CAFe class. Checkpoints are
+    saved in the backbone's own layout and load in stock transformers.
+
+    Family classes set:
+        cafe_image_placeholder: text that stands for one image in a prompt (before expansion).
+    and may override `get_vision_features` and `embedding_position_ids`.
+    """
+
+    cafe_image_placeholder: str = "<image>\n"
+
+    def __init__(self, config, *inputs, **kwargs):
+        super().__init__(config, *inputs, **kwargs)
+        # Fill in the CAFe settings (defaults follow the paper and the reference) and write the
+        # rendered embedding template into the config so the checkpoint is self-describing.
+        settings = CafeSettings.from_dict(getattr(config, "cafe", None))
+        if settings.embedding_chat_template is None:
+            settings.embedding_chat_template = build_embedding_chat_template(settings, self.cafe_image_placeholder)
+        config.cafe = settings.to_dict()
+        self.processor = None
+
+    # ------------------------------------------------------------------ loading and saving
+    @classmethod
+    def _resolve_family_class(cls, config) -> type[CafeForConditionalGeneration]:
+        from .backbones import get_cafe_class
+
+        return get_cafe_class(config.model_type)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *model_args,
+        cafe_settings: CafeSettings | dict | None = None,
+        load_processor: bool = True,
+        **kwargs,
+    ):
+        """Load a stock or CAFe checkpoint of a supported family as its CAFe class.
+
+        Args:
+            pretrained_model_name_or_path: Hub id or local folder.
+            cafe_settings: Override the CAFe settings stored in the checkpoint (or the defaults).
+            load_processor: Also load the checkpoint's processor into ``model.processor`` (used by
+                `encode` and saved by `save_pretrained`). Skipped silently if the folder has none.
+            **kwargs: Passed to transformers' ``from_pretrained`` (``dtype``, ``device_map``, ...).
+        """
+        hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+        config = kwargs.pop("config", None)
+        if config is None:
+            config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        if cafe_settings is not None:
+            settings = cafe_settings if isinstance(cafe_settings, CafeSettings) else CafeSettings.from_dict(cafe_settings)
+            config.cafe = settings.to_dict()
+        target = cls._resolve_family_class(config) if cls is CafeForConditionalGeneration else cls
+        model = super(CafeForConditionalGeneration, target).from_pretrained(
+            pretrained_model_name_or_path, *model_args, config=config, **kwargs
+        )
+        if load_processor:
+            # `output_loading_info=True` makes transformers return (model, info).
+            loaded = model[0] if isinstance(model, tuple) else model
+            loaded.processor = _try_load_processor(pretrained_model_name_or_path, hub_kwargs)
+        return model
+
+    @classmethod
+    def from_config(cls, config, **kwargs):
+        """Build a randomly initialised CAFe model of the family named by ``config.model_type``."""
+        target = cls._resolve_family_class(config) if cls is CafeForConditionalGeneration else cls
+        return target._from_config(config, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, save_processor: bool = True, **kwargs):
+        """Save a vanilla backbone checkpoint (stock layout and ``architectures``) plus the processor.
+
+        The folder loads in the stock transformers class without custom code; the CAFe settings
+        ride along in ``config.json["cafe"]``.
+        """
+        if self.processor is not None:
+            _check_processor_matches(self, self.processor)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            # transformers writes our class name into `architectures`; tools that dispatch on it
+            # (vLLM, lmms-eval) must see the backbone's class instead.
+            config_path = Path(save_directory) / "config.json"
+            config = json.loads(config_path.read_text())
+            config["architectures"] = [self.backbone_class().__name__]
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            if save_processor and self.processor is not None:
+                self.processor.save_pretrained(save_directory)
+        return result
+
+    @classmethod
+    def backbone_class(cls) -> type[PreTrainedModel]:
+        """The stock transformers class this CAFe class is combined with."""
+        for base in cls.__mro__[1:]:
+            if base.__module__.startswith("transformers.") and issubclass(base, PreTrainedModel):
+                if base.__name__.endswith("ForConditionalGeneration"):
+                    return base
+        raise TypeError(f"{cls.__name__} is not combined with a transformers *ForConditionalGeneration class.")
+
+    # ------------------------------------------------------------------ CAFe settings
+    @property
+    def cafe_settings(self) -> CafeSettings:
+        return CafeSettings.from_dict(self.config.cafe)
+
+    @property
+    def embedding_chat_template(self) -> str:
+        return self.cafe_settings.embedding_chat_template
+
+    # ------------------------------------------------------------------ family hooks
+    def get_vision_features(self, **vision_inputs) -> dict[str, Any]:
+        """Run the vision tower + projector once; returns ``mm_encoder_outputs`` for `forward`.
+
+        The result can be passed to several forward passes over sequences that hold the same
+        images in the same order (the image-embedding and LM sequences of a training step).
+        """
+        raise NotImplementedError
+
+    def embedding_position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """Position ids for an embedding pass; ``None`` lets the backbone compute them.
+
+        Default (1-D RoPE): count real tokens, so a left-padded row gets the same positions as
+        the same row unpadded.
+        """
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    # ------------------------------------------------------------------ embeddings
+    def get_embeddings(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        mm_encoder_outputs: dict[str, Any] | None = None,
+        normalize: bool | None = None,
+        **vision_inputs,
+    ) -> torch.Tensor:
+        """Embeddings of a processed batch: last-layer hidden state of the last real token.
+
+        Runs the backbone without the LM head, so no vocabulary-sized logits are computed.
+
+        Args:
+            input_ids: ``[batch, seq]``, left- or right-padded.
+            attention_mask: ``[batch, seq]``.
+            mm_encoder_outputs: Pre-computed vision features from `get_vision_features`; when
+                given, pixel inputs must not be passed.
+            normalize: Override the ``normalize`` setting.
+            **vision_inputs: The processor's image tensors (``pixel_values``, ``image_sizes``, ...).
+
+        Returns:
+            ``[batch, hidden]`` float32 tensor, L2-normalised unless disabled.
+        """
+        vision_inputs = {k: v for k, v in vision_inputs.items() if v is not None}
+        if mm_encoder_outputs is not None:
+            vision_inputs = {"mm_encoder_outputs": mm_encoder_outputs}
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=self.embedding_position_ids(input_ids, attention_mask),
+            use_cache=False,
+            **vision_inputs,
+        )
+        pooled = last_token_pool(outputs.last_hidden_state, attention_mask).float()
+        if self.cafe_settings.normalize if normalize is None else normalize:
+            pooled = F.normalize(pooled, p=2, dim=-1)
+        return pooled
+
+    def encode(
+        self,
+        inputs: Sequence[Any] | None = None,
+        *,
+        images: Sequence[Any] | None = None,
+        texts: Sequence[str] | None = None,
+        instruction: str | None = None,
+        processor=None,
+        batch_size: int = 16,
+        show_progress_bar: bool | None = None,
+    ) -> torch.Tensor:
+        """Embed raw inputs under the CAFe embedding prompt; returns ``[N, hidden]`` float32 on CPU.
+
+        Args:
+            inputs: Strings, PIL images, ``(image, text)`` tuples or ``{"image", "text"}`` dicts.
+            images, texts: Alternatively, images and/or texts (both: embedded as pairs).
+            instruction: Optional task instruction placed before the text (MMEB style).
+            processor: Defaults to the processor loaded with the model.
+            batch_size: Inputs per forward pass.
+            show_progress_bar: Defaults to on when there is more than one batch.
+        """
+        processor = processor if processor is not None else self.processor
+        if processor is None:
+            raise ValueError(
+                "No processor: load the model with CafeForConditionalGeneration.from_pretrained(path) from a folder "
+                "that has one, or pass processor=AutoProcessor.from_pretrained(...)."
+            )
+        _check_processor_matches(self, processor)
+        items = to_embedding_inputs(inputs, images=images, texts=texts)
+        starts = range(0, len(items), batch_size)
+        if show_progress_bar is None:
+            show_progress_bar = len(items) > batch_size
+        if show_progress_bar:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="Embedding", unit="batch")
+        template = self.embedding_chat_template
+        chunks = []
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                for start in starts:
+                    batch = build_embedding_batch(processor, items[start : start + batch_size], template, instruction)
+                    batch = batch.to(self.device)
+                    if "pixel_values" in batch:
+                        batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
+                    chunks.append(self.get_embeddings(**batch).cpu())
+        finally:
+            self.train(was_training)
+        return torch.cat(chunks)
+
+
+def _check_processor_matches(model: CafeForConditionalGeneration, processor) -> None:
+    """A processor whose image token differs from the model's would silently embed garbage."""
+    model_id = getattr(model.config, "image_token_id", None)
+    proc_id = getattr(processor, "image_token_id", None)
+    if model_id is not None and proc_id is not None and model_id != proc_id:
+        raise ValueError(
+            f"The processor's image token id ({proc_id}, {getattr(processor, 'image_token', '?')!r}) does not match "
+            f"the model's config.image_token_id ({model_id}). Load the processor from the same checkpoint as the "
+            "model (AutoProcessor.from_pretrained(<model path>))."
+        )
+
+
+def _try_load_processor(path, hub_kwargs: dict):
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(path, **hub_kwargs)
+    except (OSError, ValueError, KeyError, TypeError):
+        # A weights-only folder (e.g. an intermediate Trainer checkpoint) has no processor.
+        return None

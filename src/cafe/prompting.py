@@ -1,0 +1,206 @@
+"""The CAFe embedding instruction (paper Table 1): from raw images / texts to model inputs.
+
+One Jinja chat template does all the prompting. It receives a conversation in the
+transformers / sentence-transformers message format (a user turn whose content holds images and
+text, optionally a system turn carrying a task instruction) and renders the reference's
+embedding conversation::
+
+    <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n
+    <|im_start|>user\\n<image>\\nCompress this image in one word:<|im_end|>\\n
+    <|im_start|>assistant\\n<|im_end|>
+
+cafe renders with it through ``processor.apply_chat_template`` and the sentence-transformers export
+hands the very same template to sentence-transformers, so both paths give the same token ids by
+construction.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from .configuration import CafeSettings
+
+
+def _literal(text: str) -> str:
+    """A Jinja string literal for `text` (Jinja parses double-quoted literals like JSON strings)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def build_embedding_chat_template(settings: CafeSettings, image_placeholder: str) -> str:
+    """Render `settings` into the Jinja embedding template of a ChatML backbone.
+
+    Args:
+        settings: The prompts to embed in the template.
+        image_placeholder: The text one image stands for in a prompt, as the backbone's processor
+            expects it (``"<image>\\n"`` for LLaVA-OneVision).
+
+    Images come first, then the optional instruction (a system turn, which is how
+    sentence-transformers passes ``prompts``), then the text, then the modality's suffix:
+    ``image_prompt`` for image-only inputs, ``text_prompt`` for text-only inputs and
+    ``multimodal_prompt`` for image + text.
+    """
+    return (
+        "{%- set ns = namespace(images='', instruction='', text='', has_image=false, has_text=false) -%}"
+        "{%- for message in messages -%}"
+        "{%- if message['content'] is string -%}"
+        "{%- set parts = [{'type': 'text', 'text': message['content']}] -%}"
+        "{%- else -%}{%- set parts = message['content'] -%}{%- endif -%}"
+        "{%- for part in parts -%}"
+        "{%- if message['role'] == 'system' -%}"
+        "{%- if part['type'] == 'text' -%}{%- set ns.instruction = ns.instruction + part['text'] -%}{%- endif -%}"
+        "{%- elif part['type'] == 'image' -%}"
+        f"{{%- set ns.images = ns.images + {_literal(image_placeholder)} -%}}"
+        "{%- set ns.has_image = true -%}"
+        "{%- elif part['type'] == 'text' -%}"
+        "{%- set ns.text = ns.text + part['text'] -%}{%- set ns.has_text = true -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- endfor -%}"
+        f"{{%- if ns.has_image and ns.has_text -%}}{{%- set suffix = {_literal(settings.multimodal_prompt)} -%}}"
+        f"{{%- elif ns.has_image -%}}{{%- set suffix = {_literal(settings.image_prompt)} -%}}"
+        f"{{%- else -%}}{{%- set suffix = {_literal(settings.text_prompt)} -%}}{{%- endif -%}}"
+        f"{{{{ '<|im_start|>system\\n' + {_literal(settings.system_prompt)} + '<|im_end|>\\n' }}}}"
+        "{{ '<|im_start|>user\\n' + ns.images + ns.instruction + ns.text + suffix + '<|im_end|>\\n' }}"
+        # The empty assistant turn: its closing <|im_end|> is the pooled token.
+        "{{ '<|im_start|>assistant\\n<|im_end|>' }}"
+    )
+
+
+@dataclass(frozen=True)
+class EmbeddingInput:
+    """One thing to embed: an image, a text, or both (``image`` is a loaded PIL image)."""
+
+    image: Any = None
+    text: str | None = None
+
+    def to_messages(self, instruction: str | None = None) -> list[dict[str, Any]]:
+        """The conversation in the transformers message format, as sentence-transformers builds it."""
+        content: list[dict[str, Any]] = []
+        if self.image is not None:
+            content.append({"type": "image"})
+        if self.text is not None:
+            content.append({"type": "text", "text": self.text})
+        messages = [{"role": "user", "content": content}]
+        if instruction:
+            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": instruction}]})
+        return messages
+
+
+def load_image(image: Any, where: str = "input"):
+    """Return an RGB PIL image from a PIL image or a file path, with errors that say what to fix."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB") if image.mode != "RGB" else image
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"Image file not found for {where}: {str(path)!r}. Check the path / image folder.")
+        try:
+            with Image.open(path) as opened:
+                return opened.convert("RGB")
+        except (UnidentifiedImageError, OSError) as err:
+            raise ValueError(
+                f"Corrupt or unreadable image for {where}: {str(path)!r} ({err}). Re-export or remove the file."
+            ) from None
+    raise TypeError(
+        f"Expected a PIL.Image.Image or an image file path for {where}, got {type(image).__name__}. "
+        "Open the image with PIL (Image.open(path)) or pass its path inside a dict {'image': path}."
+    )
+
+
+def _check_text(text: Any, where: str) -> str:
+    if not isinstance(text, str):
+        raise TypeError(f"Expected a string for the text of {where}, got {type(text).__name__}.")
+    if not text.strip():
+        raise ValueError(f"Empty text for {where}: an embedding needs at least one non-space character.")
+    return text
+
+
+def to_embedding_inputs(
+    inputs: Sequence[Any] | None = None,
+    *,
+    images: Sequence[Any] | None = None,
+    texts: Sequence[str] | None = None,
+) -> list[EmbeddingInput]:
+    """Normalise what users pass into a list of `EmbeddingInput`.
+
+    Accepted: ``inputs`` as a list of strings, PIL images, ``{"image": ..., "text": ...}`` dicts or
+    ``(image, text)`` tuples; or ``images=`` and/or ``texts=`` (both given: they are pairs and must
+    have the same length).
+    """
+    from PIL import Image
+
+    if inputs is not None and (images is not None or texts is not None):
+        raise ValueError("Pass either `inputs` or `images=`/`texts=`, not both.")
+    if inputs is None:
+        if images is None and texts is None:
+            raise ValueError("Nothing to embed: pass `inputs`, `images=` or `texts=`.")
+        if images is not None and texts is not None:
+            if len(images) != len(texts):
+                raise ValueError(
+                    f"`images` and `texts` are paired but have different lengths ({len(images)} vs {len(texts)}). "
+                    "Pass lists of equal length, or embed them in two separate calls."
+                )
+            inputs = [{"image": image, "text": text} for image, text in zip(images, texts)]
+        else:
+            inputs = [{"image": image} for image in images] if images is not None else [{"text": t} for t in texts]
+    if isinstance(inputs, (str, dict, Image.Image)):
+        inputs = [inputs]
+    inputs = list(inputs)
+    if not inputs:
+        raise ValueError("Nothing to embed: the input list is empty.")
+
+    result = []
+    for index, item in enumerate(inputs):
+        where = f"input {index}"
+        if isinstance(item, str):
+            result.append(EmbeddingInput(text=_check_text(item, where)))
+        elif isinstance(item, Image.Image):
+            result.append(EmbeddingInput(image=load_image(item, where)))
+        elif isinstance(item, dict):
+            unknown = set(item) - {"image", "text"}
+            if unknown or not ({"image", "text"} & set(item)):
+                raise ValueError(f"{where}: expected a dict with keys 'image' and/or 'text', got keys {sorted(item)}.")
+            image = item.get("image")
+            text = item.get("text")
+            result.append(
+                EmbeddingInput(
+                    image=None if image is None else load_image(image, where),
+                    text=None if text is None else _check_text(text, where),
+                )
+            )
+        elif isinstance(item, tuple) and len(item) == 2:
+            image, text = item
+            result.append(EmbeddingInput(image=load_image(image, where), text=_check_text(text, where)))
+        else:
+            raise TypeError(
+                f"{where}: cannot embed an object of type {type(item).__name__}. Pass a string, a PIL image, "
+                "an (image, text) tuple or a dict {'image': ..., 'text': ...}."
+            )
+        if result[-1].image is None and result[-1].text is None:
+            raise ValueError(f"{where}: both 'image' and 'text' are None; give at least one.")
+    return result
+
+
+def render_embedding_prompts(
+    processor, items: Iterable[EmbeddingInput], chat_template: str, instruction: str | None = None
+) -> list[str]:
+    """Render each item's embedding conversation to the prompt string the processor tokenizes."""
+    return [
+        processor.apply_chat_template(item.to_messages(instruction), chat_template=chat_template, tokenize=False)
+        for item in items
+    ]
+
+
+def build_embedding_batch(
+    processor, items: Sequence[EmbeddingInput], chat_template: str, instruction: str | None = None
+):
+    """Tokenize `items` (and preprocess their images) into one padded batch for `get_embeddings`."""
+    prompts = render_embedding_prompts(processor, items, chat_template, instruction)
+    images = [item.image for item in items if item.image is not None]
+    return processor(images=images or None, text=prompts, padding=True, return_tensors="pt")
