@@ -12,8 +12,10 @@ picks the family from the checkpoint's ``model_type`` (see `cafe.backbones`).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, PreTrainedModel
 
 from .configuration import CafeSettings
+from .losses import lm_loss_at_supervised_positions
 from .prompting import build_embedding_batch, build_embedding_chat_template, to_embedding_inputs
 
 # Keyword arguments of `from_pretrained` that also apply to loading the config and the processor.
@@ -44,6 +47,27 @@ def last_token_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -
     return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last]
 
 
+@dataclass
+class CafeForwardOutput:
+    """What one CAFe training forward produces; the losses are combined by `CafeTrainer`.
+
+    Embeddings are ``[n, hidden]`` float32 and L2-normalised; ``lm_loss`` is a float32 scalar.
+    """
+
+    query_embeds: torch.Tensor | None = None
+    doc_embeds: torch.Tensor | None = None
+    negative_embeds: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+
+
+# Batch keys of `CafeCollator` that are not vision-encoder inputs.
+_SIDES = ("query", "doc", "negative")
+_SEQUENCE_KEYS = frozenset(
+    [f"{side}_{part}" for side in _SIDES for part in ("input_ids", "attention_mask", "image_index")]
+    + ["input_ids", "attention_mask", "labels", "lm_image_index", "query_groups", "doc_groups", "truncation_counts"]
+)
+
+
 class CafeForConditionalGeneration(PreTrainedModel):
     """A vision-language model that both generates (its backbone's ``generate``) and embeds.
 
@@ -57,6 +81,30 @@ class CafeForConditionalGeneration(PreTrainedModel):
     """
 
     cafe_image_placeholder: str = "<image>\n"
+    # Module names (as in `named_parameters`) of the vision encoder and of the projector, for
+    # per-component learning rates.
+    cafe_vision_modules: tuple[str, ...] = ("vision_tower",)
+    cafe_projector_modules: tuple[str, ...] = ("multi_modal_projector",)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        backbone_forward = next(
+            (b.__dict__["forward"] for b in cls.__mro__ if b.__module__.startswith("transformers.") and "forward" in b.__dict__),
+            None,
+        )
+        if backbone_forward is None or "forward" in cls.__dict__:
+            return
+
+        # `generate()` and Trainer inspect `forward`'s signature; `functools.wraps` keeps the
+        # backbone's. The extra `cafe_batch` keyword routes a CAFe training step through
+        # `forward`, so DDP / FSDP / DeepSpeed wrappers see one ordinary forward call.
+        @functools.wraps(backbone_forward)
+        def forward(self, *args, cafe_batch: dict | None = None, **kwargs):
+            if cafe_batch is not None:
+                return self.cafe_forward(cafe_batch)
+            return backbone_forward(self, *args, **kwargs)
+
+        cls.forward = forward
 
     def __init__(self, config, *inputs, **kwargs):
         super().__init__(config, *inputs, **kwargs)
@@ -155,6 +203,16 @@ class CafeForConditionalGeneration(PreTrainedModel):
         return self.cafe_settings.embedding_chat_template
 
     # ------------------------------------------------------------------ family hooks
+    @classmethod
+    def parameter_component(cls, name: str) -> str:
+        """``"vision"``, ``"projector"`` or ``"llm"`` for a parameter name (PEFT prefixes allowed)."""
+        parts = name.split(".")
+        if any(module in parts for module in cls.cafe_vision_modules):
+            return "vision"
+        if any(module in parts for module in cls.cafe_projector_modules):
+            return "projector"
+        return "llm"
+
     def get_vision_features(self, **vision_inputs) -> dict[str, Any]:
         """Run the vision tower + projector once; returns ``mm_encoder_outputs`` for `forward`.
 
@@ -170,6 +228,47 @@ class CafeForConditionalGeneration(PreTrainedModel):
         the same row unpadded.
         """
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def select_vision_features(self, features: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
+        """The ``mm_encoder_outputs`` of the images ``index`` (positions in `get_vision_features`'s input)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ training forward
+    def cafe_forward(self, batch: dict[str, torch.Tensor]) -> CafeForwardOutput:
+        """One CAFe step's forward on a `CafeCollator` batch: embeddings of every side and the LM loss.
+
+        The vision tower runs once over the batch's distinct images; every side that shows an
+        image reuses those features (the reference runs it once per sequence, three times per
+        step). Text-only sides carry no image placeholders. The LM loss computes logits only at
+        supervised positions.
+        """
+        vision_inputs = {k: v for k, v in batch.items() if k not in _SEQUENCE_KEYS}
+        features = self.get_vision_features(**vision_inputs) if vision_inputs.get("pixel_values") is not None else None
+
+        def vision_for(index: torch.Tensor | None):
+            if index is None or index.numel() == 0:
+                return None
+            return self.select_vision_features(features, index)
+
+        output = CafeForwardOutput()
+        for side in _SIDES:
+            if f"{side}_input_ids" in batch:
+                embeds = self.get_embeddings(
+                    batch[f"{side}_input_ids"],
+                    batch[f"{side}_attention_mask"],
+                    mm_encoder_outputs=vision_for(batch.get(f"{side}_image_index")),
+                )
+                setattr(output, f"{side}_embeds", embeds)
+        if "labels" in batch:
+            hidden = self.model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                position_ids=self.embedding_position_ids(batch["input_ids"], batch["attention_mask"]),
+                mm_encoder_outputs=vision_for(batch.get("lm_image_index")),
+                use_cache=False,
+            ).last_hidden_state
+            output.lm_loss = lm_loss_at_supervised_positions(hidden, batch["labels"], self.lm_head)
+        return output
 
     # ------------------------------------------------------------------ embeddings
     def get_embeddings(

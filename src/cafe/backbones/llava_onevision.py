@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 from transformers import LlavaOnevisionForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..modeling import CafeForConditionalGeneration
 from ._conversion import inherit_checkpoint_conversion
@@ -28,6 +29,11 @@ class CafeLlavaOnevisionForConditionalGeneration(CafeForConditionalGeneration, L
             pixel_values.to(self.dtype), image_sizes, batch_num_images=batch_num_images, return_dict=True
         )
         return {"image": image_outputs}
+
+    def select_vision_features(self, features: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
+        # LLaVA-OneVision keeps one packed feature tensor per image in `pooler_output` (a list).
+        pooled = features["image"].pooler_output
+        return {"image": BaseModelOutputWithPooling(pooler_output=[pooled[i] for i in index.tolist()])}
 
 
 inherit_checkpoint_conversion(

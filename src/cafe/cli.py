@@ -1,0 +1,27 @@
+"""The ``cafe`` command: ``cafe train ...`` (and the other subcommands as they land)."""
+
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {
+    "train": ("cafe.training", "train_main", "CAFe fine-tuning (HfArgumentParser flags; see `cafe train --help`)."),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import importlib
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = ["usage: cafe <command> [options]", "", "commands:"]
+        lines += [f"  {name:<8} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+        print("\n".join(lines), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    module, function, _ = COMMANDS[argv[0]]
+    getattr(importlib.import_module(module), function)(argv[1:])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,256 @@
+"""`CafeCollator`: one batch with the LM sequence and both embedding sides of every record.
+
+Batch layout (all tensors; ``*_image_index`` says which of the batch's unique images each side's
+image placeholders show, in order of appearance):
+
+====================================  =========================================================
+``pixel_values``, ``image_sizes`` ..  every distinct image of the batch, once (image processor)
+``query_input_ids`` / ``_attention_mask`` / ``_image_index``     query side (e.g. the image)
+``doc_input_ids`` / ``_attention_mask`` / ``_image_index``       positive side (e.g. the text)
+``negative_input_ids`` / ...                                     hard negatives (optional)
+``input_ids``, ``attention_mask``, ``labels``, ``lm_image_index``  LM sequences (optional)
+``query_groups``, ``doc_groups``     content ids for false-negative masking
+``truncation_counts``                [lm_truncated, lm_dropped, text_truncated, skipped_records]
+====================================  =========================================================
+
+The model runs the vision tower once over ``pixel_values`` and hands the features to every side
+that shows an image (see `CafeForConditionalGeneration.cafe_forward`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from typing import Any
+
+import torch
+
+from .configuration import CafeSettings
+from .losses import IGNORE_INDEX
+from .prompting import EmbeddingInput, build_embedding_chat_template, render_embedding_prompts
+from .records import RecordError, RecordParser, Side, TrainingExample
+
+logger = logging.getLogger(__name__)
+
+COUNT_NAMES = ("lm_truncated", "lm_dropped_image_cut", "embedding_text_truncated", "skipped_records")
+
+
+class CafeCollator:
+    """Builds CAFe training batches from raw records (see `cafe.records` for the layouts).
+
+    Args:
+        processor: The model's processor (tokenizer + image processor + chat template).
+        settings: CAFe settings; defaults to the model's (`model.cafe_settings`) if you pass
+            ``model=``, else the paper's defaults.
+        model: Optional; used only to read its settings and embedding template.
+        image_folder: Base folder of relative image paths.
+        max_length: Longest LM sequence. Longer ones are cut at the end, never inside the image
+            tokens: a sequence whose image tokens reach past ``max_length`` leaves the LM batch
+            (counted as ``lm_dropped_image_cut``); its contrastive pair stays.
+        max_text_tokens: Longest text of an embedding side, in tokens (the prompt around it is
+            always kept, so the pooled token is always the template's last token).
+        multimodal_input: Reference flag: query = user turn (image + question), positive = answer,
+            and no "Compress ..." instruction on either side.
+        compute_language_loss, compute_contrastive_loss: Which sequences to build.
+        missing_images: ``"raise"`` (default) or ``"skip"``: drop records whose image is missing
+            or unreadable, counted in ``truncation_counts`` and logged, never silently.
+        assistant_header, end_of_turn: Token strings that delimit assistant turns in the
+            generation template (ChatML defaults); labels cover the answer and its end token.
+    """
+
+    def __init__(
+        self,
+        processor,
+        settings: CafeSettings | None = None,
+        model=None,
+        image_folder: str | None = None,
+        max_length: int = 2048,
+        max_text_tokens: int = 512,
+        multimodal_input: bool = False,
+        compute_language_loss: bool = True,
+        compute_contrastive_loss: bool = True,
+        caption_prompt: str | None = "Describe the image.",
+        missing_images: str = "raise",
+        assistant_header: str = "<|im_start|>assistant\n",
+        end_of_turn: str = "<|im_end|>",
+        seed: int = 0,
+    ):
+        if missing_images not in ("raise", "skip"):
+            raise ValueError(f"missing_images must be 'raise' or 'skip', got {missing_images!r}.")
+        if not (compute_language_loss or compute_contrastive_loss):
+            raise ValueError("Both losses are off: enable compute_language_loss or compute_contrastive_loss.")
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        if settings is None:
+            settings = model.cafe_settings if model is not None else CafeSettings()
+        template = settings.embedding_chat_template
+        if multimodal_input or template is None:
+            placeholder = getattr(model, "cafe_image_placeholder", "<image>\n")
+            if multimodal_input:
+                settings = dataclasses.replace(settings, image_prompt="", text_prompt="", multimodal_prompt="")
+            template = build_embedding_chat_template(settings, placeholder)
+        self.embedding_chat_template = template
+        self.max_length = max_length
+        self.max_text_tokens = max_text_tokens
+        self.compute_language_loss = compute_language_loss
+        self.compute_contrastive_loss = compute_contrastive_loss
+        self.missing_images = missing_images
+        self.parser = RecordParser(image_folder, multimodal_input, caption_prompt, seed)
+        self.header_ids = self.tokenizer.encode(assistant_header, add_special_tokens=False)
+        self.end_id = self.tokenizer.convert_tokens_to_ids(end_of_turn)
+        if self.end_id is None or self.end_id == self.tokenizer.unk_token_id:
+            raise ValueError(f"The tokenizer has no {end_of_turn!r} token; pass end_of_turn= for this template.")
+        self.image_token_id = getattr(processor, "image_token_id", None)
+
+    # ------------------------------------------------------------------ entry point
+    def __call__(self, records: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        counts = dict.fromkeys(COUNT_NAMES, 0)
+        examples: list[TrainingExample] = []
+        for position, record in enumerate(records):
+            try:
+                examples.append(self.parser(record, position))
+            except RecordError as err:
+                is_image_problem = "image" in str(err).lower() and ("not found" in str(err) or "Corrupt" in str(err))
+                if self.missing_images == "skip" and is_image_problem:
+                    logger.warning("Skipping a record: %s", err)
+                    counts["skipped_records"] += 1
+                    continue
+                raise
+        if not examples:
+            raise RecordError("Every record of this batch was skipped (missing or corrupt images); check the data.")
+
+        images = _UniqueImages()
+        batch: dict[str, torch.Tensor] = {}
+        if self.compute_contrastive_loss:
+            queries = [example.query for example in examples]
+            docs = [example.positive for example in examples]
+            batch.update(self._embedding_side("query", queries, images, counts))
+            batch.update(self._embedding_side("doc", docs, images, counts))
+            negatives = [negative for example in examples for negative in example.negatives]
+            if negatives:
+                batch.update(self._embedding_side("negative", negatives, images, counts))
+            batch["query_groups"] = _group_ids(queries)
+            batch["doc_groups"] = _group_ids(docs)
+        if self.compute_language_loss:
+            batch.update(self._lm_sequences(examples, images, counts))
+        if images.images:
+            batch.update(self.processor.image_processor(images.images, return_tensors="pt"))
+        batch["truncation_counts"] = torch.tensor([counts[name] for name in COUNT_NAMES])
+        return batch
+
+    # ------------------------------------------------------------------ embedding sides
+    def _embedding_side(self, name: str, sides: list[Side], images: _UniqueImages, counts) -> dict:
+        items = [EmbeddingInput(None if s.image is None else s.image, self._cut_text(s.text, counts)) for s in sides]
+        prompts = render_embedding_prompts(self.processor, items, self.embedding_chat_template)
+        side_images = [s for s in sides if s.image is not None]
+        encoded = self.processor(
+            text=prompts, images=[s.image for s in side_images] or None, padding=True, return_tensors="pt"
+        )
+        return {
+            f"{name}_input_ids": encoded["input_ids"],
+            f"{name}_attention_mask": encoded["attention_mask"],
+            f"{name}_image_index": images.indices(side_images),
+        }
+
+    def _cut_text(self, text: str | None, counts) -> str | None:
+        if text is None:
+            return None
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) <= self.max_text_tokens:
+            return text
+        counts["embedding_text_truncated"] += 1
+        return self.tokenizer.decode(ids[: self.max_text_tokens])
+
+    # ------------------------------------------------------------------ LM sequences
+    def _lm_sequences(self, examples: list[TrainingExample], images: _UniqueImages, counts) -> dict:
+        with_lm = [example for example in examples if example.conversation is not None]
+        if not with_lm:
+            return {}
+        texts = [self.processor.apply_chat_template(example.conversation, tokenize=False) for example in with_lm]
+        lm_images = [image for example in with_lm for image in example.conversation_images]
+        encoded = self.processor(text=texts, images=[s.image for s in lm_images] or None, padding=True, return_tensors="pt")
+        input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
+        labels = self.assistant_labels(input_ids, attention_mask)
+
+        keep = torch.ones(len(with_lm), dtype=torch.bool)
+        if input_ids.shape[1] > self.max_length:
+            lengths = attention_mask.sum(1)
+            counts["lm_truncated"] += int((lengths > self.max_length).sum())
+            if self.image_token_id is not None:
+                positions = torch.arange(input_ids.shape[1])
+                last_image = torch.where(input_ids == self.image_token_id, positions, -1).max(dim=1).values
+                keep = last_image < self.max_length
+                counts["lm_dropped_image_cut"] += int((~keep).sum())
+                counts["lm_truncated"] -= int((~keep).sum())
+            input_ids = input_ids[:, : self.max_length]
+            attention_mask = attention_mask[:, : self.max_length]
+            labels = labels[:, : self.max_length]
+        if not keep.all():
+            input_ids, attention_mask, labels = input_ids[keep], attention_mask[keep], labels[keep]
+            kept = [e for e, k in zip(with_lm, keep.tolist()) if k]
+            lm_images = [image for example in kept for image in example.conversation_images]
+            if not len(input_ids):
+                return {}
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "lm_image_index": images.indices(lm_images),
+        }
+
+    def assistant_labels(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Labels equal to the input ids on assistant answers (and their end token), -100 elsewhere.
+
+        Vectorised over the batch: a position is supervised if the last assistant header before
+        it ended after the last end-of-turn token before it.
+        """
+        batch, length = input_ids.shape
+        positions = torch.arange(length).expand(batch, length)
+        h = len(self.header_ids)
+        header = torch.tensor(self.header_ids)
+        is_header_end = torch.zeros_like(input_ids, dtype=torch.bool)
+        if length >= h:
+            windows = input_ids.unfold(1, h, 1)  # [batch, length - h + 1, h]
+            is_header_end[:, h - 1 :] = (windows == header).all(-1)
+        # First answer position after each header, and first position after each end token.
+        starts = torch.zeros_like(is_header_end)
+        starts[:, 1:] = is_header_end[:, :-1]
+        after_end = torch.zeros_like(is_header_end)
+        after_end[:, 1:] = input_ids[:, :-1] == self.end_id
+        last_start = torch.where(starts, positions, -1).cummax(dim=1).values
+        last_after_end = torch.where(after_end, positions, -1).cummax(dim=1).values
+        supervised = (last_start >= 0) & (last_start > last_after_end) & attention_mask.bool()
+        if self.image_token_id is not None:
+            supervised &= input_ids != self.image_token_id
+        return torch.where(supervised, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+
+
+class _UniqueImages:
+    """Collects the distinct images of a batch (by content key) so each is encoded once."""
+
+    def __init__(self):
+        self.images: list = []
+        self._index: dict[str, int] = {}
+
+    def indices(self, sides: list[Side]) -> torch.Tensor:
+        result = []
+        for side in sides:
+            if side.image_key not in self._index:
+                self._index[side.image_key] = len(self.images)
+                self.images.append(side.image)
+            result.append(self._index[side.image_key])
+        return torch.tensor(result, dtype=torch.long)
+
+
+def _group_ids(sides: list[Side]) -> torch.Tensor:
+    """Equal ids for sides with identical content (same image and same text).
+
+    A 64-bit content hash rather than a per-batch counter, so that ids stay comparable after
+    they are gathered from several processes.
+    """
+    ids = []
+    for side in sides:
+        digest = hashlib.blake2b(repr((side.image_key, side.text)).encode(), digest_size=8).digest()
+        ids.append(int.from_bytes(digest, "little", signed=True))
+    return torch.tensor(ids, dtype=torch.long)

@@ -1,0 +1,252 @@
+"""Training records: every supported layout becomes one `TrainingExample`.
+
+Layouts (keys of one record):
+
+- LLaVA conversation (LLaVA-OneVision-Data): ``image``, ``conversations`` (``from``/``value``).
+  LM sequence = the conversation; contrastive pair = (image, the assistant answers joined), as
+  the reference does.
+- Plain pair: ``image``, ``text``. Contrastive pair = (image, text); LM sequence = a captioning
+  turn (``caption_prompt`` -> text) unless ``caption_prompt`` is None.
+- Text pair: ``query``, ``positive``. Contrastive only.
+- Interleaved / MMEB pair: ``query_text`` and/or ``query_image``, ``target_text`` and/or
+  ``target_image`` (VLM2Vec's ``qry``, ``qry_image_path``, ``pos_text``, ``pos_image_path`` too).
+
+Any layout may add ``negatives`` (list of texts or ``{"image", "text"}`` dicts: hard negatives)
+and ``positives`` (several positives; one is sampled each time the record is used).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .prompting import load_image
+
+IMAGE_PLACEHOLDER = "<image>"
+
+EXPECTED_LAYOUTS = (
+    "{'image', 'conversations'} (LLaVA), {'image', 'text'} (pair), {'query', 'positive'} (text pair), "
+    "{'query_text'|'query_image', 'target_text'|'target_image'} (interleaved / MMEB)"
+)
+_MMEB_ALIASES = {
+    "qry": "query_text",
+    "qry_text": "query_text",
+    "qry_image_path": "query_image",
+    "qry_image": "query_image",
+    "pos_text": "target_text",
+    "pos_image_path": "target_image",
+    "pos_image": "target_image",
+    "neg_text": "negative_text",
+    "neg_image_path": "negative_image",
+}
+
+
+class RecordError(ValueError):
+    """A training record that cannot be used; the message names the record and the fix."""
+
+
+@dataclass
+class Side:
+    """One side of a contrastive pair: an image (loaded, RGB) and/or a text."""
+
+    image: Any = None
+    text: str | None = None
+    image_key: str | None = None  # identity of the image content, for dedup and false negatives
+
+
+@dataclass
+class TrainingExample:
+    query: Side | None
+    positive: Side | None
+    negatives: list[Side] = field(default_factory=list)
+    # transformers-format messages of the LM sequence and the images it shows, in order.
+    conversation: list[dict[str, Any]] | None = None
+    conversation_images: list[Side] = field(default_factory=list)
+
+
+def image_content_key(image) -> str:
+    """Hash of the decoded pixels: identical images share a key wherever they come from."""
+    digest = hashlib.blake2b(image.tobytes(), digest_size=16)
+    digest.update(repr((image.size, image.mode)).encode())
+    return digest.hexdigest()
+
+
+def _open_image(value: Any, image_folder: str | None, where: str):
+    if isinstance(value, dict) and ("bytes" in value or "path" in value):
+        # `datasets.Image(decode=False)` rows.
+        if value.get("bytes") is not None:
+            from PIL import Image
+
+            try:
+                return Image.open(io.BytesIO(value["bytes"])).convert("RGB")
+            except OSError as err:
+                raise RecordError(f"Corrupt image bytes in {where} ({err}).") from None
+        value = value["path"]
+    if isinstance(value, (str, os.PathLike)) and image_folder is not None and not Path(value).is_absolute():
+        value = Path(image_folder) / value
+    try:
+        return load_image(value, where)
+    except (FileNotFoundError, ValueError, TypeError) as err:
+        raise RecordError(str(err)) from err
+
+
+def _text(value: Any, where: str, what: str) -> str:
+    if not isinstance(value, str):
+        raise RecordError(f"{where}: {what} must be a string, got {type(value).__name__}.")
+    if not value.strip():
+        raise RecordError(f"{where}: {what} is empty. Remove the record or give it a non-empty text.")
+    return value
+
+
+class RecordParser:
+    """Turns raw records into `TrainingExample` objects.
+
+    Args:
+        image_folder: Folder that relative image paths are resolved against.
+        multimodal_input: Reference flag: the query is the user turn (image + question text) and
+            the positive the answer, instead of (image, caption).
+        caption_prompt: User turn of the LM sequence built for plain (image, text) pairs;
+            None trains plain pairs contrastively only.
+        seed: Seed of the positive sampling for records with several positives.
+    """
+
+    def __init__(
+        self,
+        image_folder: str | None = None,
+        multimodal_input: bool = False,
+        caption_prompt: str | None = "Describe the image.",
+        seed: int = 0,
+    ):
+        self.image_folder = image_folder
+        self.multimodal_input = multimodal_input
+        self.caption_prompt = caption_prompt
+        self._rng = random.Random(seed)
+
+    def where(self, record: dict, position: int) -> str:
+        index = record.get("record_index", record.get("id", position))
+        return f"record {index}"
+
+    def side(self, image: Any, text: Any, where: str, what: str) -> Side:
+        side = Side()
+        if image is not None:
+            side.image = _open_image(image, self.image_folder, f"{where} ({what} image)")
+            side.image_key = image_content_key(side.image)
+        if text is not None:
+            side.text = _text(text, where, f"{what} text")
+        if side.image is None and side.text is None:
+            raise RecordError(f"{where}: the {what} has neither an image nor a text.")
+        return side
+
+    def _item(self, value: Any, where: str, what: str) -> Side:
+        if isinstance(value, dict):
+            return self.side(value.get("image"), value.get("text"), where, what)
+        return self.side(None, value, where, what)
+
+    def __call__(self, record: dict, position: int = 0) -> TrainingExample:
+        where = self.where(record, position)
+        record = {_MMEB_ALIASES.get(k, k): v for k, v in record.items()}
+        if "conversations" in record:
+            example = self._llava(record, where)
+        elif "query" in record and "positive" in record or "query" in record and "positives" in record:
+            example = TrainingExample(self._item(record["query"], where, "query"), None)
+        elif "image" in record and ("text" in record or "positives" in record):
+            example = self._pair(record, where)
+        elif {"query_text", "query_image"} & set(record) and {"target_text", "target_image", "positives"} & set(record):
+            example = TrainingExample(
+                self.side(record.get("query_image"), record.get("query_text"), where, "query"),
+                None,
+            )
+            if record.get("target_text") is not None or record.get("target_image") is not None:
+                example.positive = self.side(record.get("target_image"), record.get("target_text"), where, "target")
+        else:
+            raise RecordError(f"{where} fits no supported layout; it has keys {sorted(record)}, expected {EXPECTED_LAYOUTS}.")
+
+        if example.positive is None or "positives" in record:
+            example.positive = self._sample_positive(record, where, example.positive)
+        for i, negative in enumerate(record.get("negatives") or []):
+            example.negatives.append(self._item(negative, where, f"negative {i}"))
+        if record.get("negative_text") is not None or record.get("negative_image") is not None:
+            example.negatives.append(self.side(record.get("negative_image"), record.get("negative_text"), where, "negative"))
+        return example
+
+    def _sample_positive(self, record: dict, where: str, default: Side | None) -> Side:
+        positives = record.get("positives")
+        if positives is None:
+            if "positive" in record:
+                return self._item(record["positive"], where, "positive")
+            if default is None:
+                raise RecordError(f"{where} has no positive; expected one of {EXPECTED_LAYOUTS}.")
+            return default
+        if not isinstance(positives, list) or not positives:
+            raise RecordError(f"{where}: 'positives' must be a non-empty list.")
+        return self._item(self._rng.choice(positives), where, "positive")
+
+    def _pair(self, record: dict, where: str) -> TrainingExample:
+        image_side = self.side(record["image"], None, where, "pair")
+        text = record.get("text")
+        example = TrainingExample(image_side, None if text is None else self.side(None, text, where, "pair"))
+        if self.caption_prompt is not None and text is not None:
+            example.conversation = [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.caption_prompt}]},
+                {"role": "assistant", "content": [{"type": "text", "text": text}]},
+            ]
+            example.conversation_images = [image_side]
+        return example
+
+    def _llava(self, record: dict, where: str) -> TrainingExample:
+        turns = record["conversations"]
+        if not isinstance(turns, list) or not turns:
+            raise RecordError(f"{where}: 'conversations' must be a non-empty list of {{'from', 'value'}} turns.")
+        image = None
+        if record.get("image") is not None:
+            image = self.side(record["image"], None, where, "conversation")
+        messages, answers, questions, n_images = [], [], [], 0
+        for t, turn in enumerate(turns):
+            role = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}.get(turn.get("from"))
+            if role is None:
+                raise RecordError(f"{where}: turn {t} has 'from'={turn.get('from')!r}; expected 'human' or 'gpt'.")
+            value = turn.get("value")
+            if not isinstance(value, str):
+                raise RecordError(f"{where}: turn {t} has no string 'value'.")
+            content = []
+            if IMAGE_PLACEHOLDER in value:
+                n_images += value.count(IMAGE_PLACEHOLDER)
+                content.append({"type": "image"})
+                value = value.replace(IMAGE_PLACEHOLDER, "").strip()
+            if role == "assistant":
+                answers.append(_text(value, where, f"answer of turn {t}"))
+            else:
+                questions.append(value)
+            content.append({"type": "text", "text": value})
+            messages.append({"role": role, "content": content})
+        if not answers:
+            raise RecordError(f"{where}: the conversation has no assistant ('gpt') turn to learn from.")
+        if image is not None and n_images == 0:
+            # LLaVA data sometimes omit the placeholder; the image goes before the first question.
+            messages[0]["content"].insert(0, {"type": "image"})
+            n_images = 1
+        if (image is None) != (n_images == 0) or n_images > 1:
+            raise RecordError(
+                f"{where}: the conversation has {n_images} '<image>' placeholder(s) but "
+                f"{'one image' if image is not None else 'no image'}; records hold at most one image."
+            )
+        answer = " ".join(answers)
+        if self.multimodal_input:
+            query = Side(image.image if image else None, questions[0] or None, image.image_key if image else None)
+            if query.image is None and query.text is None:
+                raise RecordError(f"{where}: multimodal_input needs an image or a question text in the first turn.")
+        else:
+            if image is None:
+                raise RecordError(f"{where}: a LLaVA record without an image has no (image, text) pair to contrast.")
+            query = image
+        return TrainingExample(
+            query,
+            Side(text=answer),
+            conversation=messages,
+            conversation_images=[image] if image is not None else [],
+        )

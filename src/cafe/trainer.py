@@ -1,0 +1,188 @@
+"""`CafeTrainer` and `CafeTrainingArguments`: the joint loss of paper Eq. 3 on the Trainer stack."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from .distributed import gather_no_grad, gather_with_grad, is_distributed
+from .losses import ContrastiveLoss
+
+
+@dataclass
+class CafeTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus CAFe's. Defaults follow the paper (alpha_con = 10, alpha_lm = 1)."""
+
+    contrastive_weight: float = field(default=10.0, metadata={"help": "alpha_con of Eq. 3 (paper: 10)."})
+    lm_weight: float = field(default=1.0, metadata={"help": "alpha_lm of Eq. 3 (paper: 1)."})
+    con_weight: float | None = field(
+        default=None, metadata={"help": "Reference name of --contrastive_weight; overrides it when set."}
+    )
+    compute_language_loss: bool = field(default=True, metadata={"help": "Include the next-token loss."})
+    compute_contrastive_loss: bool = field(default=True, metadata={"help": "Include the InfoNCE loss."})
+    contrastive_temperature: float | None = field(
+        default=None, metadata={"help": "InfoNCE temperature; default: the model's setting (0.05)."}
+    )
+    learnable_logit_scale: bool = field(default=False, metadata={"help": "Learn the logit scale (CLIP-style)."})
+    mask_false_negatives: bool = field(
+        default=True, metadata={"help": "Mask identical texts / images inside a batch out of the negatives."}
+    )
+    gather_negatives: bool = field(
+        default=True,
+        metadata={"help": "Under torch.distributed, use every process's samples as negatives."},
+    )
+    vision_tower_learning_rate: float | None = field(
+        default=2e-6, metadata={"help": "LR of the vision tower (paper: 2e-6); None = learning_rate."}
+    )
+    projector_learning_rate: float | None = field(
+        default=None, metadata={"help": "LR of the multimodal projector; None = learning_rate."}
+    )
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep raw record columns: CafeCollator reads them."}
+    )
+    dataloader_drop_last: bool = field(
+        default=True, metadata={"help": "Drop the last, smaller batch (a contrastive batch needs >= 2 pairs)."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.con_weight is not None:
+            self.contrastive_weight = self.con_weight
+        if not (self.compute_language_loss or self.compute_contrastive_loss):
+            raise ValueError("Both losses are off: enable compute_language_loss or compute_contrastive_loss.")
+        if self.torch_compile:
+            warnings.warn("torch_compile=True with CafeTrainer is untested; it is off by default.", stacklevel=2)
+
+
+class CafeTrainer(Trainer):
+    """Trainer for CAFe: ``loss = lm_weight * L_lm + contrastive_weight * L_con``.
+
+    Expects batches from `CafeCollator` and a `CafeForConditionalGeneration` (or a PEFT wrapper
+    of one). Logs ``loss_lm``, ``loss_con``, in-batch retrieval accuracy in both directions
+    (``acc_q2d``, ``acc_d2q``), ``logit_scale`` and the collator's truncation counts.
+
+    Gradient accumulation adds no negatives: each micro-batch's contrastive loss only sees its
+    own (or, with several processes, its global) batch.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        args = self.args
+        if not isinstance(args, CafeTrainingArguments):
+            raise TypeError("CafeTrainer needs CafeTrainingArguments (got TrainingArguments).")
+        settings = self._cafe_model().cafe_settings
+        temperature = args.contrastive_temperature or settings.contrastive_temperature
+        learnable = args.learnable_logit_scale or settings.learnable_logit_scale
+        self.contrastive_loss = ContrastiveLoss(temperature, learnable=learnable).to(args.device)
+        # Our losses are means over their own batch; let Trainer divide by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = False
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+
+    def _cafe_model(self):
+        model = self.accelerator.unwrap_model(self.model)
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    # ------------------------------------------------------------------ optimisation
+    def create_optimizer(self, model=None):
+        """Separate learning rates for vision tower, projector and LLM (paper: 2e-6 / 1e-5 / 1e-5)."""
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        cafe_model = self._cafe_model()
+        lrs = {
+            "vision": self.args.vision_tower_learning_rate or self.args.learning_rate,
+            "projector": self.args.projector_learning_rate or self.args.learning_rate,
+            "llm": self.args.learning_rate,
+        }
+        groups: dict[tuple[str, bool], list] = defaultdict(list)
+        for name, param in opt_model.named_parameters():
+            if param.requires_grad:
+                groups[(cafe_model.parameter_component(name), name in decay)].append(param)
+        param_groups = [
+            {"params": params, "lr": lrs[component], "weight_decay": self.args.weight_decay if decayed else 0.0}
+            for (component, decayed), params in groups.items()
+        ]
+        if self.contrastive_loss.log_logit_scale.requires_grad:
+            param_groups.append({"params": [self.contrastive_loss.log_logit_scale], "lr": self.args.learning_rate, "weight_decay": 0.0})
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        optimizer_kwargs.pop("lr", None)
+        self.optimizer = optimizer_cls(param_groups, lr=self.args.learning_rate, **optimizer_kwargs)
+        return self.optimizer
+
+    # ------------------------------------------------------------------ loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args = self.args
+        counts = inputs.pop("truncation_counts", None)
+        if counts is not None:
+            for name, value in zip(("lm_truncated", "lm_dropped_image_cut", "embedding_text_truncated", "skipped_records"), counts.tolist()):
+                self._metrics[f"data/{name}"].append(float(value))
+        output = model(cafe_batch=inputs)
+        loss = torch.zeros((), device=args.device)
+
+        if args.compute_language_loss and output.lm_loss is not None:
+            loss = loss + args.lm_weight * output.lm_loss
+            self._metrics["loss_lm"].append(output.lm_loss.item())
+        if args.compute_contrastive_loss:
+            con = self._contrastive(output, inputs)
+            loss = loss + args.contrastive_weight * con.loss
+            self._metrics["loss_con"].append(con.loss.item())
+            self._metrics["acc_q2d"].append(con.accuracy_query_to_doc.item())
+            self._metrics["acc_d2q"].append(con.accuracy_doc_to_query.item())
+            self._metrics["logit_scale"].append(con.logit_scale.item())
+        return (loss, output) if return_outputs else loss
+
+    def _contrastive(self, output, inputs):
+        query, doc, negatives = output.query_embeds, output.doc_embeds, output.negative_embeds
+        if query is None or doc is None:
+            raise ValueError("compute_contrastive_loss is on but the batch has no pairs; build it with CafeCollator.")
+        query_groups = inputs.get("query_groups") if self.args.mask_false_negatives else None
+        doc_groups = inputs.get("doc_groups") if self.args.mask_false_negatives else None
+        if self.args.gather_negatives and is_distributed():
+            world_size = torch.distributed.get_world_size()
+            query, doc = gather_with_grad(query), gather_with_grad(doc)
+            if negatives is not None:
+                negatives = gather_with_grad(negatives)
+            query_groups = None if query_groups is None else gather_no_grad(query_groups)
+            doc_groups = None if doc_groups is None else gather_no_grad(doc_groups)
+            result = self.contrastive_loss(query, doc, negatives, query_groups, doc_groups)
+            # See `gather_with_grad`: DDP averages over ranks, so scale by the world size to get
+            # the gradient of the loss on the concatenated batch.
+            result.loss = result.loss * world_size
+            return result
+        return self.contrastive_loss(query, doc, negatives, query_groups, doc_groups)
+
+    # ------------------------------------------------------------------ logging and saving
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._metrics:
+            logs = {**logs, **{key: sum(values) / len(values) for key, values in self._metrics.items()}}
+            self._metrics.clear()
+        super().log(logs, start_time)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        # Checkpoints are in the backbone's published key layout (e.g. `language_model.lm_head`),
+        # which transformers renames on `from_pretrained` only; Trainer's resume path calls a
+        # plain non-strict `load_state_dict` that would silently load nothing under those names.
+        # So full-model checkpoints are read back through `from_pretrained`.
+        target = model if model is not None else self.model
+        unwrapped = self.accelerator.unwrap_model(target)
+        weights = os.path.join(resume_from_checkpoint, "model.safetensors")
+        index = os.path.join(resume_from_checkpoint, "model.safetensors.index.json")
+        plain = hasattr(unwrapped, "cafe_settings") and not self.is_fsdp_enabled and not self.is_deepspeed_enabled
+        if not plain or not (os.path.isfile(weights) or os.path.isfile(index)):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        loaded = type(unwrapped).from_pretrained(resume_from_checkpoint, load_processor=False, dtype=unwrapped.dtype)
+        unwrapped.load_state_dict(loaded.state_dict(), strict=True)
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        # A learned temperature belongs to the checkpoint's CAFe settings.
+        if self.contrastive_loss.log_logit_scale.requires_grad:
+            model = self._cafe_model()
+            model.config.cafe = {**model.config.cafe, "contrastive_temperature": self.contrastive_loss.temperature}
+        super()._save(output_dir, state_dict)

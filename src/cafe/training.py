@@ -1,0 +1,150 @@
+"""`cafe train`: CAFe fine-tuning from the command line (flags mirror the reference's).
+
+    cafe train --model_name_or_path llava-hf/llava-onevision-qwen2-0.5b-si-hf \\
+        --data_path data/train.json --image_folder data/images --output_dir out \\
+        --compute_language_loss True --compute_contrastive_loss True --con_weight 10
+
+``--model_name_or_path tiny`` builds the offline tiny checkpoint first (for trying things out).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .trainer import CafeTrainingArguments
+
+logger = logging.getLogger(__name__)
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "Hub id or folder of a supported VLM, or 'tiny'."})
+    torch_dtype: str | None = field(default=None, metadata={"help": "float32 | bfloat16 | float16 (default: checkpoint's)."})
+    attn_implementation: str | None = field(default=None, metadata={"help": "e.g. sdpa (the reference's), eager."})
+    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters on the LLM's linear layers."})
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    merge_lora: bool = field(default=True, metadata={"help": "Save the merged model (a vanilla checkpoint) at the end."})
+    freeze_vision_tower: bool = False
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(metadata={"help": "JSON / JSONL file(s) (comma-separated), a saved dataset folder or a Hub id."})
+    image_folder: str | None = field(default=None, metadata={"help": "Folder that image paths are relative to."})
+    multimodal_input: bool = field(default=False, metadata={"help": "Reference flag: (image + question) vs answer pairs."})
+    max_length: int = 2048
+    max_text_tokens: int = 512
+    caption_prompt: str | None = "Describe the image."
+    missing_images: str = field(default="raise", metadata={"help": "raise | skip (counted and logged)."})
+
+
+def load_records(data_path: str):
+    """A `datasets.Dataset` of raw records with a ``record_index`` column (used in error messages)."""
+    from datasets import load_dataset, load_from_disk
+
+    paths = [p for p in data_path.split(",") if p]
+    if len(paths) == 1 and Path(paths[0]).is_dir() and (Path(paths[0]) / "dataset_info.json").exists():
+        dataset = load_from_disk(paths[0])
+    elif all(Path(p).suffix in (".json", ".jsonl") for p in paths):
+        missing = [p for p in paths if not Path(p).is_file()]
+        if missing:
+            raise FileNotFoundError(f"Data file(s) not found: {missing}.")
+        dataset = load_dataset("json", data_files=paths, split="train")
+    else:
+        dataset = load_dataset(data_path, split="train")
+    if "record_index" in dataset.column_names:
+        return dataset
+    return dataset.add_column("record_index", list(range(len(dataset))))
+
+
+def build_trainer(model_args: ModelArguments, data_args: DataArguments, training_args: CafeTrainingArguments):
+    import torch
+
+    from .collator import CafeCollator
+    from .modeling import CafeForConditionalGeneration
+    from .trainer import CafeTrainer
+
+    path = model_args.model_name_or_path
+    if path == "tiny":
+        from .testing import build_tiny_checkpoint
+
+        path = build_tiny_checkpoint(Path(training_args.output_dir) / "base-tiny")
+    kwargs = {}
+    if model_args.torch_dtype:
+        kwargs["dtype"] = getattr(torch, model_args.torch_dtype)
+    if model_args.attn_implementation:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    model = CafeForConditionalGeneration.from_pretrained(path, **kwargs)
+    processor = model.processor
+    if processor is None:
+        raise ValueError(f"{path} has no processor files; CAFe training needs the model's processor.")
+    if model_args.freeze_vision_tower:
+        for name, param in model.named_parameters():
+            if model.parameter_component(name) == "vision":
+                param.requires_grad_(False)
+    collator = CafeCollator(
+        processor,
+        model=model,
+        image_folder=data_args.image_folder,
+        max_length=data_args.max_length,
+        max_text_tokens=data_args.max_text_tokens,
+        multimodal_input=data_args.multimodal_input,
+        compute_language_loss=training_args.compute_language_loss,
+        compute_contrastive_loss=training_args.compute_contrastive_loss,
+        caption_prompt=data_args.caption_prompt,
+        missing_images=data_args.missing_images,
+        seed=training_args.seed,
+    )
+    if model_args.use_lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=model_args.lora_r,
+                lora_alpha=model_args.lora_alpha,
+                lora_dropout=model_args.lora_dropout,
+                # Only the language model's projections: the vision tower uses other names.
+                target_modules=rf".*language_model.*\.({'|'.join(LORA_TARGETS)})",
+            ),
+        )
+    return CafeTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=load_records(data_args.data_path),
+        data_collator=collator,
+        processing_class=processor,
+    )
+
+
+def save_final_model(trainer, model_args: ModelArguments, output_dir: str) -> None:
+    """Save a vanilla checkpoint; LoRA adapters are merged first unless ``merge_lora`` is off."""
+    model = trainer.model
+    if model_args.use_lora and model_args.merge_lora:
+        merged = model.merge_and_unload()
+        merged.save_pretrained(output_dir)
+    else:
+        trainer.save_model(output_dir)
+
+
+def train_main(argv: list[str] | None = None) -> str:
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser((ModelArguments, DataArguments, CafeTrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
+    trainer = build_trainer(model_args, data_args, training_args)
+    checkpoint = training_args.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint=checkpoint)
+    final_dir = os.path.join(training_args.output_dir, "final")
+    save_final_model(trainer, model_args, final_dir)
+    if trainer.is_world_process_zero():
+        print(f"Saved the CAFe checkpoint to {final_dir}")
+    return final_dir

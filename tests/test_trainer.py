@@ -1,0 +1,194 @@
+"""CafeTrainer: Eq. 3, one vision pass per image, optimisation, LoRA, resume, CLI."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from cafe import CafeCollator, CafeForConditionalGeneration, CafeTrainer, CafeTrainingArguments
+
+COLOURS = {"red": (255, 0, 0), "green": (0, 200, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
+           "white": (255, 255, 255), "black": (0, 0, 0), "purple": (128, 0, 128), "orange": (255, 140, 0)}
+
+
+@pytest.fixture()
+def data(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    records = []
+    for name, rgb in COLOURS.items():
+        Image.new("RGB", (32, 32), rgb).save(folder / f"{name}.png")
+        records.append({"image": f"{name}.png", "conversations": [
+            {"from": "human", "value": "<image>\nDescribe the picture."},
+            {"from": "gpt", "value": f"a {name} picture"}]})
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(records))
+    return path, folder
+
+
+def make_trainer(model, data, tmp_path, **overrides):
+    from cafe.training import load_records
+
+    path, folder = data
+    kwargs = dict(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=4,
+                  learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+                  seed=0, data_seed=0)
+    kwargs.update(overrides)
+    collator = CafeCollator(model.processor, model=model, image_folder=str(folder))
+    return CafeTrainer(model=model, args=CafeTrainingArguments(**kwargs), train_dataset=load_records(str(path)),
+                       data_collator=collator, processing_class=model.processor)
+
+
+def first_batch(trainer):
+    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+
+def test_joint_loss_is_eq3(cafe_model, data, tmp_path):
+    trainer = make_trainer(cafe_model, data, tmp_path, contrastive_weight=3.0, lm_weight=0.5)
+    batch = first_batch(trainer)
+    with torch.no_grad():
+        loss = trainer.compute_loss(cafe_model, dict(batch))
+        out = cafe_model(cafe_batch=dict(batch))
+        con = trainer.contrastive_loss(out.query_embeds, out.doc_embeds, None, batch["query_groups"], batch["doc_groups"])
+    assert loss.item() == pytest.approx(0.5 * out.lm_loss.item() + 3.0 * con.loss.item(), rel=1e-5)
+    only_lm = make_trainer(cafe_model, data, tmp_path, compute_contrastive_loss=False)
+    with torch.no_grad():
+        assert only_lm.compute_loss(cafe_model, dict(batch)).item() == pytest.approx(out.lm_loss.item(), rel=1e-5)
+
+
+def test_vision_tower_runs_once_per_image_and_no_full_vocab_logits(cafe_model, data, tmp_path):
+    trainer = make_trainer(cafe_model, data, tmp_path)
+    batch = first_batch(trainer)
+    vision_calls, head_inputs = [], []
+    h1 = cafe_model.model.vision_tower.register_forward_hook(lambda m, i, o: vision_calls.append(i[0].shape[0]))
+    h2 = cafe_model.lm_head.register_forward_hook(lambda m, i, o: head_inputs.append(tuple(i[0].shape)))
+    try:
+        trainer.compute_loss(cafe_model, dict(batch)).backward()
+    finally:
+        h1.remove(), h2.remove()
+    patches_per_image = batch["pixel_values"].shape[1]
+    assert vision_calls == [4 * patches_per_image]  # one call, each of the 4 images once
+    supervised = int((batch["labels"][:, 1:] != -100).sum())
+    assert head_inputs == [(supervised, cafe_model.config.text_config.hidden_size)]
+
+
+def test_optimizer_steps_lower_the_joint_loss(cafe_model, data, tmp_path):
+    trainer = make_trainer(cafe_model, data, tmp_path)
+    batch = first_batch(trainer)
+    with torch.no_grad():
+        before = trainer.compute_loss(cafe_model, dict(batch)).item()
+    optimizer = torch.optim.AdamW(cafe_model.parameters(), lr=1e-3)
+    cafe_model.train()
+    for _ in range(10):
+        optimizer.zero_grad()
+        trainer.compute_loss(cafe_model, dict(batch)).backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = trainer.compute_loss(cafe_model, dict(batch)).item()
+    assert after < 0.9 * before
+
+
+def test_train_logs_cafe_metrics_and_param_groups(cafe_model, data, tmp_path):
+    trainer = make_trainer(cafe_model, data, tmp_path, max_steps=2, gradient_accumulation_steps=2,
+                           vision_tower_learning_rate=2e-6, learning_rate=1e-5, activation_checkpointing=True)
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    for key in ("loss_lm", "loss_con", "acc_q2d", "acc_d2q", "logit_scale", "data/lm_truncated"):
+        assert key in logged
+    assert logged["logit_scale"] == pytest.approx(20.0)
+    lrs = {g["lr"] for g in trainer.optimizer.param_groups}
+    vision_params = {id(p) for n, p in cafe_model.named_parameters() if "vision_tower" in n}
+    for group in trainer.optimizer.param_groups:
+        expected = 2e-6 if id(group["params"][0]) in vision_params else 1e-5
+        assert group["initial_lr"] == expected
+    assert lrs
+
+
+def test_single_pair_batch_gives_clear_error(cafe_model, data, tmp_path):
+    trainer = make_trainer(cafe_model, data, tmp_path, per_device_train_batch_size=1)
+    with pytest.raises(ValueError, match="at least 2 pairs per batch"):
+        trainer.compute_loss(cafe_model, dict(first_batch(trainer)))
+
+
+def test_save_model_writes_a_vanilla_checkpoint(cafe_model, data, tmp_path):
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    trainer = make_trainer(cafe_model, data, tmp_path, max_steps=1)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))
+    stock, info = LlavaOnevisionForConditionalGeneration.from_pretrained(tmp_path / "saved", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    for key, value in cafe_model.state_dict().items():
+        assert torch.equal(stock.state_dict()[key], value), key
+
+
+def test_lora_merged_and_unmerged_give_same_embeddings(cafe_model, data, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from cafe.training import LORA_TARGETS
+
+    peft_model = get_peft_model(cafe_model, LoraConfig(
+        r=4, lora_alpha=8, target_modules=rf".*language_model.*\.({'|'.join(LORA_TARGETS)})"))
+    trainer = make_trainer(peft_model, data, tmp_path, max_steps=3, learning_rate=1e-2)
+    trainer.train()
+    base = peft_model.get_base_model()
+    inputs = [Image.new("RGB", (32, 32), (255, 0, 0)), "a red picture", {"image": Image.new("RGB", (32, 32), (0, 0, 255)), "text": "blue"}]
+    adapter_emb = base.encode(inputs)
+    with peft_model.disable_adapter():
+        without_adapters = base.encode(inputs)
+    # The adapters changed the model (otherwise this test would prove nothing).
+    assert (adapter_emb - without_adapters).abs().max().item() > 1e-3
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merged = peft_model.merge_and_unload()
+    merged_emb = merged.encode(inputs)
+    assert (adapter_emb - merged_emb).abs().max().item() <= 1e-5
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    merged.save_pretrained(tmp_path / "merged")
+    reloaded = CafeForConditionalGeneration.from_pretrained(tmp_path / "merged")
+    assert (reloaded.encode(inputs) - merged_emb).abs().max().item() <= 1e-5
+
+
+def test_resume_reproduces_the_loss_curve(tiny_checkpoint, data, tmp_path):
+    from transformers import TrainerCallback
+
+    class StopAt(TrainerCallback):
+        """Interrupts the run after `step` optimizer steps, as a crash would (checkpoint saved first)."""
+
+        def __init__(self, step):
+            self.step = step
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == self.step:
+                control.should_training_stop = True
+
+    def run(output_dir, resume=None, stop_at=None):
+        model = CafeForConditionalGeneration.from_pretrained(tiny_checkpoint)
+        trainer = make_trainer(model, data, tmp_path, output_dir=str(output_dir), max_steps=4,
+                               save_strategy="steps", save_steps=2, per_device_train_batch_size=2)
+        if stop_at:
+            trainer.add_callback(StopAt(stop_at))
+        trainer.train(resume_from_checkpoint=resume)
+        return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    full = run(tmp_path / "full")
+    interrupted = run(tmp_path / "part", stop_at=2)
+    resumed = run(tmp_path / "part", resume=str(tmp_path / "part" / "checkpoint-2"))
+    assert len(full) == 4 and interrupted == pytest.approx(full[:2], rel=1e-5)
+    assert resumed[-2:] == pytest.approx(full[2:], rel=1e-4)
+
+
+def test_cafe_train_cli_end_to_end(tiny_checkpoint, data, tmp_path):
+    from cafe.cli import main
+
+    path, folder = data
+    code = main(["train", "--model_name_or_path", str(tiny_checkpoint), "--data_path", str(path),
+                 "--image_folder", str(folder), "--output_dir", str(tmp_path / "cli"), "--max_steps", "2",
+                 "--per_device_train_batch_size", "4", "--con_weight", "5", "--compute_language_loss", "True",
+                 "--compute_contrastive_loss", "True", "--report_to", "none", "--use_cpu", "True",
+                 "--save_strategy", "no"])
+    assert code == 0
+    model = CafeForConditionalGeneration.from_pretrained(tmp_path / "cli" / "final")
+    assert model.processor is not None
+    emb = model.encode(["a red picture"])
+    assert emb.shape == (1, model.config.text_config.hidden_size)
