@@ -192,3 +192,12 @@ def test_cafe_train_cli_end_to_end(tiny_checkpoint, data, tmp_path):
     assert model.processor is not None
     emb = model.encode(["a red picture"])
     assert emb.shape == (1, model.config.text_config.hidden_size)
+
+
+def test_every_trainable_parameter_gets_a_gradient(cafe_model, data, tmp_path):
+    # A trainable parameter without gradient makes DDP (find_unused_parameters=False) skip the
+    # all-reduce of its whole bucket; CafeTrainer freezes the backbone's unused ones.
+    trainer = make_trainer(cafe_model, data, tmp_path)
+    assert not any(p.requires_grad for n, p in cafe_model.named_parameters() if "vision_tower.head" in n)
+    trainer.compute_loss(cafe_model, dict(first_batch(trainer))).backward()
+    assert [n for n, p in cafe_model.named_parameters() if p.requires_grad and p.grad is None] == []

@@ -85,6 +85,10 @@ class CafeForConditionalGeneration(PreTrainedModel):
     # per-component learning rates.
     cafe_vision_modules: tuple[str, ...] = ("vision_tower",)
     cafe_projector_modules: tuple[str, ...] = ("multi_modal_projector",)
+    # Parameters the backbone has but never uses in a forward pass (e.g. a vision pooling head
+    # when the features are read from hidden states). They get no gradient; DDP without
+    # find_unused_parameters would then wait for them forever and skip the gradient all-reduce.
+    cafe_unused_modules: tuple[str, ...] = ()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -201,6 +205,15 @@ class CafeForConditionalGeneration(PreTrainedModel):
     @property
     def embedding_chat_template(self) -> str:
         return self.cafe_settings.embedding_chat_template
+
+    def freeze_unused_parameters(self) -> list[str]:
+        """Set ``requires_grad=False`` on `cafe_unused_modules`' parameters; returns their names."""
+        frozen = []
+        for name, param in self.named_parameters():
+            if any(f".{module}." in f".{name}" for module in self.cafe_unused_modules) and param.requires_grad:
+                param.requires_grad_(False)
+                frozen.append(name)
+        return frozen
 
     # ------------------------------------------------------------------ family hooks
     @classmethod

@@ -9,9 +9,13 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import Trainer, TrainingArguments
+from transformers.utils import logging
 
 from .distributed import gather_no_grad, gather_with_grad, is_distributed
+from .gradient_cache import MiniBatchCollator, gradient_cache_step, supervised_tokens
 from .losses import ContrastiveLoss
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -42,6 +46,13 @@ class CafeTrainingArguments(TrainingArguments):
     projector_learning_rate: float | None = field(
         default=None, metadata={"help": "LR of the multimodal projector; None = learning_rate."}
     )
+    gradient_cache: bool = field(
+        default=False,
+        metadata={"help": "GradCache: contrastive batch in mini-batches without keeping activations (see docs/scaling.md)."},
+    )
+    gradient_cache_mini_batch_size: int = field(
+        default=8, metadata={"help": "Records per GradCache mini-batch (<= per_device_train_batch_size)."}
+    )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep raw record columns: CafeCollator reads them."}
     )
@@ -55,6 +66,11 @@ class CafeTrainingArguments(TrainingArguments):
             self.contrastive_weight = self.con_weight
         if not (self.compute_language_loss or self.compute_contrastive_loss):
             raise ValueError("Both losses are off: enable compute_language_loss or compute_contrastive_loss.")
+        if self.gradient_cache and not 1 <= self.gradient_cache_mini_batch_size <= self.per_device_train_batch_size:
+            raise ValueError(
+                f"gradient_cache_mini_batch_size ({self.gradient_cache_mini_batch_size}) must be between 1 and "
+                f"per_device_train_batch_size ({self.per_device_train_batch_size}): it splits that batch."
+            )
         if self.torch_compile:
             warnings.warn("torch_compile=True with CafeTrainer is untested; it is off by default.", stacklevel=2)
 
@@ -75,6 +91,9 @@ class CafeTrainer(Trainer):
         args = self.args
         if not isinstance(args, CafeTrainingArguments):
             raise TypeError("CafeTrainer needs CafeTrainingArguments (got TrainingArguments).")
+        frozen = self._cafe_model().freeze_unused_parameters()
+        if frozen:
+            logger.info("Froze %d parameters the forward pass never uses: %s", len(frozen), frozen)
         settings = self._cafe_model().cafe_settings
         temperature = args.contrastive_temperature or settings.contrastive_temperature
         learnable = args.learnable_logit_scale or settings.learnable_logit_scale
@@ -83,6 +102,8 @@ class CafeTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
         self._metrics: dict[str, list[float]] = defaultdict(list)
+        if args.gradient_cache and not isinstance(self.data_collator, MiniBatchCollator):
+            self.data_collator = MiniBatchCollator(self.data_collator, args.gradient_cache_mini_batch_size)
 
     def _cafe_model(self):
         model = self.accelerator.unwrap_model(self.model)
@@ -119,31 +140,45 @@ class CafeTrainer(Trainer):
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
-        counts = inputs.pop("truncation_counts", None)
-        if counts is not None:
-            for name, value in zip(("lm_truncated", "lm_dropped_image_cut", "embedding_text_truncated", "skipped_records"), counts.tolist()):
-                self._metrics[f"data/{name}"].append(float(value))
+        self._log_counts(inputs)
         output = model(cafe_batch=inputs)
         loss = torch.zeros((), device=args.device)
-
         if args.compute_language_loss and output.lm_loss is not None:
-            loss = loss + args.lm_weight * output.lm_loss
+            lm = output.lm_loss * (supervised_tokens(inputs) / self._lm_denominator(supervised_tokens(inputs)))
+            loss = loss + args.lm_weight * lm
             self._metrics["loss_lm"].append(output.lm_loss.item())
         if args.compute_contrastive_loss:
-            con = self._contrastive(output, inputs)
+            con = self._contrastive(output.query_embeds, output.doc_embeds, output.negative_embeds,
+                                    inputs.get("query_groups"), inputs.get("doc_groups"))
             loss = loss + args.contrastive_weight * con.loss
-            self._metrics["loss_con"].append(con.loss.item())
-            self._metrics["acc_q2d"].append(con.accuracy_query_to_doc.item())
-            self._metrics["acc_d2q"].append(con.accuracy_doc_to_query.item())
-            self._metrics["logit_scale"].append(con.logit_scale.item())
         return (loss, output) if return_outputs else loss
 
-    def _contrastive(self, output, inputs):
-        query, doc, negatives = output.query_embeds, output.doc_embeds, output.negative_embeds
+    def _log_counts(self, inputs):
+        counts = inputs.pop("truncation_counts", None)
+        if counts is not None:
+            names = ("lm_truncated", "lm_dropped_image_cut", "embedding_text_truncated", "skipped_records")
+            for name, value in zip(names, counts.tolist()):
+                self._metrics[f"data/{name}"].append(float(value))
+
+    def _lm_denominator(self, local_tokens: int) -> float:
+        """Token count the LM loss is averaged over.
+
+        One process: its own count. Several: the global count divided by the world size, so
+        that DDP's gradient *average* equals the gradient of the mean over all tokens of the
+        global batch (processes may hold different numbers of answer tokens).
+        """
+        if not (is_distributed() and self.args.average_tokens_across_devices) or not local_tokens:
+            return max(local_tokens, 1)
+        count = torch.tensor(float(local_tokens), device=self.args.device)
+        torch.distributed.all_reduce(count)
+        return count.item() / torch.distributed.get_world_size()
+
+    def _contrastive(self, query, doc, negatives, query_groups, doc_groups):
         if query is None or doc is None:
             raise ValueError("compute_contrastive_loss is on but the batch has no pairs; build it with CafeCollator.")
-        query_groups = inputs.get("query_groups") if self.args.mask_false_negatives else None
-        doc_groups = inputs.get("doc_groups") if self.args.mask_false_negatives else None
+        if not self.args.mask_false_negatives:
+            query_groups = doc_groups = None
+        world_size = 1
         if self.args.gather_negatives and is_distributed():
             world_size = torch.distributed.get_world_size()
             query, doc = gather_with_grad(query), gather_with_grad(doc)
@@ -151,12 +186,46 @@ class CafeTrainer(Trainer):
                 negatives = gather_with_grad(negatives)
             query_groups = None if query_groups is None else gather_no_grad(query_groups)
             doc_groups = None if doc_groups is None else gather_no_grad(doc_groups)
-            result = self.contrastive_loss(query, doc, negatives, query_groups, doc_groups)
-            # See `gather_with_grad`: DDP averages over ranks, so scale by the world size to get
-            # the gradient of the loss on the concatenated batch.
-            result.loss = result.loss * world_size
-            return result
-        return self.contrastive_loss(query, doc, negatives, query_groups, doc_groups)
+        result = self.contrastive_loss(query, doc, negatives, query_groups, doc_groups)
+        self._metrics["loss_con"].append(result.loss.item())
+        self._metrics["acc_q2d"].append(result.accuracy_query_to_doc.item())
+        self._metrics["acc_d2q"].append(result.accuracy_doc_to_query.item())
+        self._metrics["logit_scale"].append(result.logit_scale.item())
+        if world_size > 1:
+            # Every process computes the same global loss but backpropagates only into its own
+            # slice (see `gather_with_grad`); DDP then averages over processes. Gradients are
+            # scaled by the world size so the average equals the single-process gradient on the
+            # concatenated batch; the value is left unscaled so the logged loss stays comparable.
+            result.loss = world_size * result.loss - (world_size - 1) * result.loss.detach()
+        return result
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if not self.args.gradient_cache:
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        mini_batches = inputs["mini_batches"]
+        for mb in mini_batches:
+            self._log_counts(mb)
+        args = self.args
+        steps = self.current_gradient_accumulation_steps
+
+        def backward(tensor):
+            self.accelerator.backward(tensor / steps)
+
+        result = gradient_cache_step(
+            model,
+            mini_batches,
+            contrastive_fn=self._contrastive if args.compute_contrastive_loss else None,
+            lm_weight=args.lm_weight if args.compute_language_loss else 0.0,
+            contrastive_weight=args.contrastive_weight,
+            backward=backward,
+            no_sync=lambda: self.accelerator.no_sync(model),
+            lm_denominator=self._lm_denominator,
+        )
+        if result.lm_loss is not None:
+            self._metrics["loss_lm"].append(result.lm_loss.item())
+        return result.loss.to(args.device) / steps
 
     # ------------------------------------------------------------------ logging and saving
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -17,6 +17,8 @@ class CafeLlavaOnevisionForConditionalGeneration(CafeForConditionalGeneration, L
 
     # The reference's user turn for an image: "<image>\nCompress this image in one word:".
     cafe_image_placeholder = "<image>\n"
+    # LLaVA reads `hidden_states[vision_feature_layer]`, before SigLIP's post-layernorm and head.
+    cafe_unused_modules = ("vision_tower.post_layernorm", "vision_tower.head")
 
     def get_vision_features(
         self,

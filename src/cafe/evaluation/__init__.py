@@ -1,0 +1,70 @@
+"""Evaluation of CAFe models: retrieval, MMEB, POPE hallucination and the modality gap.
+
+Each metric is a pure function on tensors / lists (easy to test and to reuse on embeddings from
+elsewhere); the ``evaluate_*`` runners embed or generate with a `CafeForConditionalGeneration`
+and call them.
+"""
+
+from .mmeb import (
+    MMEB_IN_DISTRIBUTION,
+    MMEB_META_TASKS,
+    MMEB_SUBSETS,
+    evaluate_mmeb,
+    evaluate_mmeb_subset,
+    precision_at_1,
+    precision_at_1_per_query,
+    summarize_mmeb,
+)
+from .modality_gap import (
+    draw_scatter,
+    evaluate_modality_gap,
+    modality_gap,
+    project_2d,
+    save_embedding_scatter,
+)
+from .pope import (
+    evaluate_pope,
+    evaluate_pope_dataset,
+    generate_answers,
+    parse_yes_no,
+    pope_metrics,
+    pope_metrics_by_category,
+)
+from .retrieval import (
+    caption_image_index,
+    evaluate_retrieval,
+    evaluate_retrieval_dataset,
+    load_retrieval_data,
+    positive_ranks,
+    recall_from_ranks,
+    retrieval_recall,
+)
+
+__all__ = [
+    "MMEB_IN_DISTRIBUTION",
+    "MMEB_META_TASKS",
+    "MMEB_SUBSETS",
+    "caption_image_index",
+    "draw_scatter",
+    "evaluate_mmeb",
+    "evaluate_mmeb_subset",
+    "evaluate_modality_gap",
+    "evaluate_pope",
+    "evaluate_pope_dataset",
+    "evaluate_retrieval",
+    "evaluate_retrieval_dataset",
+    "generate_answers",
+    "load_retrieval_data",
+    "modality_gap",
+    "parse_yes_no",
+    "pope_metrics",
+    "pope_metrics_by_category",
+    "positive_ranks",
+    "precision_at_1",
+    "precision_at_1_per_query",
+    "project_2d",
+    "recall_from_ranks",
+    "retrieval_recall",
+    "save_embedding_scatter",
+    "summarize_mmeb",
+]

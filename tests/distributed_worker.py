@@ -1,0 +1,54 @@
+"""Run by tests/test_distributed.py under `torchrun --nproc_per_node 2` (gloo, CPU).
+
+Each rank takes its slice of the same records, computes the CAFe loss through `CafeTrainer` on a
+DDP-wrapped model and backpropagates; rank 0 writes the rank-averaged loss and the (DDP-averaged)
+gradients to a file for the test to compare with one process on the concatenated batch.
+"""
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from test_distributed import RECORDS_PER_RANK, make_trainer, records  # noqa: E402
+
+from cafe.gradient_cache import MiniBatchCollator, gradient_cache_step  # noqa: E402
+
+
+def main(checkpoint: str, output: str, mode: str):
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    trainer, model = make_trainer(checkpoint, output + ".run", ddp_backend="gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    recs = records()
+    sizes = [RECORDS_PER_RANK] * world
+    if mode == "uneven":
+        sizes[-1] -= 1
+    start = sum(sizes[:rank])
+    mine = recs[start : start + sizes[rank]]
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    try:
+        if mode == "gradient_cache":
+            mini_batches = MiniBatchCollator(trainer.data_collator, 1)(mine)["mini_batches"]
+            loss = gradient_cache_step(
+                ddp, mini_batches, trainer._contrastive, trainer.args.lm_weight, trainer.args.contrastive_weight,
+                backward=lambda t: t.backward(), no_sync=ddp.no_sync, lm_denominator=trainer._lm_denominator,
+            ).loss
+        else:
+            loss = trainer.compute_loss(ddp, trainer.data_collator(mine))
+            loss.backward()
+    except ValueError as err:
+        if rank == 0:
+            torch.save({"error": str(err)}, output)
+        return
+    loss = loss.detach().reshape(1).clone()
+    dist.all_reduce(loss)
+    if rank == 0:
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        torch.save({"loss": loss.item() / world, "grads": grads}, output)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
+    dist.barrier() if dist.is_initialized() else None
