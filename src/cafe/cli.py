@@ -5,7 +5,9 @@ from __future__ import annotations
 import sys
 
 COMMANDS = {
+    "demo": ("cafe.demo", "demo_main", "Offline end-to-end CAFe run on a tiny model and the built-in data."),
     "train": ("cafe.training", "train_main", "CAFe fine-tuning (HfArgumentParser flags; see `cafe train --help`)."),
+    "convert": ("cafe.data.convert", "convert_main", "LLaVA-OneVision-Data subset -> JSON + image folder."),
 }
 
 
