@@ -8,13 +8,68 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from cafe.testing import TINY_FAMILIES  # after the offline switches above
+
+# Every backbone family cafe supports, by model_type: each has a tiny checkpoint in `cafe.testing`
+# (tests/test_modeling.py checks that the two lists agree).
+FAMILIES = TINY_FAMILIES
+DEFAULT_FAMILY = "llava_onevision"
+# The stock transformers class of each family: CAFe loads, generates and saves exactly like it.
+STOCK_CLASSES = {
+    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+}
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "all_families: run each test that uses the tiny checkpoint once per backbone family "
+        "(tests/conftest.py FAMILIES); unmarked tests use LLaVA-OneVision",
+    )
+
+
+def pytest_generate_tests(metafunc):
+    """Tests marked ``all_families`` (a module's ``pytestmark``, a class or a test) that use the
+    tiny checkpoint, directly or through `cafe_model`, run once per family."""
+    if "family" in metafunc.fixturenames and metafunc.definition.get_closest_marker("all_families") is not None:
+        metafunc.parametrize("family", FAMILIES, indirect=True)
+
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory):
-    """A stock tiny LLaVA-OneVision checkpoint folder (model + processor), built once per session."""
+def family(request):
+    """The backbone family (``model_type``) of `tiny_checkpoint`."""
+    return getattr(request, "param", DEFAULT_FAMILY)
+
+
+@pytest.fixture(scope="session")
+def _tiny_checkpoints(tmp_path_factory):
+    """Builds each family's tiny checkpoint once per session (a family switch reuses the folder)."""
     from cafe.testing import build_tiny_checkpoint
 
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llava-ov"))
+    built = {}
+
+    def get(family):
+        if family not in built:
+            built[family] = build_tiny_checkpoint(tmp_path_factory.mktemp(f"tiny-{family}"), family)
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(family, _tiny_checkpoints):
+    """A stock tiny checkpoint folder (model + processor) of `family`, LLaVA-OneVision by default."""
+    return _tiny_checkpoints(family)
+
+
+@pytest.fixture(scope="session")
+def stock_class(family):
+    """The stock transformers class of `family`."""
+    import transformers
+
+    return getattr(transformers, STOCK_CLASSES[family])
 
 
 @pytest.fixture()

@@ -1,4 +1,7 @@
-"""CafeCollator: record layouts, LM labels, truncation, bad input."""
+"""CafeCollator: record layouts, LM labels, truncation, bad input.
+
+Tests that use the tiny checkpoint run once per backbone family (see tests/conftest.py).
+"""
 
 import json
 
@@ -8,6 +11,16 @@ from PIL import Image
 
 from cafe import CafeCollator
 from cafe.records import RecordError
+from cafe.testing import batch_image_count
+
+pytestmark = pytest.mark.all_families
+
+# How the model's own chat template starts an image (before the processor expands it).
+IMAGE_START = {
+    "llava_onevision": "<image>",
+    "qwen2_vl": "<|vision_start|><|image_pad|>",
+    "qwen2_5_vl": "<|vision_start|><|image_pad|>",
+}
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 200, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
 
@@ -38,7 +51,7 @@ def collator(cafe_model, image_folder):
     return CafeCollator(cafe_model.processor, model=cafe_model, image_folder=str(image_folder))
 
 
-def test_lm_labels_cover_exactly_the_assistant_answers(collator, cafe_model):
+def test_lm_labels_cover_exactly_the_assistant_answers(collator, cafe_model, family):
     batch = collator([llava_record("red"), llava_record("blue")])
     tok = cafe_model.processor.tokenizer
     ids, labels = batch["input_ids"][0], batch["labels"][0]
@@ -50,7 +63,8 @@ def test_lm_labels_cover_exactly_the_assistant_answers(collator, cafe_model):
     assert not supervised[ids == image_id].any()
     assert not supervised[batch["attention_mask"][0] == 0].any()
     rendered = tok.decode(ids[batch["attention_mask"][0].bool()])
-    assert rendered.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>")
+    header = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+    assert rendered.startswith(header + IMAGE_START[family])
 
 
 def test_llava_records_pair_image_with_joined_answers(collator, cafe_model):
@@ -59,7 +73,7 @@ def test_llava_records_pair_image_with_joined_answers(collator, cafe_model):
     doc = tok.decode(batch["doc_input_ids"][0][batch["doc_attention_mask"][0].bool()])
     assert "<|im_start|>user\na red picture redCompress this sentence in one word:<|im_end|>" in doc
     assert cafe_model.config.image_token_id not in batch["doc_input_ids"]  # text side: no image tokens
-    assert batch["pixel_values"].shape[0] == 2  # each distinct image once
+    assert batch_image_count(batch) == 2  # each distinct image once
     assert batch["query_image_index"].tolist() == [0, 1] and batch["lm_image_index"].tolist() == [0, 1]
 
 
@@ -75,7 +89,7 @@ def test_all_layouts_in_one_batch(collator, image_folder):
     assert batch["query_input_ids"].shape[0] == 5 and batch["doc_input_ids"].shape[0] == 5
     assert batch["negative_input_ids"].shape[0] == 2
     assert batch["input_ids"].shape[0] == 2  # LLaVA conversation + caption turn of the plain pair
-    assert batch["pixel_values"].shape[0] == 4
+    assert batch_image_count(batch) == 4
 
 
 def test_identical_texts_share_a_group(collator):
@@ -83,7 +97,7 @@ def test_identical_texts_share_a_group(collator):
                       {"image": "red.png", "text": "other"}])
     assert batch["doc_groups"][0] == batch["doc_groups"][1] != batch["doc_groups"][2]
     assert batch["query_groups"][0] == batch["query_groups"][2] != batch["query_groups"][1]
-    assert batch["pixel_values"].shape[0] == 2  # the repeated image is encoded once
+    assert batch_image_count(batch) == 2  # the repeated image is encoded once
 
 
 def test_truncation_never_cuts_image_tokens(cafe_model, image_folder):

@@ -1,13 +1,25 @@
-"""get_embeddings / encode: pooling, padding, prompts, and bad input."""
+"""get_embeddings / encode: pooling, padding, prompts, and bad input.
+
+Tests that use the tiny checkpoint run once per backbone family (see tests/conftest.py).
+"""
 
 import pytest
 import torch
 
+from cafe.modeling import last_token_pool
 from cafe.prompting import build_embedding_batch, render_embedding_prompts, to_embedding_inputs
 
+pytestmark = pytest.mark.all_families
+
+# How one image appears in a prompt, as each family's own chat template writes it.
+IMAGE = {
+    "llava_onevision": "<image>\n",
+    "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+}
 REFERENCE_IMAGE = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "<|im_start|>user\n<image>\nCompress this image in one word:<|im_end|>\n"
+    "<|im_start|>user\n{image}Compress this image in one word:<|im_end|>\n"
     "<|im_start|>assistant\n<|im_end|>"
 )
 REFERENCE_TEXT = (
@@ -17,15 +29,39 @@ REFERENCE_TEXT = (
 )
 REFERENCE_IMAGE_TEXT = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "<|im_start|>user\n<image>\nwhat colour is it?<|im_end|>\n"
+    "<|im_start|>user\n{image}what colour is it?<|im_end|>\n"
     "<|im_start|>assistant\n<|im_end|>"
 )
 
 
-def test_prompts_equal_reference_strings(cafe_model, images):
+def test_prompts_equal_reference_strings(cafe_model, family, images):
     items = to_embedding_inputs([images[0], "a red square", {"image": images[0], "text": "what colour is it?"}])
     rendered = render_embedding_prompts(cafe_model.processor, items, cafe_model.embedding_chat_template)
-    assert rendered == [REFERENCE_IMAGE, REFERENCE_TEXT, REFERENCE_IMAGE_TEXT]
+    image = IMAGE[family]
+    assert rendered == [REFERENCE_IMAGE.format(image=image), REFERENCE_TEXT, REFERENCE_IMAGE_TEXT.format(image=image)]
+
+
+def test_embedding_prompts_follow_the_models_own_chat_template(cafe_model, images):
+    """The CAFe prompt is the model's own chat template applied to the embedding conversation
+    (system, user turn with the image and the instruction, empty assistant turn), up to the pooled token."""
+    processor = cafe_model.processor
+    settings = cafe_model.cafe_settings
+    cases = [
+        ({"type": "image"}, None, settings.image_prompt),
+        (None, "a red square", settings.text_prompt),
+        ({"type": "image"}, "what colour is it?", settings.multimodal_prompt),
+    ]
+    for image, text, suffix in cases:
+        content = ([image] if image else []) + [{"type": "text", "text": (text or "") + suffix}]
+        conversation = [
+            {"role": "system", "content": settings.system_prompt},
+            {"role": "user", "content": content},
+            {"role": "assistant", "content": ""},
+        ]
+        own = processor.apply_chat_template(conversation, tokenize=False)
+        item = to_embedding_inputs([{"image": images[0], "text": text} if image and text else images[0] if image else text])
+        (rendered,) = render_embedding_prompts(processor, item, cafe_model.embedding_chat_template)
+        assert own == rendered + "\n"
 
 
 def test_pooled_token_is_the_final_im_end(cafe_model, images):
@@ -81,18 +117,38 @@ def test_lm_head_is_never_called(cafe_model, images):
     assert calls == []
 
 
+def _vision_inputs(batch):
+    """The processor's image tensors of a batch (what `CafeCollator` hands `get_vision_features`)."""
+    return {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+
+
 def test_get_embeddings_reuses_precomputed_vision_features(cafe_model, images):
     batch = build_embedding_batch(
-        cafe_model.processor, to_embedding_inputs(images=images[:2]), cafe_model.embedding_chat_template
+        cafe_model.processor, to_embedding_inputs(images=images), cafe_model.embedding_chat_template
     )
     with torch.no_grad():
         direct = cafe_model.get_embeddings(**batch)
-        features = cafe_model.get_vision_features(
-            pixel_values=batch["pixel_values"], image_sizes=batch["image_sizes"],
-            batch_num_images=batch.get("batch_num_images"),
-        )
+        features = cafe_model.get_vision_features(**_vision_inputs(batch))
         reused = cafe_model.get_embeddings(batch["input_ids"], batch["attention_mask"], mm_encoder_outputs=features)
+        # The features of some of the images, in another order (as a training step selects them).
+        alone = build_embedding_batch(
+            cafe_model.processor, to_embedding_inputs(images=[images[2], images[0]]), cafe_model.embedding_chat_template
+        )
+        selected = cafe_model.select_vision_features(features, torch.tensor([2, 0]))
+        subset = cafe_model.get_embeddings(alone["input_ids"], alone["attention_mask"], mm_encoder_outputs=selected)
     torch.testing.assert_close(direct, reused)
+    torch.testing.assert_close(subset, direct[[2, 0]])
+
+
+def test_get_embeddings_equal_the_backbones_own_forward(cafe_model, images):
+    """Positions (1-D RoPE, M-RoPE) as the stock backbone computes them on a processor batch."""
+    inputs = [images[0], "a red square", {"image": images[2], "text": "green"}, images[1]]
+    batch = build_embedding_batch(cafe_model.processor, to_embedding_inputs(inputs), cafe_model.embedding_chat_template)
+    with torch.no_grad():
+        hidden = cafe_model.model(**batch, use_cache=False).last_hidden_state
+        stock = torch.nn.functional.normalize(last_token_pool(hidden, batch["attention_mask"]).float(), dim=-1)
+        ours = cafe_model.get_embeddings(**batch)
+    assert (stock - ours).abs().max().item() <= 1e-5
 
 
 def test_different_inputs_give_different_embeddings(cafe_model, images):

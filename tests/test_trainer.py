@@ -201,3 +201,11 @@ def test_every_trainable_parameter_gets_a_gradient(cafe_model, data, tmp_path):
     assert not any(p.requires_grad for n, p in cafe_model.named_parameters() if "vision_tower.head" in n)
     trainer.compute_loss(cafe_model, dict(first_batch(trainer))).backward()
     assert [n for n, p in cafe_model.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
+def test_saved_checkpoint_card_holds_the_training_settings(cafe_model, data, tmp_path):
+    trainer = make_trainer(cafe_model, data, tmp_path, max_steps=1, contrastive_weight=7.0)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))
+    card = (tmp_path / "saved" / "README.md").read_text()
+    assert "contrastive_weight" in card and "7.0" in card

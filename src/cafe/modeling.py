@@ -172,8 +172,28 @@ class CafeForConditionalGeneration(PreTrainedModel):
         """Save a vanilla backbone checkpoint (stock layout and ``architectures``) plus the processor.
 
         The folder loads in the stock transformers class without custom code; the CAFe settings
-        ride along in ``config.json["cafe"]``.
+        ride along in ``config.json["cafe"]``. The same folder is a sentence-transformers model made
+        of stock modules (``SentenceTransformer(save_directory)``, see `cafe.export`) and carries a
+        model card (``README.md``, see `cafe.hub`; fill ``model.model_card_data`` with a
+        `cafe.hub.CafeModelCardData` to set its base model, datasets and training settings).
+
+        Keyword arguments besides transformers' own:
+            sentence_transformers_prompts: Named prompts for sentence-transformers (``"query"`` for
+                ``encode_query``, ``"document"`` for ``encode_document``, any name for
+                ``prompt_name=``), applied as the CAFe task instruction. Default: the prompts of the
+                checkpoint the model was loaded from, else empty ones.
+            push_to_hub, repo_id, commit_message, private, create_pr: As in transformers; the upload
+                goes through `cafe.hub.push_folder_to_hub` once every file above is written.
         """
+        from .export import read_sentence_transformers_prompts, write_sentence_transformers_files
+        from .hub import push_folder_to_hub, write_model_card
+
+        prompts = kwargs.pop("sentence_transformers_prompts", None)
+        default_prompt_name = None
+        # transformers would upload from inside its save_pretrained, before the files below exist,
+        # and with a generic card in place of ours: take the upload over and do it last.
+        push = kwargs.pop("push_to_hub", False)
+        hub_kwargs = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "private", "create_pr") if key in kwargs}
         if self.processor is not None:
             _check_processor_matches(self, self.processor)
         result = super().save_pretrained(save_directory, *args, **kwargs)
@@ -186,7 +206,40 @@ class CafeForConditionalGeneration(PreTrainedModel):
             config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             if save_processor and self.processor is not None:
                 self.processor.save_pretrained(save_directory)
+            if prompts is None:
+                # Read before anything is written: the source may be this very folder.
+                prompts, default_prompt_name = read_sentence_transformers_prompts(self.name_or_path) or (None, None)
+            write_sentence_transformers_files(
+                save_directory, self.config, prompts=prompts, default_prompt_name=default_prompt_name
+            )
+            write_model_card(
+                save_directory,
+                card_data=getattr(self, "model_card_data", None),
+                source=self.name_or_path,
+                tags=self.model_tags,
+            )
+            if push:
+                repo_id = hub_kwargs.pop("repo_id", Path(save_directory).name)
+                push_folder_to_hub(
+                    save_directory,
+                    repo_id,
+                    token=kwargs.get("token"),
+                    card_data=getattr(self, "model_card_data", None),
+                    **hub_kwargs,
+                )
         return result
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Upload what `save_pretrained` writes (checkpoint, processor, sentence-transformers files,
+        model card) through huggingface_hub's ``create_repo`` / ``upload_folder``.
+
+        Overrides transformers' version, which replaces the card with a generic one. Keyword
+        arguments as in transformers: ``commit_message``, ``commit_description``, ``private``,
+        ``token``, ``revision``, ``create_pr``, ``max_shard_size``, ``tags``.
+        """
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
 
     @classmethod
     def backbone_class(cls) -> type[PreTrainedModel]:
@@ -220,10 +273,11 @@ class CafeForConditionalGeneration(PreTrainedModel):
     def parameter_component(cls, name: str) -> str:
         """``"vision"``, ``"projector"`` or ``"llm"`` for a parameter name (PEFT prefixes allowed)."""
         parts = name.split(".")
-        if any(module in parts for module in cls.cafe_vision_modules):
-            return "vision"
+        # Projector first: it may live inside the vision module (Qwen2-VL's `visual.merger`).
         if any(module in parts for module in cls.cafe_projector_modules):
             return "projector"
+        if any(module in parts for module in cls.cafe_vision_modules):
+            return "vision"
         return "llm"
 
     def get_vision_features(self, **vision_inputs) -> dict[str, Any]:
@@ -234,11 +288,15 @@ class CafeForConditionalGeneration(PreTrainedModel):
         """
         raise NotImplementedError
 
-    def embedding_position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
-        """Position ids for an embedding pass; ``None`` lets the backbone compute them.
+    def embedding_position_ids(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **vision_inputs
+    ) -> torch.Tensor | None:
+        """Position ids for an embedding (or training LM) pass; ``None`` lets the backbone compute them.
 
-        Default (1-D RoPE): count real tokens, so a left-padded row gets the same positions as
-        the same row unpadded.
+        ``vision_inputs`` are the vision keyword arguments the pass gives the backbone (the
+        processor's tensors, or ``mm_encoder_outputs``), for position schemes that depend on the
+        images (Qwen2-VL's M-RoPE). Default (1-D RoPE): count real tokens, so a left-padded row gets
+        the same positions as the same row unpadded.
         """
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
@@ -273,12 +331,13 @@ class CafeForConditionalGeneration(PreTrainedModel):
                 )
                 setattr(output, f"{side}_embeds", embeds)
         if "labels" in batch:
+            lm_vision = {"mm_encoder_outputs": vision_for(batch.get("lm_image_index"))}
             hidden = self.model(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
-                position_ids=self.embedding_position_ids(batch["input_ids"], batch["attention_mask"]),
-                mm_encoder_outputs=vision_for(batch.get("lm_image_index")),
+                position_ids=self.embedding_position_ids(batch["input_ids"], batch["attention_mask"], **lm_vision),
                 use_cache=False,
+                **lm_vision,
             ).last_hidden_state
             output.lm_loss = lm_loss_at_supervised_positions(hidden, batch["labels"], self.lm_head)
         return output
@@ -313,7 +372,7 @@ class CafeForConditionalGeneration(PreTrainedModel):
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            position_ids=self.embedding_position_ids(input_ids, attention_mask),
+            position_ids=self.embedding_position_ids(input_ids, attention_mask, **vision_inputs),
             use_cache=False,
             **vision_inputs,
         )

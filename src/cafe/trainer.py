@@ -102,6 +102,7 @@ class CafeTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
         self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._attach_model_card_data()
         if args.gradient_cache and not isinstance(self.data_collator, MiniBatchCollator):
             self.data_collator = MiniBatchCollator(self.data_collator, args.gradient_cache_mini_batch_size)
 
@@ -233,6 +234,25 @@ class CafeTrainer(Trainer):
             logs = {**logs, **{key: sum(values) / len(values) for key, values in self._metrics.items()}}
             self._metrics.clear()
         super().log(logs, start_time)
+
+    def _attach_model_card_data(self) -> None:
+        """Publish this run's CAFe settings in the model card `save_pretrained` writes."""
+        from .hub import CafeModelCardData, training_settings_from_args
+
+        model = self._cafe_model()
+        card = getattr(model, "model_card_data", None) or CafeModelCardData()
+        card.training = {**training_settings_from_args(self.args), **card.training}
+        model.model_card_data = card
+
+    def create_model_card(self, *args, **kwargs):
+        # Trainer.push_to_hub would write its generic training card over ours: keep cafe's card,
+        # which holds the CAFe settings and the transformers / cafe / sentence-transformers usage.
+        from .hub import write_model_card
+
+        if self.is_world_process_zero():
+            model = self._cafe_model()
+            write_model_card(self.args.output_dir, card_data=getattr(model, "model_card_data", None),
+                             source=model.name_or_path, tags=getattr(model, "model_tags", None))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         # Checkpoints are in the backbone's published key layout (e.g. `language_model.lm_head`),

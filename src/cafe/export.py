@@ -1,0 +1,204 @@
+"""Make a CAFe checkpoint folder a sentence-transformers model too, with stock modules only.
+
+sentence-transformers 6 builds a model from the ``modules.json`` of a folder, and any module class
+outside the ``sentence_transformers`` package needs ``trust_remote_code=True``, even when it comes
+from an installed package. A custom CAFe module would therefore not be a drop-in. None is needed:
+the whole CAFe embedding recipe is expressible with three stock modules,
+
+``Transformer``
+    ``AutoModel`` of the checkpoint (for LLaVA-OneVision: ``LlavaOnevisionModel``, the backbone
+    without the LM head; exactly ``CafeForConditionalGeneration.model``). Every input is rendered
+    through the CAFe embedding chat template, handed over as
+    ``processing_kwargs["chat_template"]["chat_template"]`` so the processor's own (generation)
+    template is left untouched. Its output is the last-layer hidden state.
+``Pooling(pooling_mode="lasttoken")``
+    The hidden state of the last non-padding token: the final ``<|im_end|>`` of the empty assistant
+    turn, as in `CafeForConditionalGeneration.get_embeddings`.
+``Normalize``
+    L2 normalisation, present when ``config.cafe["normalize"]`` is set.
+
+The ``Transformer`` module is stored "in root": it reads ``config.json``, the weights and the
+processor files of the folder itself. The weights are stored once, and the folder remains a full
+generation checkpoint (LM head included) that stock transformers loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+# The files (and folders) this module writes, relative to the checkpoint folder.
+POOLING_DIR = "1_Pooling"
+NORMALIZE_DIR = "2_Normalize"
+MODULES_FILE = "modules.json"
+TRANSFORMER_CONFIG_FILE = "sentence_bert_config.json"
+SENTENCE_TRANSFORMERS_CONFIG_FILE = "config_sentence_transformers.json"
+
+# CAFe's zero-shot retrieval uses no task instruction: queries and documents differ only through
+# the modality suffix of the embedding template. Empty prompts keep `encode_query` /
+# `encode_document` equal to `encode` until a checkpoint is saved with prompts of its own.
+DEFAULT_PROMPTS: dict[str, str] = {"query": "", "document": ""}
+
+# What the folder needs from the reader's install: `processing_kwargs["chat_template"]` and the
+# message modality of the Transformer module arrived in sentence-transformers 6, and they render
+# through transformers 5 processors. Declared so that older installs fail with a clear message.
+REQUIREMENTS: dict[str, dict[str, str]] = {
+    "sentence_transformers": {
+        "specifier": ">=6.0",
+        "reason": "renders inputs through the CAFe embedding chat template (processing_kwargs['chat_template'])",
+    },
+    "transformers": {"specifier": ">=5.0", "reason": "loads the backbone and its multimodal processor"},
+}
+
+
+def transformer_module_config(config) -> dict[str, Any]:
+    """The ``sentence_bert_config.json`` content of the ``Transformer`` module of a CAFe checkpoint.
+
+    Args:
+        config: The model's ``PretrainedConfig`` (``config.cafe`` holds the embedding template).
+    """
+    from sentence_transformers.base.modules import Transformer
+
+    cafe = getattr(config, "cafe", None) or {}
+    template = cafe.get("embedding_chat_template")
+    if not template:
+        raise ValueError(
+            "config.cafe has no 'embedding_chat_template'; save the model through "
+            "CafeForConditionalGeneration so that the CAFe settings are filled in."
+        )
+    # Every input kind the CAFe template understands. Plain texts and images are converted into
+    # messages by the Transformer module (because "message" is listed), image+text dicts are
+    # accepted through "message" as well. Video is left out on purpose: the template has no video
+    # prompt, so a video would be silently dropped.
+    last_hidden_state = {"method": "forward", "method_output_name": "last_hidden_state"}
+    module_config = {
+        "transformer_task": "feature-extraction",
+        "modality_config": {
+            "text": dict(last_hidden_state),
+            "image": dict(last_hidden_state),
+            "message": {**last_hidden_state, "format": "structured"},
+        },
+        "module_output_name": "token_embeddings",
+        "processing_kwargs": {
+            "chat_template": {"chat_template": template},
+            # sentence-transformers passes no position ids, so the backbone numbers positions from
+            # the first column. With right padding those are the positions of the unpadded
+            # sequence, which is what `get_embeddings` uses (attention-mask based position ids):
+            # the two paths then agree exactly, whatever padding side the tokenizer was saved with.
+            "text": {"padding_side": "right"},
+        },
+        # Packing text-only batches for flash-attention (sentence-transformers' "unpadding") is not
+        # verified for LLaVA-style forwards; the padded path is the one tested against
+        # `get_embeddings`.
+        "unpad_inputs": False,
+    }
+    unknown = set(module_config) - set(Transformer.config_keys)
+    if unknown:  # the installed sentence-transformers would ignore these keys; fail loudly instead
+        raise RuntimeError(
+            f"sentence-transformers' Transformer module does not know the config keys {sorted(unknown)}."
+        )
+    return module_config
+
+
+def write_sentence_transformers_files(
+    save_directory: str | os.PathLike,
+    config,
+    *,
+    prompts: dict[str, str] | None = None,
+    default_prompt_name: str | None = None,
+) -> list[Path]:
+    """Write the sentence-transformers files next to a saved CAFe checkpoint.
+
+    After this, ``SentenceTransformer(save_directory)`` loads the folder with stock modules only (no
+    ``trust_remote_code``, no cafe import) and embeds strings, PIL images and
+    ``{"image": ..., "text": ...}`` dicts as `CafeForConditionalGeneration.encode` does.
+
+    Args:
+        save_directory: A folder that already holds the transformers checkpoint and processor.
+        config: The model's ``PretrainedConfig``.
+        prompts: Named task instructions for ``encode(prompt_name=...)``, ``encode_query`` (``"query"``)
+            and ``encode_document`` (``"document"``). sentence-transformers passes a prompt as a
+            system turn, which the CAFe template places before the text (MMEB style), exactly like
+            ``encode(..., instruction=prompt)`` in cafe. Defaults to empty query/document prompts.
+        default_prompt_name: Prompt applied by ``encode`` when none is given.
+
+    Returns:
+        The paths written.
+    """
+    import sentence_transformers
+    import torch
+    import transformers
+    from sentence_transformers.base.modules import Normalize, Transformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    save_directory = Path(save_directory)
+    prompts = dict(DEFAULT_PROMPTS if prompts is None else prompts)
+    if default_prompt_name is not None and default_prompt_name not in prompts:
+        raise ValueError(f"default_prompt_name {default_prompt_name!r} is not one of the prompts {sorted(prompts)}.")
+    cafe = getattr(config, "cafe", None) or {}
+    written = []
+
+    def write_json(name: str, content: Any) -> None:
+        path = save_directory / name
+        path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        written.append(path)
+
+    write_json(TRANSFORMER_CONFIG_FILE, transformer_module_config(config))
+
+    # Pooling and Normalize are built and saved by sentence-transformers itself, so their config
+    # files are in the format the installed version reads.
+    hidden_size = config.get_text_config().hidden_size
+    modules: list[tuple[str, type, Any]] = [
+        ("", Transformer, None),
+        (POOLING_DIR, Pooling, Pooling(hidden_size, pooling_mode="lasttoken")),
+    ]
+    if cafe.get("normalize", True):
+        modules.append((NORMALIZE_DIR, Normalize, Normalize()))
+    for folder, _, module in modules:
+        if module is not None:
+            (save_directory / folder).mkdir(parents=True, exist_ok=True)
+            module.save(str(save_directory / folder))
+            written.extend(sorted((save_directory / folder).iterdir()))
+
+    # The class references sentence-transformers itself would write (module path + class name).
+    write_json(
+        MODULES_FILE,
+        [
+            {"idx": idx, "name": str(idx), "path": folder, "type": f"{cls.__module__}.{cls.__name__}"}
+            for idx, (folder, cls, _) in enumerate(modules)
+        ],
+    )
+    write_json(
+        SENTENCE_TRANSFORMERS_CONFIG_FILE,
+        {
+            "model_type": "SentenceTransformer",
+            "__version__": {
+                "sentence_transformers": sentence_transformers.__version__,
+                "transformers": transformers.__version__,
+                "pytorch": torch.__version__,
+            },
+            "requirements": REQUIREMENTS,
+            "prompts": prompts,
+            "default_prompt_name": default_prompt_name,
+            # CAFe embeddings are compared by cosine (the contrastive loss uses normalised vectors).
+            "similarity_fn_name": "cosine",
+        },
+    )
+    return written
+
+
+def read_sentence_transformers_prompts(source: str | os.PathLike | None) -> tuple[dict[str, str], str | None] | None:
+    """The ``(prompts, default_prompt_name)`` of the checkpoint a model was loaded from, if it has them.
+
+    Args:
+        source: A local folder or a Hub id (looked up in the local cache only, never downloaded).
+    """
+    from .hub import resolve_checkpoint_file
+
+    path = resolve_checkpoint_file(source, SENTENCE_TRANSFORMERS_CONFIG_FILE)
+    if path is None:
+        return None
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    return dict(saved.get("prompts") or {}), saved.get("default_prompt_name")

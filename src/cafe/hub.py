@@ -1,0 +1,462 @@
+"""Model card and Hub upload for CAFe checkpoints.
+
+A CAFe checkpoint folder is at once a transformers model (generation), a cafe model (embeddings)
+and a sentence-transformers model (see `cafe.export`). `write_model_card` adds the ``README.md``
+that says so: Hub metadata (library, pipeline tag, base model, datasets, licence), usage for all
+three entry points and the CAFe settings of the checkpoint. `push_folder_to_hub` uploads a folder
+with huggingface_hub's standard ``create_repo`` / ``upload_folder``.
+
+Card metadata travels with the checkpoint: a model loaded from a folder (or a cached Hub repo)
+whose card was written here keeps its base model, datasets, licence and training settings when it
+is saved again, unless ``model.model_card_data`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# The Hub allows one `pipeline_tag`. Generation is the checkpoint's primary task (it is a stock
+# image-text-to-text model); the embedding tasks are listed as tags so the model is found under
+# them too (sentence-transformers' own cards use these tag names).
+PIPELINE_TAG = "image-text-to-text"
+CAFE_TAG = "cafe"
+CARD_TAGS = (CAFE_TAG, "sentence-transformers", "sentence-similarity", "feature-extraction", "multimodal-embeddings")
+# Licence of the LLaVA-OneVision releases and of the reference CAFe code; override it through
+# `CafeModelCardData.license` when the base model or the training data say otherwise.
+DEFAULT_LICENSE = "apache-2.0"
+# Metadata key holding the training settings, so they survive a load / save round trip.
+TRAINING_METADATA_KEY = "cafe_training"
+
+
+@dataclass
+class CafeModelCardData:
+    """What the model card needs to know beyond the checkpoint's own config.
+
+    Set it as ``model.model_card_data`` before ``save_pretrained`` / ``push_to_hub`` (a training
+    loop does this once), or pass it to `write_model_card`. Every field left empty is taken from
+    the card of the checkpoint the model was loaded from, when there is one.
+
+    Args:
+        base_model: Hub id of the model this checkpoint was fine-tuned from. Defaults to the Hub id
+            the model was loaded from.
+        datasets: Hub ids of the training datasets.
+        license: Licence identifier for the Hub metadata (default ``"apache-2.0"``).
+        language: Language codes.
+        tags: Extra Hub tags.
+        training: CAFe training settings to publish (loss weights, learning rates, batch size,
+            epochs, ...), shown as a table and stored in the card metadata.
+        model_name: Title of the card. Defaults to the repository or folder name.
+    """
+
+    base_model: str | list[str] | None = None
+    datasets: list[str] = field(default_factory=list)
+    license: str | None = None
+    language: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+    training: dict[str, Any] = field(default_factory=dict)
+    model_name: str | None = None
+
+
+# Training arguments worth publishing: CAFe's joint loss (paper Eq. 3) and the optimisation
+# recipe. Names follow `CafeTrainingArguments` / `TrainingArguments`; absent ones are skipped.
+TRAINING_CARD_FIELDS = (
+    "contrastive_weight",
+    "lm_weight",
+    "compute_contrastive_loss",
+    "compute_language_loss",
+    "contrastive_temperature",
+    "learnable_logit_scale",
+    "mask_false_negatives",
+    "gather_negatives",
+    "gradient_cache",
+    "learning_rate",
+    "vision_tower_learning_rate",
+    "projector_learning_rate",
+    "lr_scheduler_type",
+    "warmup_ratio",
+    "warmup_steps",
+    "weight_decay",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "bf16",
+    "gradient_checkpointing",
+    "seed",
+)
+
+
+def training_settings_from_args(args, **extra: Any) -> dict[str, Any]:
+    """The publishable training settings of a ``CafeTrainingArguments`` (or any object with those
+    attribute names), plus `extra` ones (e.g. ``datasets_size=248_000``).
+
+    For ``CafeModelCardData(training=...)``. Adds the contrastive batch size, the number of
+    pairs each InfoNCE loss sees: per-device batch x world size when negatives are gathered across
+    processes (gradient accumulation adds none).
+    """
+    settings: dict[str, Any] = {}
+    for name in TRAINING_CARD_FIELDS:
+        value = getattr(args, name, None)
+        if value is None or (name == "max_steps" and value <= 0):
+            continue
+        value = getattr(value, "value", value)  # enums such as lr_scheduler_type
+        settings[name] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    world_size = getattr(args, "world_size", None)
+    if world_size and "per_device_train_batch_size" in settings:
+        settings["world_size"] = world_size
+        gathered = world_size if getattr(args, "gather_negatives", True) else 1
+        settings["contrastive_batch_size"] = settings["per_device_train_batch_size"] * gathered
+    settings.update(extra)
+    return settings
+
+
+# ----------------------------------------------------------------------------- locating files
+def is_hub_repo_id(name: str | os.PathLike | None) -> bool:
+    """Whether `name` reads as a Hub repo id rather than an existing local path."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name is None or os.path.exists(name):
+        return False
+    try:
+        validate_repo_id(str(name))
+    except HFValidationError:
+        return False
+    return "/" in str(name)  # a bare name is more likely a missing local folder than a canonical model
+
+
+def resolve_checkpoint_file(source: str | os.PathLike | None, filename: str) -> Path | None:
+    """Local path of `filename` in a local checkpoint folder or in the Hub cache; never downloads."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if source is None or not str(source):
+        return None
+    if os.path.isdir(source):
+        path = Path(source) / filename
+        return path if path.is_file() else None
+    if is_hub_repo_id(source):
+        cached = try_to_load_from_cache(str(source), filename)
+        if isinstance(cached, str):
+            return Path(cached)
+    return None
+
+
+# ----------------------------------------------------------------------------- card data
+def card_data_from_source(source: str | os.PathLike | None) -> CafeModelCardData:
+    """Card data recorded in the card of the checkpoint `source` (a folder or a cached Hub repo).
+
+    Only the licence is taken from a card that cafe did not write (a stock backbone's card): its
+    datasets and base model describe the backbone's training, not this checkpoint's.
+    """
+    from huggingface_hub import ModelCard
+
+    readme = resolve_checkpoint_file(source, "README.md")
+    if readme is None:
+        return CafeModelCardData()
+    try:
+        metadata = ModelCard.load(readme).data.to_dict()
+    except Exception:  # a card is documentation: a malformed one must never block saving
+        return CafeModelCardData()
+    license_ = metadata.get("license")
+    if CAFE_TAG not in (metadata.get("tags") or []):
+        return CafeModelCardData(license=license_)
+    return CafeModelCardData(
+        base_model=metadata.get("base_model"),
+        datasets=_as_list(metadata.get("datasets")),
+        license=license_,
+        language=_as_list(metadata.get("language")),
+        tags=[tag for tag in _as_list(metadata.get("tags")) if tag not in CARD_TAGS],
+        training=dict(metadata.get(TRAINING_METADATA_KEY) or {}),
+    )
+
+
+def resolve_card_data(
+    card_data: CafeModelCardData | None, source: str | os.PathLike | None = None
+) -> CafeModelCardData:
+    """Fill the empty fields of `card_data` from the source checkpoint and the defaults."""
+    given = card_data if card_data is not None else CafeModelCardData()
+    inherited = card_data_from_source(source)
+    # A model loaded by Hub id was fine-tuned from (or is) that repo; a local folder says nothing.
+    base_model = given.base_model or (str(source) if is_hub_repo_id(source) else inherited.base_model)
+    return CafeModelCardData(
+        base_model=base_model,
+        datasets=list(given.datasets or inherited.datasets),
+        license=given.license or inherited.license or DEFAULT_LICENSE,
+        language=list(given.language or inherited.language),
+        tags=_unique([*inherited.tags, *given.tags]),
+        training=dict(given.training or inherited.training),
+        model_name=given.model_name,
+    )
+
+
+# ----------------------------------------------------------------------------- the card
+def build_model_card(config: dict[str, Any], *, model_id: str, card_data: CafeModelCardData):
+    """Render the ``README.md`` of a CAFe checkpoint as a ``huggingface_hub.ModelCard``.
+
+    Args:
+        config: The checkpoint's ``config.json`` as a dict (``cafe`` key included).
+        model_id: Hub id (or local path) the usage snippets load.
+        card_data: Resolved card data (see `resolve_card_data`).
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    cafe = config.get("cafe") or {}
+    model_type = config.get("model_type")
+    architecture = (config.get("architectures") or ["AutoModelForImageTextToText"])[0]
+    metadata = ModelCardData(
+        base_model=card_data.base_model,
+        datasets=card_data.datasets or None,
+        language=card_data.language or None,
+        library_name="transformers",
+        license=card_data.license,
+        pipeline_tag=PIPELINE_TAG,
+        tags=_unique([*CARD_TAGS, *([model_type] if model_type else []), *card_data.tags]),
+        **({TRAINING_METADATA_KEY: card_data.training} if card_data.training else {}),
+    )
+    name = card_data.model_name or Path(str(model_id).rstrip("/")).name or "CAFe model"
+    # The Hub accepts one base model or a list (merges); the text names the first.
+    first_base = _as_list(card_data.base_model)[0] if card_data.base_model else None
+    base = f"[{first_base}](https://huggingface.co/{first_base})" if first_base else None
+    sections = [
+        f"# {name}",
+        _INTRO.format(
+            origin=f" fine-tuned from {base}" if base else "",
+            datasets=", ".join(f"[{d}](https://huggingface.co/datasets/{d})" for d in card_data.datasets)
+            or "not recorded",
+        ),
+        _USAGE.format(model_id=model_id, architecture=architecture),
+        _settings_section(cafe),
+        _training_section(card_data.training),
+        _CITATION,
+    ]
+    return ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
+
+
+def write_model_card(
+    save_directory: str | os.PathLike,
+    *,
+    repo_id: str | None = None,
+    card_data: CafeModelCardData | None = None,
+    source: str | os.PathLike | None = None,
+    tags: list[str] | None = None,
+) -> Path:
+    """Write ``README.md`` into a saved CAFe checkpoint folder and return its path.
+
+    Args:
+        save_directory: Folder holding the checkpoint (its ``config.json`` is read).
+        repo_id: Hub id used in the usage snippets; defaults to the folder path.
+        card_data: Card data; empty fields are inherited from `source`, then defaulted.
+        source: Where the model was loaded from (``model.name_or_path``): a folder or a Hub id.
+            Defaults to `save_directory` itself, so re-writing a card keeps its metadata.
+        tags: Extra Hub tags.
+    """
+    save_directory = Path(save_directory)
+    config = json.loads((save_directory / "config.json").read_text(encoding="utf-8"))
+    data = resolve_card_data(card_data, source if source is not None else save_directory)
+    if tags:
+        data = dataclasses.replace(data, tags=_unique([*data.tags, *tags]))
+    if repo_id is not None and data.base_model == repo_id:
+        # A repo cannot be its own base model (a checkpoint re-uploaded where it was loaded from):
+        # keep the base recorded in that repo's card, if it is in the local cache.
+        data = dataclasses.replace(data, base_model=card_data_from_source(repo_id).base_model)
+    card = build_model_card(config, model_id=repo_id or str(save_directory), card_data=data)
+    path = save_directory / "README.md"
+    card.save(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- upload
+def push_folder_to_hub(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    private: bool | None = None,
+    token: bool | str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    card_data: CafeModelCardData | None = None,
+    tags: list[str] | None = None,
+):
+    """Upload a saved CAFe checkpoint folder to the Hub; returns huggingface_hub's ``CommitInfo``.
+
+    The repository is created if needed, the card is rewritten with the final repo id in its
+    snippets (its metadata is kept), then the folder goes up in one commit through
+    ``HfApi.upload_folder``. Use this for folders written by a training run; models have
+    ``model.push_to_hub(repo_id)``.
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if revision is not None and not revision.startswith("refs/pr"):
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    write_model_card(folder, repo_id=repo_id, card_data=card_data, source=folder, tags=tags)
+    return api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(folder),
+        commit_message=commit_message or "Upload CAFe model",
+        commit_description=commit_description,
+        revision=revision,
+        create_pr=create_pr,
+    )
+
+
+def push_to_hub(model, repo_id: str, *, max_shard_size: int | str = "50GB", **kwargs):
+    """Save `model` (weights, processor, sentence-transformers files, card) and upload that folder.
+
+    Args:
+        model: A `CafeForConditionalGeneration`.
+        repo_id: Target repository.
+        max_shard_size: Passed to ``save_pretrained``.
+        **kwargs: Passed to `push_folder_to_hub` (``commit_message``, ``private``, ``token``,
+            ``revision``, ``create_pr``, ``tags``, ...).
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder, max_shard_size=max_shard_size)
+        # The card's metadata is carried over from the folder; the title is not metadata.
+        kwargs.setdefault("card_data", getattr(model, "model_card_data", None))
+        return push_folder_to_hub(folder, repo_id, **kwargs)
+
+
+# ----------------------------------------------------------------------------- card text
+_INTRO = """\
+A [CAFe](https://arxiv.org/abs/2503.19900) (contrastive-autoregressive fine-tuning) vision-language
+model{origin}. One set of weights both **generates** (captions, answers, as the base VLM) and
+**embeds** images, texts and image+text inputs for retrieval: the embedding is the last-layer
+hidden state of the final token under the CAFe embedding prompt (see [CAFe settings](#cafe-settings)).
+
+The repository is a stock transformers checkpoint (no custom code) that also loads in
+[sentence-transformers](https://sbert.net) with its standard modules, and in
+[cafe](https://pypi.org/project/cafe-vlm/) (`pip install cafe-vlm`).
+
+Training data: {datasets}."""
+
+_USAGE = """\
+## Usage
+
+### Generation (transformers)
+
+```python
+from PIL import Image
+from transformers import AutoProcessor, {architecture}
+
+model_id = "{model_id}"
+model = {architecture}.from_pretrained(model_id, device_map="auto")
+processor = AutoProcessor.from_pretrained(model_id)
+
+image = Image.open("photo.jpg")
+messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "Describe this image."}}]}}]
+prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+inputs = processor(images=image, text=prompt, return_tensors="pt").to(model.device, model.dtype)
+output = model.generate(**inputs, max_new_tokens=64, do_sample=False)
+print(processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+```
+
+### Embeddings (cafe: `encode` / `get_embeddings`)
+
+```python
+from PIL import Image
+from cafe import CafeForConditionalGeneration
+
+model_id = "{model_id}"
+model = CafeForConditionalGeneration.from_pretrained(model_id, device_map="auto")
+
+image = Image.open("photo.jpg")
+# Strings, PIL images and {{"image": ..., "text": ...}} dicts; [N, hidden] float32, unit norm.
+embeddings = model.encode([image, "a photo of a cat", {{"image": image, "text": "What is in the picture?"}}])
+print(embeddings @ embeddings.T)
+
+# get_embeddings embeds an already processed batch (e.g. inside a training or evaluation loop).
+processor = model.processor
+messages = [{{"role": "user", "content": [{{"type": "image"}}]}}]
+prompt = processor.apply_chat_template(messages, chat_template=model.embedding_chat_template)
+batch = processor(images=[image], text=[prompt], return_tensors="pt").to(model.device, model.dtype)
+image_embedding = model.get_embeddings(**batch)
+```
+
+### Embeddings (sentence-transformers, no cafe needed)
+
+```python
+from PIL import Image
+from sentence_transformers import SentenceTransformer
+
+model = SentenceTransformer("{model_id}")
+
+image = Image.open("photo.jpg")
+document_embeddings = model.encode_document([image, "A cat sleeping on a sofa."])
+query_embeddings = model.encode_query(["a photo of a cat"])
+print(model.similarity(query_embeddings, document_embeddings))
+# Image+text inputs are dicts; a task instruction (MMEB style) is a prompt.
+embeddings = model.encode(
+    [{{"image": image, "text": "What is in the picture?"}}],
+    prompt="Represent the given image with the following question: ",
+)
+```
+
+sentence-transformers loads the backbone without its LM head, so transformers logs the unused
+`lm_head` weight as `UNEXPECTED` in its load report: that is expected, the head is kept for
+generation. Do not call `SentenceTransformer.save` into this folder: it writes the backbone only."""
+
+_CITATION = """\
+## Citation
+
+```bibtex
+@article{yu2025cafe,
+  title={CAFe: Unifying Representation and Generation with Contrastive-Autoregressive Finetuning},
+  author={Yu, Hao and Zhao, Zhuokai and Yan, Shen and Korycki, Lukasz and Wang, Jianyu and He, Baosheng and Liu, Jiayi and Zhang, Lizhu and Fan, Xiangjun and Yu, Hanchao},
+  journal={arXiv preprint arXiv:2503.19900},
+  year={2025}
+}
+```"""
+
+
+def _settings_section(cafe: dict[str, Any]) -> str:
+    rows = [
+        ("system prompt", cafe.get("system_prompt")),
+        ("image prompt", cafe.get("image_prompt")),
+        ("text prompt", cafe.get("text_prompt")),
+        ("image+text prompt", cafe.get("multimodal_prompt")),
+        ("pooling", cafe.get("pooling")),
+        ("L2-normalised", cafe.get("normalize")),
+        ("contrastive temperature", cafe.get("contrastive_temperature")),
+        ("learnable logit scale", cafe.get("learnable_logit_scale")),
+    ]
+    return (
+        "## CAFe settings\n\nStored in `config.json` under `cafe`; the full embedding chat template is "
+        "`cafe.embedding_chat_template` (also in `sentence_bert_config.json`).\n\n"
+        + _table(("setting", "value"), [(name, value) for name, value in rows if value is not None])
+    )
+
+
+def _training_section(training: dict[str, Any]) -> str:
+    if not training:
+        return "## Training\n\nNo training settings were recorded with this checkpoint."
+    return "## Training\n\n" + _table(("setting", "value"), sorted(training.items()))
+
+
+def _table(header: tuple[str, str], rows) -> str:
+    def cell(value: Any) -> str:
+        text = json.dumps(value) if isinstance(value, str) else str(value)
+        return text.replace("|", "\\|").replace("\n", "\\n")
+
+    lines = [f"| {header[0]} | {header[1]} |", "| --- | --- |"]
+    lines += [f"| {name} | `{cell(value)}` |" for name, value in rows]
+    return "\n".join(lines)
+
+
+def _as_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _unique(items) -> list[str]:
+    return list(dict.fromkeys(items))

@@ -1,0 +1,128 @@
+"""The key CAFe training checks, once per backbone family (see tests/conftest.py).
+
+tests/test_trainer.py covers the trainer in depth on LLaVA-OneVision; this suite checks, for every
+family, what depends on the backbone: the training forward reuses one vision pass per image and
+gives the same embeddings and LM loss as the inference path and the stock model, a few steps
+lower the joint loss, and `save_model` writes a vanilla checkpoint.
+"""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from cafe import CafeCollator, CafeTrainer, CafeTrainingArguments
+from cafe.testing import batch_image_count
+
+pytestmark = pytest.mark.all_families
+
+# Different sizes: Qwen2-VL gives them different patch grids.
+IMAGES = {"red": ((40, 30), (255, 0, 0)), "green": ((24, 48), (0, 200, 0)), "blue": ((32, 32), (0, 0, 255)),
+          "yellow": ((32, 32), (255, 255, 0))}
+
+
+@pytest.fixture()
+def data(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    records = []
+    for name, (size, rgb) in IMAGES.items():
+        Image.new("RGB", size, rgb).save(folder / f"{name}.png")
+        records.append({"image": f"{name}.png", "conversations": [
+            {"from": "human", "value": "<image>\nDescribe the picture."},
+            {"from": "gpt", "value": f"a {name} picture"}]})
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(records))
+    return path, folder
+
+
+def make_trainer(model, data, tmp_path, **overrides):
+    from cafe.training import load_records
+
+    path, folder = data
+    kwargs = dict(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=4,
+                  learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+                  seed=0, data_seed=0)
+    kwargs.update(overrides)
+    collator = CafeCollator(model.processor, model=model, image_folder=str(folder))
+    return CafeTrainer(model=model, args=CafeTrainingArguments(**kwargs), train_dataset=load_records(str(path)),
+                       data_collator=collator, processing_class=model.processor)
+
+
+def first_batch(trainer):
+    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+
+def vision_module(model):
+    return getattr(model.model, type(model).cafe_vision_modules[0])
+
+
+def test_one_vision_pass_per_image_and_no_full_vocab_logits(cafe_model, data, tmp_path):
+    trainer = make_trainer(cafe_model, data, tmp_path)
+    batch = first_batch(trainer)
+    assert batch_image_count(batch) == 4
+    vision_rows, head_inputs = [], []
+    h1 = vision_module(cafe_model).register_forward_hook(lambda m, i, o: vision_rows.append(i[0].shape[0]))
+    h2 = cafe_model.lm_head.register_forward_hook(lambda m, i, o: head_inputs.append(tuple(i[0].shape)))
+    try:
+        trainer.compute_loss(cafe_model, dict(batch)).backward()
+    finally:
+        h1.remove(), h2.remove()
+    pixels = batch["pixel_values"]
+    # One call over every distinct image once: LLaVA-OneVision stacks [images, crops, ...],
+    # Qwen2-VL concatenates the images' patches [patches, dim].
+    assert vision_rows == [pixels.shape[0] * pixels.shape[1] if pixels.ndim == 5 else pixels.shape[0]]
+    supervised = int((batch["labels"][:, 1:] != -100).sum())
+    assert head_inputs == [(supervised, cafe_model.config.text_config.hidden_size)]
+
+
+def test_training_forward_equals_encode_and_the_stock_lm_loss(cafe_model, data):
+    """Shared vision features + cafe's positions give what inference (`encode`) and the stock
+    forward (its own vision pass and positions) give on the same inputs."""
+    path, folder = data
+    records = json.loads(path.read_text())
+    collator = CafeCollator(cafe_model.processor, model=cafe_model, image_folder=str(folder))
+    batch = collator(records)
+    names = list(IMAGES)
+    images = [Image.open(folder / f"{name}.png").convert("RGB") for name in names]
+    conversations = [collator.parser(record, i).conversation for i, record in enumerate(records)]
+    prompts = [cafe_model.processor.apply_chat_template(c, tokenize=False) for c in conversations]
+    stock_batch = cafe_model.processor(text=prompts, images=images, padding=True, return_tensors="pt")
+    assert torch.equal(stock_batch["input_ids"], batch["input_ids"])
+    with torch.no_grad():
+        out = cafe_model(cafe_batch=dict(batch))
+        encoded = cafe_model.encode(images)
+        texts = cafe_model.encode([f"a {name} picture" for name in names])
+        stock = type(cafe_model).backbone_class().forward(cafe_model, **stock_batch, labels=batch["labels"])
+    assert (out.query_embeds - encoded).abs().max().item() <= 1e-5
+    assert (out.doc_embeds - texts).abs().max().item() <= 1e-5
+    assert out.lm_loss.item() == pytest.approx(stock.loss.item(), rel=1e-5)
+
+
+def test_optimizer_steps_lower_the_joint_loss(cafe_model, data, tmp_path):
+    trainer = make_trainer(cafe_model, data, tmp_path)
+    batch = first_batch(trainer)
+    with torch.no_grad():
+        before = trainer.compute_loss(cafe_model, dict(batch)).item()
+    optimizer = torch.optim.AdamW(cafe_model.parameters(), lr=1e-3)
+    cafe_model.train()
+    for _ in range(8):
+        optimizer.zero_grad()
+        trainer.compute_loss(cafe_model, dict(batch)).backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = trainer.compute_loss(cafe_model, dict(batch)).item()
+    assert after < 0.9 * before
+
+
+def test_save_model_writes_a_vanilla_checkpoint(cafe_model, stock_class, data, tmp_path):
+    trainer = make_trainer(cafe_model, data, tmp_path, max_steps=1)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert config["architectures"] == [stock_class.__name__]
+    stock, info = stock_class.from_pretrained(tmp_path / "saved", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    for key, value in cafe_model.state_dict().items():
+        assert torch.equal(stock.state_dict()[key], value), key
