@@ -27,7 +27,14 @@ def main(checkpoint: str, output: str, mode: str):
         sizes[-1] -= 1
     start = sum(sizes[:rank])
     mine = recs[start : start + sizes[rank]]
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.language_model.layers:
+            fully_shard(layer)
+        ddp = fully_shard(model)
+    else:
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
     try:
         if mode == "gradient_cache":
             mini_batches = MiniBatchCollator(trainer.data_collator, 1)(mine)["mini_batches"]
@@ -44,8 +51,10 @@ def main(checkpoint: str, output: str, mode: str):
         return
     loss = loss.detach().reshape(1).clone()
     dist.all_reduce(loss)
+    # FSDP keeps sharded DTensor gradients: `full_tensor()` (a collective) reassembles them.
+    grads = {n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad.clone()
+             for n, p in model.named_parameters() if p.grad is not None}
     if rank == 0:
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         torch.save({"loss": loss.item() / world, "grads": grads}, output)
 
 

@@ -65,7 +65,7 @@ def assert_close_grads(got, expected):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["plain", "gradient_cache"])
+@pytest.mark.parametrize("mode", ["plain", "gradient_cache", "fsdp"])
 def test_two_processes_equal_one_process_on_the_concatenated_batch(tiny_checkpoint, tmp_path, mode):
     result = run_two_processes(tiny_checkpoint, tmp_path / "ddp.pt", mode)
     loss, grads = single_process_reference(tiny_checkpoint, tmp_path)
