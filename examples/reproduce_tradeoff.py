@@ -31,8 +31,8 @@ import torch
 from cafe import CafeCollator, CafeForConditionalGeneration, CafeTrainer, CafeTrainingArguments
 from cafe.data import write_synthetic_dataset
 from cafe.data.synthetic import COUNT_WORDS
-from cafe.demo import training_records
-from cafe.evaluation import evaluate_modality_gap, evaluate_pope, evaluate_retrieval, generate_answers
+from cafe.demo import measure, training_records
+from cafe.evaluation import generate_answers
 from cafe.training import load_records
 
 # (name, lm_weight, contrastive_weight). Paper Table 7 varies alpha_lm : alpha_con.
@@ -47,20 +47,13 @@ VARIANTS = [
 
 def build_small_model(path: Path, seed: int) -> Path:
     """A small LLaVA-OneVision (4-layer Qwen2, hidden 128) built from configs, saved to `path`."""
-    from transformers import GenerationConfig, LlavaOnevisionForConditionalGeneration
+    from transformers import LlavaOnevisionForConditionalGeneration
 
-    from cafe.testing import tiny_llava_onevision_config, tiny_llava_onevision_processor
+    from cafe.testing import save_tiny_checkpoint, tiny_llava_onevision_config, tiny_llava_onevision_processor
 
     processor = tiny_llava_onevision_processor()
     config = tiny_llava_onevision_config(processor.tokenizer, hidden_size=128, num_layers=4)
-    torch.manual_seed(seed)
-    model = LlavaOnevisionForConditionalGeneration(config)
-    model.generation_config = GenerationConfig(
-        eos_token_id=processor.tokenizer.eos_token_id, pad_token_id=processor.tokenizer.pad_token_id, do_sample=False
-    )
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    return save_tiny_checkpoint(path, LlavaOnevisionForConditionalGeneration, config, processor, seed)
 
 
 def train(model_path, data_json, image_folder, output_dir, lm_weight, contrastive_weight, steps, args):
@@ -121,23 +114,16 @@ def caption_scores(captions: list[str], records: list[dict]) -> dict:
 
 def evaluate(model_path, test_records, image_root: Path, plot_path: Path) -> dict:
     model = CafeForConditionalGeneration.from_pretrained(model_path).eval()
+    metrics = measure(model, test_records, image_root, plot_path, ks=(1,))
     images = [str(image_root / r["image"]) for r in test_records]
-    retrieval = evaluate_retrieval(model, images, [r["captions"] for r in test_records], ks=(1, 5),
-                                   show_progress_bar=False)
     captions = generate_answers(model, images, ["Describe the picture."] * len(images), prompt_suffix="",
                                 max_new_tokens=24, show_progress_bar=False)
-    questions = [q for r in test_records for q in r["pope"]]
-    pope = evaluate_pope(model, [str(image_root / r["image"]) for r in test_records for _ in r["pope"]],
-                         [q["question"] for q in questions], [q["answer"] for q in questions],
-                         max_new_tokens=4, show_progress_bar=False)
-    gap = evaluate_modality_gap(model, images, [r["caption"] for r in test_records], plot_path=plot_path,
-                                show_progress_bar=False)
     return {
-        "t2i_R@1": retrieval["text_to_image_recall@1"],
-        "i2t_R@1": retrieval["image_to_text_recall@1"],
+        "t2i_R@1": metrics["text_to_image_recall@1"],
+        "i2t_R@1": metrics["image_to_text_recall@1"],
         **caption_scores(captions, test_records),
-        "pope_f1": pope["f1"],
-        "modality_gap": gap["modality_gap"],
+        "pope_f1": metrics["pope_f1"],
+        "modality_gap": metrics["modality_gap"],
         "example_caption": captions[0],
     }
 

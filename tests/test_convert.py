@@ -2,7 +2,7 @@
 
 import json
 
-from datasets import Dataset, Features, Image, Sequence, Value
+from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
 
 from cafe import CafeCollator

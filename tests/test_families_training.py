@@ -7,51 +7,21 @@ lower the joint loss, and `save_model` writes a vanilla checkpoint.
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from cafe import CafeCollator, CafeTrainer, CafeTrainingArguments
+from _training import first_batch, make_trainer, write_training_data
+from cafe import CafeCollator
 from cafe.testing import batch_image_count
 
 pytestmark = pytest.mark.all_families
 
-# Different sizes: Qwen2-VL gives them different patch grids.
-IMAGES = {"red": ((40, 30), (255, 0, 0)), "green": ((24, 48), (0, 200, 0)), "blue": ((32, 32), (0, 0, 255)),
-          "yellow": ((32, 32), (255, 255, 0))}
-
-
 @pytest.fixture()
 def data(tmp_path):
-    folder = tmp_path / "images"
-    folder.mkdir()
-    records = []
-    for name, (size, rgb) in IMAGES.items():
-        Image.new("RGB", size, rgb).save(folder / f"{name}.png")
-        records.append({"image": f"{name}.png", "conversations": [
-            {"from": "human", "value": "<image>\nDescribe the picture."},
-            {"from": "gpt", "value": f"a {name} picture"}]})
-    path = tmp_path / "train.json"
-    path.write_text(json.dumps(records))
-    return path, folder
-
-
-def make_trainer(model, data, tmp_path, **overrides):
-    from cafe.training import load_records
-
-    path, folder = data
-    kwargs = dict(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=4,
-                  learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
-                  seed=0, data_seed=0)
-    kwargs.update(overrides)
-    collator = CafeCollator(model.processor, model=model, image_folder=str(folder))
-    return CafeTrainer(model=model, args=CafeTrainingArguments(**kwargs), train_dataset=load_records(str(path)),
-                       data_collator=collator, processing_class=model.processor)
-
-
-def first_batch(trainer):
-    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    return write_training_data(tmp_path, names=("red", "green", "blue", "yellow"))
 
 
 def vision_module(model):
@@ -84,7 +54,7 @@ def test_training_forward_equals_encode_and_the_stock_lm_loss(cafe_model, data):
     records = json.loads(path.read_text())
     collator = CafeCollator(cafe_model.processor, model=cafe_model, image_folder=str(folder))
     batch = collator(records)
-    names = list(IMAGES)
+    names = [Path(r["image"]).stem for r in records]
     images = [Image.open(folder / f"{name}.png").convert("RGB") for name in names]
     conversations = [collator.parser(record, i).conversation for i, record in enumerate(records)]
     prompts = [cafe_model.processor.apply_chat_template(c, tokenize=False) for c in conversations]

@@ -1,47 +1,16 @@
 """CafeTrainer: Eq. 3, one vision pass per image, optimisation, LoRA, resume, CLI."""
 
-import json
-
 import pytest
 import torch
 from PIL import Image
 
-from cafe import CafeCollator, CafeForConditionalGeneration, CafeTrainer, CafeTrainingArguments
-
-COLOURS = {"red": (255, 0, 0), "green": (0, 200, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
-           "white": (255, 255, 255), "black": (0, 0, 0), "purple": (128, 0, 128), "orange": (255, 140, 0)}
+from _training import first_batch, make_trainer, write_training_data
+from cafe import CafeForConditionalGeneration
 
 
 @pytest.fixture()
 def data(tmp_path):
-    folder = tmp_path / "images"
-    folder.mkdir()
-    records = []
-    for name, rgb in COLOURS.items():
-        Image.new("RGB", (32, 32), rgb).save(folder / f"{name}.png")
-        records.append({"image": f"{name}.png", "conversations": [
-            {"from": "human", "value": "<image>\nDescribe the picture."},
-            {"from": "gpt", "value": f"a {name} picture"}]})
-    path = tmp_path / "train.json"
-    path.write_text(json.dumps(records))
-    return path, folder
-
-
-def make_trainer(model, data, tmp_path, **overrides):
-    from cafe.training import load_records
-
-    path, folder = data
-    kwargs = dict(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=4,
-                  learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
-                  seed=0, data_seed=0)
-    kwargs.update(overrides)
-    collator = CafeCollator(model.processor, model=model, image_folder=str(folder))
-    return CafeTrainer(model=model, args=CafeTrainingArguments(**kwargs), train_dataset=load_records(str(path)),
-                       data_collator=collator, processing_class=model.processor)
-
-
-def first_batch(trainer):
-    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    return write_training_data(tmp_path)
 
 
 def test_joint_loss_is_eq3(cafe_model, data, tmp_path):

@@ -2,6 +2,7 @@
 
 from .collator import CafeCollator
 from .configuration import CafeSettings
+from .hub import CafeModelCardData
 from .losses import ContrastiveLoss, lm_loss_at_supervised_positions
 from .modeling import CafeForConditionalGeneration, CafeForwardOutput, last_token_pool
 from .prompting import build_embedding_chat_template
@@ -13,6 +14,7 @@ __all__ = [
     "CafeCollator",
     "CafeForConditionalGeneration",
     "CafeForwardOutput",
+    "CafeModelCardData",
     "CafeSettings",
     "CafeTrainer",
     "CafeTrainingArguments",

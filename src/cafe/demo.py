@@ -59,14 +59,16 @@ def training_records(json_path: Path) -> Path:
     return out
 
 
-def measure(model, test_records: list[dict], image_root: Path, plot_path: Path) -> dict:
+def measure(model, test_records: list[dict], image_root: Path, plot_path: Path, ks=(1, 5, 10)) -> dict:
+    """Retrieval recall@K both ways, the POPE-style probe and the modality gap on synthetic test records."""
     images = [str(image_root / r["image"]) for r in test_records]
-    retrieval = evaluate_retrieval(model, images, [r["captions"] for r in test_records], image_root=None,
+    retrieval = evaluate_retrieval(model, images, [r["captions"] for r in test_records], ks=ks,
                                    show_progress_bar=False)
     questions = [q for r in test_records for q in r["pope"]]
     pope_images = [str(image_root / r["image"]) for r in test_records for _ in r["pope"]]
+    # Yes/no answers: a few tokens are enough for the parser.
     pope = evaluate_pope(model, pope_images, [q["question"] for q in questions], [q["answer"] for q in questions],
-                         show_progress_bar=False)
+                         max_new_tokens=4, show_progress_bar=False)
     gap = evaluate_modality_gap(model, images, [r["caption"] for r in test_records], plot_path=plot_path,
                                 show_progress_bar=False)
     return {

@@ -161,21 +161,11 @@ def build_tiny_llava_onevision(path: str | os.PathLike, seed: int = 0, image_siz
     The folder is what `llava-hf/llava-onevision-*` repos look like, so anything that works on it
     runs the same code as on a real checkpoint.
     """
-    from transformers import GenerationConfig, LlavaOnevisionForConditionalGeneration
+    from transformers import LlavaOnevisionForConditionalGeneration
 
-    path = Path(path)
     processor = tiny_llava_onevision_processor(image_size=image_size)
     config = tiny_llava_onevision_config(processor.tokenizer, image_size=image_size)
-    torch.manual_seed(seed)
-    model = LlavaOnevisionForConditionalGeneration(config)
-    model.generation_config = GenerationConfig(
-        eos_token_id=processor.tokenizer.eos_token_id,
-        pad_token_id=processor.tokenizer.pad_token_id,
-        do_sample=False,
-    )
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    return save_tiny_checkpoint(path, LlavaOnevisionForConditionalGeneration, config, processor, seed)
 
 
 # ----------------------------------------------------------------------------- Qwen2-VL / Qwen2.5-VL
@@ -326,7 +316,8 @@ def tiny_qwen2_5_vl_config(tokenizer, hidden_size: int = 64, num_layers: int = 2
     )
 
 
-def _save_tiny(path, model_class, config, processor, seed: int) -> Path:
+def save_tiny_checkpoint(path, model_class, config, processor, seed: int = 0) -> Path:
+    """Initialise `model_class(config)` with `seed` and save it with `processor` and a greedy generation config."""
     from transformers import GenerationConfig
 
     path = Path(path)
@@ -348,7 +339,7 @@ def build_tiny_qwen2_vl(path: str | os.PathLike, seed: int = 0) -> Path:
 
     processor = tiny_qwen2_vl_processor()
     config = tiny_qwen2_vl_config(processor.tokenizer)
-    return _save_tiny(path, Qwen2VLForConditionalGeneration, config, processor, seed)
+    return save_tiny_checkpoint(path, Qwen2VLForConditionalGeneration, config, processor, seed)
 
 
 def build_tiny_qwen2_5_vl(path: str | os.PathLike, seed: int = 0) -> Path:
@@ -357,7 +348,7 @@ def build_tiny_qwen2_5_vl(path: str | os.PathLike, seed: int = 0) -> Path:
 
     processor = tiny_qwen2_vl_processor()
     config = tiny_qwen2_5_vl_config(processor.tokenizer)
-    return _save_tiny(path, Qwen2_5_VLForConditionalGeneration, config, processor, seed)
+    return save_tiny_checkpoint(path, Qwen2_5_VLForConditionalGeneration, config, processor, seed)
 
 
 # model_type -> builder; every family of `cafe.backbones` has one (tests run over all of them).
