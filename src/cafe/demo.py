@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .data import write_synthetic_dataset
 from .evaluation import evaluate_modality_gap, evaluate_pope, evaluate_retrieval
+from .evaluation.pope import DEFAULT_POPE_PROMPT_SUFFIX
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_test", type=int, default=None)
     parser.add_argument("--max_steps", type=int, default=None)
     parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--learning_rate", type=float, default=2e-3)
     parser.add_argument("--contrastive_weight", type=float, default=10.0)
     parser.add_argument("--lm_weight", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -39,16 +40,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def training_records(json_path: Path) -> Path:
-    """Demo training records: LM on the conversation plus two yes/no questions, contrast on the caption.
+    """Demo training records: LM on the conversation plus yes/no questions, contrast on the caption.
 
-    The yes/no turns come from the train images' own POPE-style questions, so the probe on the
-    test images measures generalisation, not recall.
+    The yes/no turns come from the train images' own POPE-style questions (two yes, two no), so
+    the probe on the test images measures generalisation, not recall. They carry the probe's
+    answer-format instruction, as LLaVA's VQA training data does.
     """
     records = json.loads(json_path.read_text())
     for record in records:
-        for question in record["pope"][:2]:
+        for question in record["pope"][:4]:
             record["conversations"] += [
-                {"from": "human", "value": question["question"]},
+                {"from": "human", "value": question["question"] + DEFAULT_POPE_PROMPT_SUFFIX},
                 {"from": "gpt", "value": question["answer"].capitalize() + "."},
             ]
         record["positives"] = [record["caption"]]
@@ -92,7 +94,7 @@ def demo_main(argv: list[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
     num_train = args.num_train or (32 if args.quick else 384)
     num_test = args.num_test or (12 if args.quick else 64)
-    max_steps = args.max_steps or (4 if args.quick else 80)
+    max_steps = args.max_steps or (4 if args.quick else 800)
     batch_size = min(args.batch_size, num_train)
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
