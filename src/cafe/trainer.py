@@ -209,7 +209,8 @@ class CafeTrainer(Trainer):
         for mb in mini_batches:
             self._log_counts(mb)
         args = self.args
-        steps = self.current_gradient_accumulation_steps
+        # Set by Trainer's loop; a direct call (e.g. a benchmark) runs one micro-batch per step.
+        steps = getattr(self, "current_gradient_accumulation_steps", 1)
 
         def backward(tensor):
             self.accelerator.backward(tensor / steps)
