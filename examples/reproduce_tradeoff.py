@@ -10,7 +10,7 @@ Protocol (mirrors the paper's):
 3. measure on held-out images: retrieval R@1 in both directions (several captions per image),
    generation quality (caption attribute accuracy, exact match, POPE-style F1) and the modality gap.
 
-    python examples/reproduce_tradeoff.py --output_dir runs/tradeoff           # ~30 min on 2 CPU cores
+    python examples/reproduce_tradeoff.py --output_dir runs/tradeoff           # ~20 min on 2 CPU cores
     python examples/reproduce_tradeoff.py --output_dir runs/tradeoff --quick   # a smoke run
 
 The table is printed, written to ``<output_dir>/results.md`` / ``results.json``; the figures of
@@ -148,8 +148,8 @@ def main(argv=None):
                         help="bf16 autocast (faster on CPUs with bf16 matmul)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    base_steps = args.base_steps or (4 if args.quick else 1000)
-    finetune_steps = args.finetune_steps or (2 if args.quick else 300)
+    base_steps = args.base_steps or (4 if args.quick else 500)
+    finetune_steps = args.finetune_steps or (2 if args.quick else 150)
     num_train, num_test = (64, 16) if args.quick else (1024, 64)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
