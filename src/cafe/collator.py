@@ -141,7 +141,8 @@ class CafeCollator:
 
     # ------------------------------------------------------------------ embedding sides
     def _embedding_side(self, name: str, sides: list[Side], images: _UniqueImages, counts) -> dict:
-        items = [EmbeddingInput(None if s.image is None else s.image, self._cut_text(s.text, counts)) for s in sides]
+        texts = self._cut_texts([s.text for s in sides], counts)
+        items = [EmbeddingInput(s.image, text) for s, text in zip(sides, texts)]
         prompts = render_embedding_prompts(self.processor, items, self.embedding_chat_template)
         side_images = [s for s in sides if s.image is not None]
         encoded = self.processor(
@@ -153,14 +154,18 @@ class CafeCollator:
             f"{name}_image_index": images.indices(side_images),
         }
 
-    def _cut_text(self, text: str | None, counts) -> str | None:
-        if text is None:
-            return None
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        if len(ids) <= self.max_text_tokens:
-            return text
-        counts["embedding_text_truncated"] += 1
-        return self.tokenizer.decode(ids[: self.max_text_tokens])
+    def _cut_texts(self, texts: list[str | None], counts) -> list[str | None]:
+        """Cut texts longer than ``max_text_tokens`` tokens (one batched tokenizer call per side)."""
+        present = [i for i, text in enumerate(texts) if text is not None]
+        if not present:
+            return texts
+        ids = self.tokenizer([texts[i] for i in present], add_special_tokens=False)["input_ids"]
+        texts = list(texts)
+        for i, token_ids in zip(present, ids):
+            if len(token_ids) > self.max_text_tokens:
+                counts["embedding_text_truncated"] += 1
+                texts[i] = self.tokenizer.decode(token_ids[: self.max_text_tokens])
+        return texts
 
     # ------------------------------------------------------------------ LM sequences
     def _lm_sequences(self, examples: list[TrainingExample], images: _UniqueImages, counts) -> dict:
