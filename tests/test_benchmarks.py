@@ -63,13 +63,17 @@ def test_row_results_have_the_documented_fields(quick_report):
     one = rows[1]["result"]
     for key in ("step_time_ratio", "step_time_ratio_spread", "flop_ratio", "sides", "batch"):
         assert key in one
-    assert set(one["sides"]) == {"reference-style", "cafe"}
+    assert set(one["sides"]) == {"reference-style", "cafe", "cafe, no prefix sharing"}
     for side in one["sides"].values():
         for key in ("median_s", "times_s", "peak_memory_mib", "flops", "flops_by_component", "samples_per_s"):
             assert key in side
         assert side["flops"] > 0
     # The reference-style step does strictly more work: 3 vision passes and full-vocabulary logits.
     assert one["sides"]["reference-style"]["flops"] > one["sides"]["cafe"]["flops"]
+    # Sharing the image-embedding / LM prefix removes LLM work: the counted FLOPs show it.
+    assert one["sides"]["cafe, no prefix sharing"]["flops"] > one["sides"]["cafe"]["flops"]
+    shared = one["shared_prefix"]
+    assert 0 < shared["shared_prefix_tokens"] < shared["llm_tokens_unshared"]
     for kind in ("images", "texts"):
         two = rows[2]["result"][kind]
         for key in ("cafe_per_s", "reference_per_s", "throughput_ratio", "throughput_ratio_spread"):

@@ -53,14 +53,14 @@ def assert_same_grads(a, b):
         assert err <= 1e-5 * scale + 1e-7, (name, err, scale)
 
 
-def run_gradient_cache(trainer, model, mini_batches):
+def run_gradient_cache(trainer, model, mini_batches, share_prefix=True):
     args = trainer.args
     return gradient_cache_step(
         model, mini_batches,
         contrastive_fn=trainer._contrastive if args.compute_contrastive_loss else None,
         lm_weight=args.lm_weight if args.compute_language_loss else 0.0,
         contrastive_weight=args.contrastive_weight,
-        backward=lambda t: t.backward(), no_sync=_Null,
+        backward=lambda t: t.backward(), no_sync=_Null, share_prefix=share_prefix,
     )
 
 
@@ -90,11 +90,15 @@ def test_matches_one_full_batch_without_dropout(tiny_checkpoint, tmp_path, with_
     assert_same_grads(grads(model), plain)
 
 
-def test_matches_plain_computation_with_dropout(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_matches_plain_computation_with_dropout(tiny_checkpoint, tmp_path, share_prefix):
+    """GradCache's re-forward must repeat its first pass exactly, dropout masks included. With
+    prefix sharing, query embeddings come out of the LM pass, so the first pass runs it too."""
     model = load(tiny_checkpoint, dropout=0.2)
     trainer = make_trainer(model, tmp_path)
     mini_batches = MiniBatchCollator(trainer.data_collator, 2)(records())["mini_batches"]
     args = trainer.args
+    lm_keys = ("input_ids", "attention_mask", "labels", "lm_image_index")
 
     # Plain: the same mini-batches (same dropout masks), every activation kept, one backward.
     torch.manual_seed(0)
@@ -102,11 +106,12 @@ def test_matches_plain_computation_with_dropout(tiny_checkpoint, tmp_path):
     with torch.no_grad():
         for mb in mini_batches:
             states.append(RandomState())
-            model(cafe_batch={k: v for k, v in mb.items() if k not in ("input_ids", "attention_mask", "labels", "lm_image_index")})
+            first = dict(mb) if share_prefix else {k: v for k, v in mb.items() if k not in lm_keys}
+            model(cafe_batch=first, cafe_share_prefix=share_prefix)
     outs = []
     for state, mb in zip(states, mini_batches):
         with state.restored():
-            outs.append(model(cafe_batch=dict(mb)))
+            outs.append(model(cafe_batch=dict(mb), cafe_share_prefix=share_prefix))
     total = sum(supervised_tokens(mb) for mb in mini_batches)
     lm = sum(o.lm_loss * supervised_tokens(mb) / total for o, mb in zip(outs, mini_batches))
     cat = lambda side: torch.cat([getattr(o, f"{side}_embeds") for o in outs if getattr(o, f"{side}_embeds") is not None])
@@ -124,7 +129,7 @@ def test_matches_plain_computation_with_dropout(tiny_checkpoint, tmp_path):
 
     torch.manual_seed(0)
     model.zero_grad()
-    result = run_gradient_cache(trainer, model, mini_batches)
+    result = run_gradient_cache(trainer, model, mini_batches, share_prefix=share_prefix)
     assert result.loss.item() == pytest.approx(plain_loss.item(), rel=1e-5)
     assert_same_grads(grads(model), plain)
 

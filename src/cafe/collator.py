@@ -9,6 +9,7 @@ image placeholders show, in order of appearance):
 ``doc_input_ids`` / ``_attention_mask`` / ``_image_index``       positive side (e.g. the text)
 ``negative_input_ids`` / ...                                     hard negatives (optional)
 ``input_ids``, ``attention_mask``, ``labels``, ``lm_image_index``  LM sequences (optional)
+``query_lm_index``                   per query row, the LM row sharing its prefix (or -1)
 ``query_groups``, ``doc_groups``     content ids for false-negative masking
 ``truncation_counts``                [lm_truncated, lm_dropped, text_truncated, skipped_records]
 ====================================  =========================================================
@@ -133,7 +134,10 @@ class CafeCollator:
             batch["query_groups"] = _group_ids(queries)
             batch["doc_groups"] = _group_ids(docs)
         if self.compute_language_loss:
-            batch.update(self._lm_sequences(examples, images, counts))
+            lm_batch, lm_examples = self._lm_sequences(examples, images, counts)
+            batch.update(lm_batch)
+            if self.compute_contrastive_loss and lm_batch:
+                batch["query_lm_index"] = _query_lm_index(examples, lm_examples)
         if images.images:
             batch.update(self.processor.image_processor(images.images, return_tensors="pt"))
         batch["truncation_counts"] = torch.tensor([counts[name] for name in COUNT_NAMES])
@@ -168,10 +172,11 @@ class CafeCollator:
         return texts
 
     # ------------------------------------------------------------------ LM sequences
-    def _lm_sequences(self, examples: list[TrainingExample], images: _UniqueImages, counts) -> dict:
+    def _lm_sequences(self, examples: list[TrainingExample], images: _UniqueImages, counts):
+        """The LM batch and the examples of its rows, in order."""
         with_lm = [example for example in examples if example.conversation is not None]
         if not with_lm:
-            return {}
+            return {}, []
         texts = [self.processor.apply_chat_template(example.conversation, tokenize=False) for example in with_lm]
         lm_images = [image for example in with_lm for image in example.conversation_images]
         encoded = self.processor(text=texts, images=[s.image for s in lm_images] or None, padding=True, return_tensors="pt")
@@ -193,16 +198,16 @@ class CafeCollator:
             labels = labels[:, : self.max_length]
         if not keep.all():
             input_ids, attention_mask, labels = input_ids[keep], attention_mask[keep], labels[keep]
-            kept = [e for e, k in zip(with_lm, keep.tolist()) if k]
-            lm_images = [image for example in kept for image in example.conversation_images]
+            with_lm = [e for e, k in zip(with_lm, keep.tolist()) if k]
+            lm_images = [image for example in with_lm for image in example.conversation_images]
             if not len(input_ids):
-                return {}
+                return {}, []
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
             "lm_image_index": images.indices(lm_images),
-        }
+        }, with_lm
 
     def assistant_labels(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Labels equal to the input ids on assistant answers (and their end token), -100 elsewhere.
@@ -246,6 +251,23 @@ class _UniqueImages:
                 self.images.append(side.image)
             result.append(self._index[side.image_key])
         return torch.tensor(result, dtype=torch.long)
+
+
+def _query_lm_index(examples: list[TrainingExample], lm_examples: list[TrainingExample]) -> torch.Tensor:
+    """For each query row, the LM row of the same record when both open with the same image, else -1.
+
+    Such a pair shares its causal prefix (system turn, user header, image tokens), which the
+    model computes once (`cafe.shared_prefix`).
+    """
+    lm_row = {id(example): row for row, example in enumerate(lm_examples)}
+    index = []
+    for example in examples:
+        row = lm_row.get(id(example), -1)
+        first_image = example.conversation_images[0] if example.conversation_images else None
+        same_image = example.query.image is not None and first_image is not None
+        same_image = same_image and first_image.image_key == example.query.image_key
+        index.append(row if same_image else -1)
+    return torch.tensor(index, dtype=torch.long)
 
 
 def _group_ids(sides: list[Side]) -> torch.Tensor:

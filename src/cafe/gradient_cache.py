@@ -53,7 +53,7 @@ def supervised_tokens(batch: dict) -> int:
 
 
 def gradient_cache_step(model, mini_batches: list[dict], contrastive_fn, lm_weight: float, contrastive_weight: float,
-                        backward, no_sync, lm_denominator=None) -> GradientCacheResult:
+                        backward, no_sync, lm_denominator=None, share_prefix: bool = True) -> GradientCacheResult:
     """Run one GradCache step over ``mini_batches`` (each a `CafeCollator` batch) and backpropagate.
 
     Args:
@@ -67,6 +67,8 @@ def gradient_cache_step(model, mini_batches: list[dict], contrastive_fn, lm_weig
             last runs under it, so gradients are reduced once per step.
         lm_denominator: Maps this process's supervised-token count to the LM loss denominator
             (default: itself; across processes see `CafeTrainer._lm_denominator`).
+        share_prefix: In the re-forward with gradient, run each record's image-embedding sequence
+            in its LM sequence's pass (`cafe.shared_prefix`).
     """
     total_tokens = sum(supervised_tokens(mb) for mb in mini_batches) if lm_weight else 0
     denominator = lm_denominator(total_tokens) if (lm_denominator is not None and lm_weight) else total_tokens
@@ -77,7 +79,12 @@ def gradient_cache_step(model, mini_batches: list[dict], contrastive_fn, lm_weig
         with torch.no_grad():
             for mb in mini_batches:
                 states.append(RandomState())
-                out = model(cafe_batch={k: v for k, v in mb.items() if k not in _LM_KEYS})
+                # With prefix sharing the query embeddings come out of the LM pass: run that same
+                # pass here, so the re-forward below repeats this computation (and its dropout
+                # masks) exactly. Without it, the embedding sides alone.
+                keep_lm = share_prefix and lm_weight
+                batch = dict(mb) if keep_lm else {k: v for k, v in mb.items() if k not in _LM_KEYS}
+                out = model(cafe_batch=batch, cafe_share_prefix=share_prefix)
                 for side in _SIDES:
                     embeds = getattr(out, f"{side}_embeds")
                     if embeds is not None:
@@ -106,7 +113,7 @@ def gradient_cache_step(model, mini_batches: list[dict], contrastive_fn, lm_weig
         sync = no_sync() if i < len(mini_batches) - 1 else contextlib.nullcontext()
         with sync:
             with rng:
-                out = model(cafe_batch=batch)
+                out = model(cafe_batch=batch, cafe_share_prefix=share_prefix)
             surrogate = 0.0
             for side in grads:
                 embeds = getattr(out, f"{side}_embeds")

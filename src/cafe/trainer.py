@@ -53,6 +53,12 @@ class CafeTrainingArguments(TrainingArguments):
     gradient_cache_mini_batch_size: int = field(
         default=8, metadata={"help": "Records per GradCache mini-batch (<= per_device_train_batch_size)."}
     )
+    share_prefix: bool = field(
+        default=True,
+        metadata={"help": "Run a record's image-embedding sequence in its LM sequence's LLM pass, computing their "
+                          "shared prefix (system turn + image tokens) once. Same results, less compute; needs "
+                          "sdpa or eager attention (other kernels fall back to separate passes)."},
+    )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep raw record columns: CafeCollator reads them."}
     )
@@ -142,7 +148,7 @@ class CafeTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
         self._log_counts(inputs)
-        output = model(cafe_batch=inputs)
+        output = model(cafe_batch=inputs, cafe_share_prefix=args.share_prefix)
         loss = torch.zeros((), device=args.device)
         if args.compute_language_loss and output.lm_loss is not None:
             lm = output.lm_loss * (supervised_tokens(inputs) / self._lm_denominator(supervised_tokens(inputs)))
@@ -224,6 +230,7 @@ class CafeTrainer(Trainer):
             backward=backward,
             no_sync=lambda: self.accelerator.no_sync(model),
             lm_denominator=self._lm_denominator,
+            share_prefix=args.share_prefix,
         )
         if result.lm_loss is not None:
             self._metrics["loss_lm"].append(result.lm_loss.item())
