@@ -350,6 +350,8 @@ class CafeForConditionalGeneration(PreTrainedModel):
             input_ids, attention_mask = batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"]
             image_index = batch.get(f"{side}_image_index")
             if side == "query" and served is not None:
+                # The packed pass served some query rows; embed the rest on their own, then
+                # put the rows back in batch order.
                 rows, embeds = served
                 rest = _complement(rows, input_ids.shape[0])
                 if rest.numel():
@@ -357,9 +359,8 @@ class CafeForConditionalGeneration(PreTrainedModel):
                         input_ids[rest], attention_mask[rest],
                         mm_encoder_outputs=vision_for(self._row_images(input_ids, image_index, rest)),
                     )
-                    embeds = torch.cat([embeds, rest_embeds])[torch.cat([rows, rest]).argsort()]
-                elif not bool((rows[1:] > rows[:-1]).all()):
-                    embeds = embeds[rows.argsort()]
+                    rows, embeds = torch.cat([rows, rest]), torch.cat([embeds, rest_embeds])
+                embeds = embeds[rows.argsort()]
             else:
                 embeds = self.get_embeddings(input_ids, attention_mask, mm_encoder_outputs=vision_for(image_index))
             setattr(output, f"{side}_embeds", embeds)

@@ -48,7 +48,6 @@ class PackedBatch:
         labels: ``[rows, length]``: the LM labels on the LM part, ``-100`` elsewhere.
         query_rows: ``[pairs]``: query (image-embedding) rows served by this batch.
         pooled: ``(row, position)`` of each served query's last token, two ``[pairs]`` tensors.
-        lm_tokens, saved_tokens: LLM token positions run, and those sharing saved (for logging).
     """
 
     input_ids: torch.Tensor
@@ -57,8 +56,6 @@ class PackedBatch:
     labels: torch.Tensor
     query_rows: torch.Tensor
     pooled: tuple[torch.Tensor, torch.Tensor]
-    lm_tokens: int
-    saved_tokens: int
 
 
 def common_prefix_length(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -97,10 +94,10 @@ def pack_shared_prefix(
     Returns:
         The packed batch, or ``None`` when no pair shares a prefix.
     """
-    rows, parts_ids, parts_pos, parts_labels = [], [], [], []
+    lengths, parts_ids, parts_pos, parts_labels = [], [], [], []
     query_rows, pooled_rows, pooled_positions = [], [], []
-    lm_lengths, prefix_lengths, saved = [], [], 0
-    paired = dict((lm, query) for query, lm in pairs)
+    lm_lengths, prefix_lengths = [], []
+    paired = {lm: query for query, lm in pairs}
     for lm_row in range(lm_input_ids.shape[0]):
         keep = lm_attention_mask[lm_row].bool()
         ids, pos, labels = lm_input_ids[lm_row, keep], lm_position_ids[..., lm_row, keep], lm_labels[lm_row, keep]
@@ -119,7 +116,6 @@ def pack_shared_prefix(
                 ids = torch.cat([ids, q_ids[prefix:]])
                 pos = torch.cat([pos, q_pos[..., prefix:]], dim=-1)
                 labels = torch.cat([labels, labels.new_full((q_ids.numel() - prefix,), IGNORE_INDEX)])
-                saved += prefix
             else:
                 prefix = 0
         lm_lengths.append(keep.sum().item())
@@ -127,12 +123,12 @@ def pack_shared_prefix(
         parts_ids.append(ids)
         parts_pos.append(pos)
         parts_labels.append(labels)
-        rows.append(ids.numel())
+        lengths.append(ids.numel())
     if not query_rows:
         return None
 
-    length = max(rows)
-    n = len(rows)
+    length = max(lengths)
+    n = len(lengths)
     device = lm_input_ids.device
     input_ids = lm_input_ids.new_zeros((n, length))
     position_ids = lm_position_ids.new_zeros(lm_position_ids.shape[:-2] + (n, length))
@@ -141,13 +137,13 @@ def pack_shared_prefix(
         input_ids[i, : ids.numel()] = ids
         position_ids[..., i, : ids.numel()] = pos
         labels[i, : ids.numel()] = lab
-    pad = torch.arange(length, device=device)[None, :] >= torch.tensor(rows, device=device)[:, None]
+    pad = torch.arange(length, device=device)[None, :] >= torch.tensor(lengths, device=device)[:, None]
     input_ids[pad] = _pad_id(image_token_id)
 
     mask = shared_prefix_attention_mask(
         torch.tensor(lm_lengths, device=device),
         torch.tensor(prefix_lengths, device=device),
-        torch.tensor(rows, device=device),
+        torch.tensor(lengths, device=device),
         length,
     )
     if attention_implementation == "eager":
@@ -160,8 +156,6 @@ def pack_shared_prefix(
         labels=labels,
         query_rows=torch.tensor(query_rows, dtype=torch.long, device=device),
         pooled=(torch.tensor(pooled_rows, device=device), torch.tensor(pooled_positions, device=device)),
-        lm_tokens=n * length,
-        saved_tokens=saved,
     )
 
 
