@@ -106,7 +106,7 @@ def test_matches_plain_computation_with_dropout(tiny_checkpoint, tmp_path, share
     with torch.no_grad():
         for mb in mini_batches:
             states.append(RandomState())
-            first = dict(mb) if share_prefix else {k: v for k, v in mb.items() if k not in lm_keys}
+            first = {k: v for k, v in mb.items() if k not in (("labels",) if share_prefix else lm_keys)}
             model(cafe_batch=first, cafe_share_prefix=share_prefix)
     outs = []
     for state, mb in zip(states, mini_batches):
@@ -132,6 +132,21 @@ def test_matches_plain_computation_with_dropout(tiny_checkpoint, tmp_path, share
     result = run_gradient_cache(trainer, model, mini_batches, share_prefix=share_prefix)
     assert result.loss.item() == pytest.approx(plain_loss.item(), rel=1e-5)
     assert_same_grads(grads(model), plain)
+
+
+def test_first_pass_never_calls_the_lm_head(tiny_checkpoint, tmp_path):
+    """The gradient-free first pass needs embeddings only: with prefix sharing it runs the LM
+    sequences (the query embeddings come out of that pass) but not the vocabulary projection."""
+    model = load(tiny_checkpoint)
+    trainer = make_trainer(model, tmp_path)
+    mini_batches = MiniBatchCollator(trainer.data_collator, 2)(records())["mini_batches"]
+    calls = []
+    hook = model.lm_head.register_forward_hook(lambda module, args, out: calls.append(torch.is_grad_enabled()))
+    try:
+        run_gradient_cache(trainer, model, mini_batches)
+    finally:
+        hook.remove()
+    assert calls == [True] * len(mini_batches)  # the re-forwards with gradient only
 
 
 def test_trainer_runs_with_gradient_cache(tiny_checkpoint, tmp_path):

@@ -80,10 +80,12 @@ def gradient_cache_step(model, mini_batches: list[dict], contrastive_fn, lm_weig
             for mb in mini_batches:
                 states.append(RandomState())
                 # With prefix sharing the query embeddings come out of the LM pass: run that same
-                # pass here, so the re-forward below repeats this computation (and its dropout
-                # masks) exactly. Without it, the embedding sides alone.
-                keep_lm = share_prefix and lm_weight
-                batch = dict(mb) if keep_lm else {k: v for k, v in mb.items() if k not in _LM_KEYS}
+                # pass here (without labels: no LM head), so the re-forward below repeats this
+                # computation and its dropout masks exactly. Without it, the embedding sides alone.
+                if share_prefix and lm_weight:
+                    batch = {k: v for k, v in mb.items() if k != "labels"}
+                else:
+                    batch = {k: v for k, v in mb.items() if k not in _LM_KEYS}
                 out = model(cafe_batch=batch, cafe_share_prefix=share_prefix)
                 for side in _SIDES:
                     embeds = getattr(out, f"{side}_embeds")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, PreTrainedModel
 
 from .configuration import CafeSettings
-from .losses import lm_loss_at_supervised_positions
+from .losses import IGNORE_INDEX, lm_loss_at_supervised_positions
 from .prompting import build_embedding_batch, build_embedding_chat_template, to_embedding_inputs
 from .shared_prefix import SUPPORTED_ATTENTION, PackedBatch, pack_shared_prefix
 
@@ -329,7 +329,7 @@ class CafeForConditionalGeneration(PreTrainedModel):
 
         output = CafeForwardOutput()
         packed, served = None, None
-        if "labels" in batch:
+        if "input_ids" in batch:
             lm_vision = {"mm_encoder_outputs": vision_for(batch.get("lm_image_index"))}
             lm_positions = self.embedding_position_ids(batch["input_ids"], batch["attention_mask"], **lm_vision)
             packed = self._pack_shared_prefix(batch, lm_positions, vision_for) if share_prefix else None
@@ -341,7 +341,9 @@ class CafeForConditionalGeneration(PreTrainedModel):
                 use_cache=False,
                 **lm_vision,
             ).last_hidden_state
-            output.lm_loss = lm_loss_at_supervised_positions(hidden, packed.labels, self.lm_head)
+            # Without labels (GradCache's gradient-free first pass) the pass serves embeddings only.
+            if "labels" in batch:
+                output.lm_loss = lm_loss_at_supervised_positions(hidden, packed.labels, self.lm_head)
             served = (packed.query_rows, self._finish_embedding(hidden[packed.pooled]))
 
         for side in _SIDES:
@@ -430,8 +432,11 @@ class CafeForConditionalGeneration(PreTrainedModel):
             return None
         q_ids, q_mask = batch["query_input_ids"][query_rows], batch["query_attention_mask"][query_rows]
         q_vision = {"mm_encoder_outputs": vision_for(query_images[query_rows])}
+        labels = batch.get("labels")
+        if labels is None:
+            labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
         packed = pack_shared_prefix(
-            batch["input_ids"], batch["attention_mask"], batch["labels"], lm_positions,
+            batch["input_ids"], batch["attention_mask"], labels, lm_positions,
             q_ids, q_mask, self.embedding_position_ids(q_ids, q_mask, **q_vision),
             pairs=list(zip(range(len(query_rows)), pair_index[query_rows].tolist())),
             image_token_id=self.config.image_token_id,
