@@ -308,13 +308,12 @@ def shared_prefix_tokens(batch: dict) -> dict:
     Counted from the batch's real (unpadded) tokens: per record, the common prefix of its
     image-embedding sequence and its LM sequence.
     """
+    from cafe.shared_prefix import common_prefix_length
+
     shared = 0
     for q_ids, q_mask, lm_ids, lm_mask in zip(batch["query_input_ids"], batch["query_attention_mask"],
                                               batch["input_ids"], batch["attention_mask"]):
-        q, lm = q_ids[q_mask.bool()], lm_ids[lm_mask.bool()]
-        n = min(q.numel(), lm.numel())
-        differs = (q[:n] != lm[:n]).nonzero()
-        shared += int(differs[0]) if differs.numel() else n
+        shared += common_prefix_length(q_ids[q_mask.bool()], lm_ids[lm_mask.bool()])
     unshared = sum(int(batch[k].sum()) for k in ("query_attention_mask", "doc_attention_mask", "attention_mask")
                    if k in batch)
     return {"shared_prefix_tokens": shared, "llm_tokens_unshared": unshared, "llm_tokens_shared": unshared - shared}
