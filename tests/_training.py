@@ -28,7 +28,7 @@ def write_training_data(folder, names=tuple(IMAGES)):
     return path, images
 
 
-def make_trainer(model, data, tmp_path, **overrides):
+def make_trainer(model, data, tmp_path, loss=None, **overrides):
     from cafe.training import load_records
 
     path, folder = data
@@ -38,7 +38,7 @@ def make_trainer(model, data, tmp_path, **overrides):
     kwargs.update(overrides)
     collator = CafeCollator(model.processor, model=model, image_folder=str(folder))
     return CafeTrainer(model=model, args=CafeTrainingArguments(**kwargs), train_dataset=load_records(str(path)),
-                       data_collator=collator, processing_class=model.processor)
+                       data_collator=collator, processing_class=model.processor, loss=loss)
 
 
 def first_batch(trainer):

@@ -13,13 +13,20 @@ import torch.distributed as dist
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from test_distributed import RECORDS_PER_RANK, make_trainer, records  # noqa: E402
 
-from cafe.gradient_cache import MiniBatchCollator, gradient_cache_step  # noqa: E402
+from cafe.collator import MiniBatchCollator  # noqa: E402
+from cafe.losses import CachedCafeLoss  # noqa: E402
+
+# Trainer settings each mode runs with (the single-process reference uses the same, see the test).
+MODE_SETTINGS = {
+    "reference": {"contrastive_gradient": "reference"},
+    "learnable": {"learnable_logit_scale": True},
+}
 
 
 def main(checkpoint: str, output: str, mode: str):
     if not dist.is_initialized():
         dist.init_process_group("gloo")
-    trainer, model = make_trainer(checkpoint, output + ".run", ddp_backend="gloo")
+    trainer, model = make_trainer(checkpoint, output + ".run", ddp_backend="gloo", **MODE_SETTINGS.get(mode, {}))
     rank, world = dist.get_rank(), dist.get_world_size()
     recs = records()
     sizes = [RECORDS_PER_RANK] * world
@@ -37,14 +44,11 @@ def main(checkpoint: str, output: str, mode: str):
         ddp = torch.nn.parallel.DistributedDataParallel(model)
     try:
         if mode == "gradient_cache":
-            mini_batches = MiniBatchCollator(trainer.data_collator, 1)(mine)["mini_batches"]
-            loss = gradient_cache_step(
-                ddp, mini_batches, trainer._contrastive, trainer.args.lm_weight, trainer.args.contrastive_weight,
-                backward=lambda t: t.backward(), no_sync=ddp.no_sync, lm_denominator=trainer._lm_denominator,
-            ).loss
+            cached = CachedCafeLoss(mini_batch_size=1)
+            loss = cached(ddp, MiniBatchCollator(trainer.data_collator, 1)(mine)).loss
         else:
             loss = trainer.compute_loss(ddp, trainer.data_collator(mine))
-            loss.backward()
+        loss.backward()
     except ValueError as err:
         if rank == 0:
             torch.save({"error": str(err)}, output)
@@ -54,6 +58,7 @@ def main(checkpoint: str, output: str, mode: str):
     # FSDP keeps sharded DTensor gradients: `full_tensor()` (a collective) reassembles them.
     grads = {n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad.clone()
              for n, p in model.named_parameters() if p.grad is not None}
+    grads.update({f"loss.{n}": p.grad.clone() for n, p in trainer.loss.named_parameters() if p.grad is not None})
     if rank == 0:
         torch.save({"loss": loss.item() / world, "grads": grads}, output)
 

@@ -54,15 +54,15 @@ def collator(cafe_model, image_folder):
 def test_lm_labels_cover_exactly_the_assistant_answers(collator, cafe_model, family):
     batch = collator([llava_record("red"), llava_record("blue")])
     tok = cafe_model.processor.tokenizer
-    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    ids, labels = batch.lm.input_ids[0], batch.lm.labels[0]
     supervised = labels != -100
     assert torch.equal(labels[supervised], ids[supervised])
     # The supervised tokens are the two answers, each with its closing <|im_end|>, nothing else.
     assert tok.decode(ids[supervised]) == "a red picture<|im_end|>red<|im_end|>"
     image_id = cafe_model.config.image_token_id
     assert not supervised[ids == image_id].any()
-    assert not supervised[batch["attention_mask"][0] == 0].any()
-    rendered = tok.decode(ids[batch["attention_mask"][0].bool()])
+    assert not supervised[batch.lm.attention_mask[0] == 0].any()
+    rendered = tok.decode(ids[batch.lm.attention_mask[0].bool()])
     header = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
     assert rendered.startswith(header + IMAGE_START[family])
 
@@ -70,11 +70,11 @@ def test_lm_labels_cover_exactly_the_assistant_answers(collator, cafe_model, fam
 def test_llava_records_pair_image_with_joined_answers(collator, cafe_model):
     batch = collator([llava_record("red"), llava_record("green")])
     tok = cafe_model.processor.tokenizer
-    doc = tok.decode(batch["doc_input_ids"][0][batch["doc_attention_mask"][0].bool()])
+    doc = tok.decode(batch.doc.input_ids[0][batch.doc.attention_mask[0].bool()])
     assert "<|im_start|>user\na red picture redCompress this sentence in one word:<|im_end|>" in doc
-    assert cafe_model.config.image_token_id not in batch["doc_input_ids"]  # text side: no image tokens
+    assert cafe_model.config.image_token_id not in batch.doc.input_ids  # text side: no image tokens
     assert batch_image_count(batch) == 2  # each distinct image once
-    assert batch["query_image_index"].tolist() == [0, 1] and batch["lm_image_index"].tolist() == [0, 1]
+    assert batch.query.image_index.tolist() == [0, 1] and batch.lm.image_index.tolist() == [0, 1]
 
 
 def test_all_layouts_in_one_batch(collator, image_folder):
@@ -86,17 +86,17 @@ def test_all_layouts_in_one_batch(collator, image_folder):
         {"image": "yellow.png", "positives": ["yellow", "a yellow square"]},
     ]
     batch = collator(records)
-    assert batch["query_input_ids"].shape[0] == 5 and batch["doc_input_ids"].shape[0] == 5
-    assert batch["negative_input_ids"].shape[0] == 2
-    assert batch["input_ids"].shape[0] == 2  # LLaVA conversation + caption turn of the plain pair
+    assert batch.query.input_ids.shape[0] == 5 and batch.doc.input_ids.shape[0] == 5
+    assert batch.negative.input_ids.shape[0] == 2
+    assert batch.lm.input_ids.shape[0] == 2  # LLaVA conversation + caption turn of the plain pair
     assert batch_image_count(batch) == 4
 
 
 def test_identical_texts_share_a_group(collator):
     batch = collator([{"image": "red.png", "text": "same"}, {"image": "blue.png", "text": "same"},
                       {"image": "red.png", "text": "other"}])
-    assert batch["doc_groups"][0] == batch["doc_groups"][1] != batch["doc_groups"][2]
-    assert batch["query_groups"][0] == batch["query_groups"][2] != batch["query_groups"][1]
+    assert batch.doc_groups[0] == batch.doc_groups[1] != batch.doc_groups[2]
+    assert batch.query_groups[0] == batch.query_groups[2] != batch.query_groups[1]
     assert batch_image_count(batch) == 2  # the repeated image is encoded once
 
 
@@ -104,17 +104,17 @@ def test_truncation_never_cuts_image_tokens(cafe_model, image_folder):
     long_answer = " ".join(["red"] * 200)
     records = [{"image": "red.png", "text": long_answer, "record_index": 0},
                {"image": "blue.png", "text": "blue", "record_index": 1}]
-    n_image_tokens = int((collator_for(cafe_model, image_folder, 4096)(records)["input_ids"][1]
+    n_image_tokens = int((collator_for(cafe_model, image_folder, 4096)(records).lm.input_ids[1]
                           == cafe_model.config.image_token_id).sum())
     # Long enough for every image block, too short for the long answer: cut after the image.
     batch = collator_for(cafe_model, image_folder, n_image_tokens + 40)(records)
-    assert batch["input_ids"].shape[1] == n_image_tokens + 40
-    assert int((batch["input_ids"][0] == cafe_model.config.image_token_id).sum()) == n_image_tokens
-    assert batch["truncation_counts"].tolist()[:2] == [1, 0]
+    assert batch.lm.input_ids.shape[1] == n_image_tokens + 40
+    assert int((batch.lm.input_ids[0] == cafe_model.config.image_token_id).sum()) == n_image_tokens
+    assert (batch.counts["lm_truncated"], batch.counts["lm_dropped_image_cut"]) == (1, 0)
     # Shorter than the image block: that sequence leaves the LM batch, and it is counted.
     batch = collator_for(cafe_model, image_folder, n_image_tokens)(records)
-    assert batch["truncation_counts"].tolist()[1] == 2
-    assert "input_ids" not in batch and batch["query_input_ids"].shape[0] == 2
+    assert batch.counts["lm_dropped_image_cut"] == 2
+    assert batch.lm is None and batch.query.input_ids.shape[0] == 2
 
 
 def collator_for(model, folder, max_length):
@@ -125,9 +125,9 @@ def test_multimodal_input_mode(cafe_model, image_folder):
     collator = CafeCollator(cafe_model.processor, model=cafe_model, image_folder=str(image_folder), multimodal_input=True)
     batch = collator([llava_record("red"), llava_record("blue")])
     tok = cafe_model.processor.tokenizer
-    query = tok.decode(batch["query_input_ids"][0][batch["query_attention_mask"][0].bool()])
+    query = tok.decode(batch.query.input_ids[0][batch.query.attention_mask[0].bool()])
     assert query.endswith("Describe the picture.<|im_end|>\n<|im_start|>assistant\n<|im_end|>")
-    assert "Compress" not in query and "Compress" not in tok.decode(batch["doc_input_ids"][0])
+    assert "Compress" not in query and "Compress" not in tok.decode(batch.doc.input_ids[0])
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -143,7 +143,7 @@ def test_missing_image_skip_policy_counts(cafe_model, image_folder):
     record = llava_record("red")
     record["image"] = "missing.png"
     batch = collator([record, llava_record("blue"), llava_record("green")])
-    assert batch["truncation_counts"].tolist()[3] == 1 and batch["query_input_ids"].shape[0] == 2
+    assert batch.counts["skipped_records"] == 1 and batch.query.input_ids.shape[0] == 2
 
 
 def test_corrupt_image(collator, image_folder):
@@ -173,4 +173,4 @@ def test_json_and_image_folder_round_trip(cafe_model, image_folder, tmp_path):
     dataset = load_records(str(path))
     assert dataset["record_index"] == [0, 1]
     batch = CafeCollator(cafe_model.processor, model=cafe_model, image_folder=str(image_folder))(list(dataset))
-    assert batch["input_ids"].shape[0] == 2
+    assert batch.lm.input_ids.shape[0] == 2

@@ -36,4 +36,4 @@ def test_conversion_keeps_every_record_and_image(tmp_path, cafe_model):
     # The converted folder trains as is.
     dataset = load_records(str(report.json_path))
     batch = CafeCollator(cafe_model.processor, model=cafe_model, image_folder=str(tmp_path))(list(dataset)[:3])
-    assert batch["pixel_values"].shape[0] == 3
+    assert batch.vision["pixel_values"].shape[0] == 3

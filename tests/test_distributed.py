@@ -48,11 +48,13 @@ def run_two_processes(checkpoint, output, mode):
     return torch.load(output)
 
 
-def single_process_reference(checkpoint, tmp_path):
-    trainer, model = make_trainer(checkpoint, str(tmp_path / "single"), per_device_train_batch_size=4)
+def single_process_reference(checkpoint, tmp_path, **settings):
+    trainer, model = make_trainer(checkpoint, str(tmp_path / "single"), per_device_train_batch_size=4, **settings)
     loss = trainer.compute_loss(model, trainer.data_collator(records()))
     loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads.update({f"loss.{n}": p.grad.clone() for n, p in trainer.loss.named_parameters() if p.grad is not None})
+    return loss.item(), grads
 
 
 def assert_close_grads(got, expected):
@@ -65,12 +67,31 @@ def assert_close_grads(got, expected):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["plain", "gradient_cache", "fsdp"])
+@pytest.mark.parametrize("mode", ["plain", "gradient_cache", "fsdp", "learnable"])
 def test_two_processes_equal_one_process_on_the_concatenated_batch(tiny_checkpoint, tmp_path, mode):
+    """contrastive_gradient="exact": the DDP-averaged gradient is the global loss's gradient, the
+    learnable logit scale's included (it is not a DDP parameter: no world-size factor on it)."""
+    from distributed_worker import MODE_SETTINGS
+
     result = run_two_processes(tiny_checkpoint, tmp_path / "ddp.pt", mode)
-    loss, grads = single_process_reference(tiny_checkpoint, tmp_path)
+    loss, grads = single_process_reference(tiny_checkpoint, tmp_path, **MODE_SETTINGS.get(mode, {}))
     assert result["loss"] == pytest.approx(loss, rel=1e-4)
+    if mode == "learnable":
+        assert "loss.contrastive.log_logit_scale" in grads
     assert_close_grads(result["grads"], grads)
+
+
+@pytest.mark.slow
+def test_reference_gradient_scale_is_con_weight_over_world_size(tiny_checkpoint, tmp_path):
+    """contrastive_gradient="reference" (the paper's code): 2 processes with con_weight c take the
+    same optimizer step as 1 process with c / 2 on the same global batch."""
+    result = run_two_processes(tiny_checkpoint, tmp_path / "ref.pt", "reference")
+    _, grads = single_process_reference(tiny_checkpoint, tmp_path, contrastive_weight=10.0 / 2)
+    _, exact = single_process_reference(tiny_checkpoint, tmp_path, contrastive_weight=10.0)
+    assert_close_grads(result["grads"], grads)
+    # ... and not the exact gradient (the test would prove nothing if the two coincided).
+    with pytest.raises(AssertionError):
+        assert_close_grads(result["grads"], exact)
 
 
 @pytest.mark.slow
@@ -85,5 +106,5 @@ def test_gather_on_a_single_process_is_a_no_op(tiny_checkpoint, tmp_path):
     off, _ = make_trainer(tiny_checkpoint, str(tmp_path / "off"), gather_negatives=False)
     batch = on.data_collator(records())
     with torch.no_grad():
-        assert on.compute_loss(model_on, dict(batch)).item() == off.compute_loss(model_on, dict(batch)).item()
+        assert on.compute_loss(model_on, batch).item() == off.compute_loss(model_on, batch).item()
     assert on.args.dataloader_drop_last  # the default that keeps per-process batches even

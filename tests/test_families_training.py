@@ -36,14 +36,14 @@ def test_one_vision_pass_per_image_and_no_full_vocab_logits(cafe_model, data, tm
     h1 = vision_module(cafe_model).register_forward_hook(lambda m, i, o: vision_rows.append(i[0].shape[0]))
     h2 = cafe_model.lm_head.register_forward_hook(lambda m, i, o: head_inputs.append(tuple(i[0].shape)))
     try:
-        trainer.compute_loss(cafe_model, dict(batch)).backward()
+        trainer.compute_loss(cafe_model, batch).backward()
     finally:
         h1.remove(), h2.remove()
-    pixels = batch["pixel_values"]
+    pixels = batch.vision["pixel_values"]
     # One call over every distinct image once: LLaVA-OneVision stacks [images, crops, ...],
     # Qwen2-VL concatenates the images' patches [patches, dim].
     assert vision_rows == [pixels.shape[0] * pixels.shape[1] if pixels.ndim == 5 else pixels.shape[0]]
-    supervised = int((batch["labels"][:, 1:] != -100).sum())
+    supervised = int((batch.lm.labels[:, 1:] != -100).sum())
     assert head_inputs == [(supervised, cafe_model.config.text_config.hidden_size)]
 
 
@@ -59,12 +59,12 @@ def test_training_forward_equals_encode_and_the_stock_lm_loss(cafe_model, data):
     conversations = [collator.parser(record, i).conversation for i, record in enumerate(records)]
     prompts = [cafe_model.processor.apply_chat_template(c, tokenize=False) for c in conversations]
     stock_batch = cafe_model.processor(text=prompts, images=images, padding=True, return_tensors="pt")
-    assert torch.equal(stock_batch["input_ids"], batch["input_ids"])
+    assert torch.equal(stock_batch["input_ids"], batch.lm.input_ids)
     with torch.no_grad():
-        out = cafe_model(cafe_batch=dict(batch))
+        out = cafe_model(cafe_batch=batch)
         encoded = cafe_model.encode(images)
         texts = cafe_model.encode([f"a {name} picture" for name in names])
-        stock = type(cafe_model).backbone_class().forward(cafe_model, **stock_batch, labels=batch["labels"])
+        stock = type(cafe_model).backbone_class().forward(cafe_model, **stock_batch, labels=batch.lm.labels)
     assert (out.query_embeds - encoded).abs().max().item() <= 1e-5
     assert (out.doc_embeds - texts).abs().max().item() <= 1e-5
     assert out.lm_loss.item() == pytest.approx(stock.loss.item(), rel=1e-5)
@@ -74,15 +74,15 @@ def test_optimizer_steps_lower_the_joint_loss(cafe_model, data, tmp_path):
     trainer = make_trainer(cafe_model, data, tmp_path)
     batch = first_batch(trainer)
     with torch.no_grad():
-        before = trainer.compute_loss(cafe_model, dict(batch)).item()
+        before = trainer.compute_loss(cafe_model, batch).item()
     optimizer = torch.optim.AdamW(cafe_model.parameters(), lr=1e-3)
     cafe_model.train()
     for _ in range(8):
         optimizer.zero_grad()
-        trainer.compute_loss(cafe_model, dict(batch)).backward()
+        trainer.compute_loss(cafe_model, batch).backward()
         optimizer.step()
     with torch.no_grad():
-        after = trainer.compute_loss(cafe_model, dict(batch)).item()
+        after = trainer.compute_loss(cafe_model, batch).item()
     assert after < 0.9 * before
 
 

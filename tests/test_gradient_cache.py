@@ -1,11 +1,14 @@
-"""GradCache gives the plain computation's loss and gradients."""
+"""`CachedCafeLoss` (GradCache) gives `CafeLoss`'s loss and gradients, the logit scale's included."""
+
+import math
 
 import pytest
 import torch
 from PIL import Image
 
-from cafe import CafeCollator, CafeForConditionalGeneration, CafeTrainer, CafeTrainingArguments
-from cafe.gradient_cache import MiniBatchCollator, RandomState, gradient_cache_step, supervised_tokens
+from cafe import CachedCafeLoss, CafeCollator, CafeForConditionalGeneration, CafeLoss, CafeTrainer, CafeTrainingArguments
+from cafe.collator import MiniBatchCollator
+from cafe.losses import RandomState
 
 COLOURS = [(255, 0, 0), (0, 200, 0), (0, 0, 255), (255, 255, 0), (255, 255, 255), (0, 0, 0)]
 NAMES = ["red", "green", "blue", "yellow", "white", "black"]
@@ -33,72 +36,60 @@ def load(tiny_checkpoint, dropout=0.0):
     return model.train()
 
 
-def make_trainer(model, tmp_path, **overrides):
-    kwargs = dict(output_dir=str(tmp_path), per_device_train_batch_size=6, report_to=[], use_cpu=True,
-                  save_strategy="no")
-    kwargs.update(overrides)
-    return CafeTrainer(model=model, args=CafeTrainingArguments(**kwargs),
-                       data_collator=CafeCollator(model.processor, model=model))
+def grads(model, loss=None):
+    out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    if loss is not None:
+        out.update({f"loss.{n}": p.grad.clone() for n, p in loss.named_parameters() if p.grad is not None})
+    return out
 
 
-def grads(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+def zero(model, loss):
+    model.zero_grad()
+    loss.zero_grad()
 
 
-def assert_same_grads(a, b):
+def assert_same_grads(a, b, rel=1e-5):
     assert a.keys() == b.keys() and a
     for name in a:
         err = (a[name] - b[name]).abs().max().item(); scale = b[name].abs().max().item()
         # 1e-7 absolute floor: some gradients are zero in exact arithmetic (a key bias under softmax).
-        assert err <= 1e-5 * scale + 1e-7, (name, err, scale)
+        assert err <= rel * scale + 1e-7, (name, err, scale)
 
 
-def run_gradient_cache(trainer, model, mini_batches, share_prefix=True):
-    args = trainer.args
-    return gradient_cache_step(
-        model, mini_batches,
-        contrastive_fn=trainer._contrastive if args.compute_contrastive_loss else None,
-        lm_weight=args.lm_weight if args.compute_language_loss else 0.0,
-        contrastive_weight=args.contrastive_weight,
-        backward=lambda t: t.backward(), no_sync=_Null, share_prefix=share_prefix,
-    )
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+def collator(model):
+    return CafeCollator(model.processor, model=model)
 
 
 @pytest.mark.parametrize("with_lm", [True, False])
-def test_matches_one_full_batch_without_dropout(tiny_checkpoint, tmp_path, with_lm):
+@pytest.mark.parametrize("learnable", [False, True])
+def test_matches_one_full_batch_without_dropout(tiny_checkpoint, with_lm, learnable):
+    """Same loss and same gradients, the logit scale's included when it is learnable."""
     model = load(tiny_checkpoint)
-    trainer = make_trainer(model, tmp_path, compute_language_loss=with_lm)
-    collator = trainer.data_collator
+    weights = dict(lm_weight=1.0 if with_lm else 0.0, learnable_logit_scale=learnable)
+    plain, cached = CafeLoss(**weights), CachedCafeLoss(mini_batch_size=2, **weights)
+    cached.load_state_dict(plain.state_dict())
     recs = records()
 
-    model.zero_grad()
-    plain_loss = trainer.compute_loss(model, collator(recs))
-    plain_loss.backward()
-    plain = grads(model)
+    zero(model, plain)
+    plain_out = plain(model, collator(model)(recs))
+    plain_out.loss.backward()
+    expected = grads(model, plain)
+    if learnable:
+        assert "loss.contrastive.log_logit_scale" in expected
 
-    model.zero_grad()
-    result = run_gradient_cache(trainer, model, MiniBatchCollator(collator, 2)(recs)["mini_batches"])
-    assert result.loss.item() == pytest.approx(plain_loss.item(), rel=1e-5)
-    assert_same_grads(grads(model), plain)
+    zero(model, cached)
+    out = cached(model, MiniBatchCollator(collator(model), 2)(recs))
+    out.loss.backward()
+    assert out.loss.item() == pytest.approx(plain_out.loss.item(), rel=1e-5)
+    assert_same_grads(grads(model, cached), expected, rel=1e-6 if learnable else 1e-5)
 
 
 @pytest.mark.parametrize("share_prefix", [True, False])
-def test_matches_plain_computation_with_dropout(tiny_checkpoint, tmp_path, share_prefix):
-    """GradCache's re-forward must repeat its first pass exactly, dropout masks included. With
-    prefix sharing, query embeddings come out of the LM pass, so the first pass runs it too."""
+def test_matches_plain_computation_with_dropout(tiny_checkpoint, share_prefix):
+    """GradCache's re-forward must repeat its first pass exactly, dropout masks included."""
     model = load(tiny_checkpoint, dropout=0.2)
-    trainer = make_trainer(model, tmp_path)
-    mini_batches = MiniBatchCollator(trainer.data_collator, 2)(records())["mini_batches"]
-    args = trainer.args
-    lm_keys = ("input_ids", "attention_mask", "labels", "lm_image_index")
+    loss = CachedCafeLoss(mini_batch_size=2, share_prefix=share_prefix)
+    mini_batches = MiniBatchCollator(collator(model), 2)(records())
 
     # Plain: the same mini-batches (same dropout masks), every activation kept, one backward.
     torch.manual_seed(0)
@@ -106,47 +97,84 @@ def test_matches_plain_computation_with_dropout(tiny_checkpoint, tmp_path, share
     with torch.no_grad():
         for mb in mini_batches:
             states.append(RandomState())
-            first = {k: v for k, v in mb.items() if k not in (("labels",) if share_prefix else lm_keys)}
-            model(cafe_batch=first, cafe_share_prefix=share_prefix)
+            model(cafe_batch=mb, cafe_share_prefix=share_prefix)
     outs = []
     for state, mb in zip(states, mini_batches):
         with state.restored():
-            outs.append(model(cafe_batch=dict(mb), cafe_share_prefix=share_prefix))
-    total = sum(supervised_tokens(mb) for mb in mini_batches)
-    lm = sum(o.lm_loss * supervised_tokens(mb) / total for o, mb in zip(outs, mini_batches))
+            outs.append(model(cafe_batch=mb, cafe_share_prefix=share_prefix))
+    total = sum(mb.supervised_tokens for mb in mini_batches)
+    lm = sum(o.lm_loss * mb.supervised_tokens / total for o, mb in zip(outs, mini_batches))
     cat = lambda side: torch.cat([getattr(o, f"{side}_embeds") for o in outs if getattr(o, f"{side}_embeds") is not None])
-    con = trainer.contrastive_loss(cat("query"), cat("doc"), cat("negative"),
-                                   torch.cat([mb["query_groups"] for mb in mini_batches]),
-                                   torch.cat([mb["doc_groups"] for mb in mini_batches]))
-    plain_loss = args.lm_weight * lm + args.contrastive_weight * con.loss
+    con = loss.contrastive(cat("query"), cat("doc"), cat("negative"),
+                           torch.cat([mb.query_groups for mb in mini_batches]),
+                           torch.cat([mb.doc_groups for mb in mini_batches]))
+    plain_loss = loss.lm_weight * lm + loss.contrastive_weight * con.loss
     model.zero_grad()
     plain_loss.backward()
     plain = grads(model)
 
     # Dropout really is on: another draw gives another loss.
     with torch.no_grad():
-        assert model(cafe_batch=dict(mini_batches[0])).lm_loss.item() != pytest.approx(outs[0].lm_loss.item(), rel=1e-6)
+        assert model(cafe_batch=mini_batches[0]).lm_loss.item() != pytest.approx(outs[0].lm_loss.item(), rel=1e-6)
 
     torch.manual_seed(0)
     model.zero_grad()
-    result = run_gradient_cache(trainer, model, mini_batches, share_prefix=share_prefix)
-    assert result.loss.item() == pytest.approx(plain_loss.item(), rel=1e-5)
+    out = loss(model, mini_batches)
+    out.loss.backward()
+    assert out.loss.item() == pytest.approx(plain_loss.item(), rel=1e-5)
     assert_same_grads(grads(model), plain)
 
 
-def test_first_pass_never_calls_the_lm_head(tiny_checkpoint, tmp_path):
-    """The gradient-free first pass needs embeddings only: with prefix sharing it runs the LM
-    sequences (the query embeddings come out of that pass) but not the vocabulary projection."""
+def test_first_pass_keeps_no_graph(tiny_checkpoint):
+    """Step 1 runs without gradient: the model's outputs there hold no autograd graph, and the
+    vision tower runs twice per mini-batch in all (first pass, re-forward)."""
     model = load(tiny_checkpoint)
-    trainer = make_trainer(model, tmp_path)
-    mini_batches = MiniBatchCollator(trainer.data_collator, 2)(records())["mini_batches"]
+    loss = CachedCafeLoss(mini_batch_size=2)
+    mini_batches = MiniBatchCollator(collator(model), 2)(records())
     calls = []
-    hook = model.lm_head.register_forward_hook(lambda module, args, out: calls.append(torch.is_grad_enabled()))
+    hook = model.model.vision_tower.register_forward_hook(lambda m, a, out: calls.append(torch.is_grad_enabled()))
     try:
-        run_gradient_cache(trainer, model, mini_batches)
+        out = loss(model, mini_batches)
+        assert calls == [False] * len(mini_batches)
+        out.loss.backward()
     finally:
         hook.remove()
-    assert calls == [True] * len(mini_batches)  # the re-forwards with gradient only
+    assert calls == [False] * len(mini_batches) + [True] * len(mini_batches)
+
+
+def test_trainer_step_equals_plain_with_gradient_accumulation(tiny_checkpoint, tmp_path):
+    """Through Trainer (accumulation 2, learnable scale): the cached loss's backward hook gets the
+    trainer's 1/accumulation scaling, so parameters after two optimizer steps match the plain run."""
+    from datasets import Dataset
+
+    for i, rgb in enumerate(COLOURS):
+        Image.new("RGB", (32, 32), rgb).save(tmp_path / f"img{i}.png")
+    dataset = Dataset.from_list([{"image": f"img{i}.png", "text": f"a {name} picture"} for i, name in enumerate(NAMES)]
+                                + [{"image": f"img{i}.png", "text": f"the {name} one"} for i, name in enumerate(NAMES)])
+
+    def run(gradient_cache):
+        model = load(tiny_checkpoint)
+        args = CafeTrainingArguments(output_dir=str(tmp_path / f"run{gradient_cache}"), per_device_train_batch_size=3,
+                                     gradient_accumulation_steps=2, max_steps=2, learning_rate=1e-2, optim="sgd",
+                                     gradient_cache=gradient_cache, gradient_cache_mini_batch_size=1,
+                                     learnable_logit_scale=True, logging_steps=1, report_to=[], use_cpu=True,
+                                     save_strategy="no", seed=0, data_seed=0, vision_tower_learning_rate=None)
+        trainer = CafeTrainer(model=model, args=args, train_dataset=dataset,
+                              data_collator=CafeCollator(model.processor, model=model, image_folder=str(tmp_path)))
+        trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        return model, trainer.loss, losses
+
+    plain_model, plain_loss, plain_curve = run(False)
+    cached_model, cached_loss, cached_curve = run(True)
+    assert isinstance(cached_loss, CachedCafeLoss) and not isinstance(plain_loss, CachedCafeLoss)
+    assert cached_curve == pytest.approx(plain_curve, rel=1e-4)
+    scale_plain = plain_loss.contrastive.log_logit_scale.item()
+    assert scale_plain != pytest.approx(math.log(20.0), abs=1e-6)  # it moved
+    assert cached_loss.contrastive.log_logit_scale.item() == pytest.approx(scale_plain, abs=1e-6)
+    plain_params = dict(plain_model.named_parameters())
+    for name, param in cached_model.named_parameters():
+        assert torch.allclose(param, plain_params[name], rtol=1e-4, atol=1e-6), name
 
 
 def test_trainer_runs_with_gradient_cache(tiny_checkpoint, tmp_path):

@@ -36,7 +36,7 @@ def llm_token_positions(model, batch, share_prefix):
     )
     try:
         with torch.no_grad():
-            model.cafe_forward(dict(batch), share_prefix=share_prefix)
+            model.cafe_forward(batch, share_prefix=share_prefix)
     finally:
         hook.remove()
     return sum(seen)
@@ -44,7 +44,7 @@ def llm_token_positions(model, batch, share_prefix):
 
 def forward_and_grads(model, batch, share_prefix):
     model.zero_grad()
-    out = model.cafe_forward(dict(batch), share_prefix=share_prefix)
+    out = model.cafe_forward(batch, share_prefix=share_prefix)
     # A loss touching every output, so every gradient path is compared.
     loss = out.lm_loss + (out.query_embeds * out.doc_embeds.detach()).sum() + out.doc_embeds.sum() * 0.1
     loss.backward()
@@ -54,7 +54,7 @@ def forward_and_grads(model, batch, share_prefix):
 
 def test_shared_forward_equals_separate_passes_with_gradients(cafe_model, data):
     batch = collate(cafe_model, data)
-    assert (batch["query_lm_index"] == torch.arange(4)).all()
+    assert (batch.query_lm_index == torch.arange(4)).all()
     cafe_model.train()
     shared, shared_grads = forward_and_grads(cafe_model, batch, share_prefix=True)
     separate, separate_grads = forward_and_grads(cafe_model, batch, share_prefix=False)
@@ -71,7 +71,7 @@ def test_sharing_runs_fewer_llm_positions(cafe_model, data):
     shared = llm_token_positions(cafe_model, batch, share_prefix=True)
     separate = llm_token_positions(cafe_model, batch, share_prefix=False)
     # Each record's prefix (system turn, header, image tokens) is computed once instead of twice.
-    query_len = batch["query_attention_mask"].sum(1)
+    query_len = batch.query.attention_mask.sum(1)
     assert shared < separate
     assert separate - shared >= int(query_len.sum()) // 2
 
@@ -82,11 +82,11 @@ def test_some_queries_shared_some_not(cafe_model, data):
     records = json.loads(path.read_text())
     records[1] = {"image": records[1]["image"], "text": "a green picture"}  # a pair record: no conversation
     batch = collate(cafe_model, data, records=records, caption_prompt=None)
-    pairs = batch["query_lm_index"].tolist()
+    pairs = batch.query_lm_index.tolist()
     assert pairs[1] == -1 and sum(p >= 0 for p in pairs) == 3
     with torch.no_grad():
-        shared = cafe_model.cafe_forward(dict(batch), share_prefix=True)
-        separate = cafe_model.cafe_forward(dict(batch), share_prefix=False)
+        shared = cafe_model.cafe_forward(batch, share_prefix=True)
+        separate = cafe_model.cafe_forward(batch, share_prefix=False)
     assert (shared.query_embeds - separate.query_embeds).abs().max().item() <= 1e-5
     assert shared.lm_loss.item() == pytest.approx(separate.lm_loss.item(), rel=1e-5)
 
@@ -94,9 +94,9 @@ def test_some_queries_shared_some_not(cafe_model, data):
 def test_eager_attention_takes_the_additive_mask(cafe_model, data):
     batch = collate(cafe_model, data)
     with torch.no_grad():
-        sdpa = cafe_model.cafe_forward(dict(batch), share_prefix=True)
+        sdpa = cafe_model.cafe_forward(batch, share_prefix=True)
         cafe_model.set_attn_implementation("eager")
-        eager = cafe_model.cafe_forward(dict(batch), share_prefix=True)
+        eager = cafe_model.cafe_forward(batch, share_prefix=True)
     assert (sdpa.query_embeds - eager.query_embeds).abs().max().item() <= 1e-5
     assert eager.lm_loss.item() == pytest.approx(sdpa.lm_loss.item(), rel=1e-5)
 
@@ -105,10 +105,10 @@ def test_a_pair_showing_another_image_is_not_packed(cafe_model, data):
     """`query_lm_index` is a hint; a pair whose embedding suffix would hold image tokens (the
     prefix does not cover the query's image) is embedded separately, with the right image."""
     batch = collate(cafe_model, data)
-    batch["query_lm_index"] = torch.tensor([1, 0, 3, 2])  # rows swapped: different images, same sizes or not
+    batch.query_lm_index = torch.tensor([1, 0, 3, 2])  # rows swapped: different images, same sizes or not
     with torch.no_grad():
-        shared = cafe_model.cafe_forward(dict(batch), share_prefix=True)
-        separate = cafe_model.cafe_forward(dict(batch), share_prefix=False)
+        shared = cafe_model.cafe_forward(batch, share_prefix=True)
+        separate = cafe_model.cafe_forward(batch, share_prefix=False)
     assert (shared.query_embeds - separate.query_embeds).abs().max().item() <= 1e-5
 
 
@@ -151,7 +151,7 @@ def test_trainer_step_with_activation_checkpointing_matches(tiny_checkpoint, dat
         model.activation_checkpointing_enable()  # what Trainer.train() does for activation_checkpointing=True
         assert model.is_activation_checkpointing
         model.train()
-        loss = trainer.compute_loss(trainer.model, dict(first_batch(trainer)))
+        loss = trainer.compute_loss(trainer.model, first_batch(trainer))
         loss.backward()
         grads[share] = (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[True][0] == pytest.approx(grads[False][0], rel=1e-5)

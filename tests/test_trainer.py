@@ -22,13 +22,43 @@ def test_joint_loss_is_eq3(cafe_model, data, tmp_path):
     trainer = make_trainer(cafe_model, data, tmp_path, contrastive_weight=3.0, lm_weight=0.5)
     batch = first_batch(trainer)
     with torch.no_grad():
-        loss = trainer.compute_loss(cafe_model, dict(batch))
-        out = cafe_model(cafe_batch=dict(batch))
-        con = trainer.contrastive_loss(out.query_embeds, out.doc_embeds, None, batch["query_groups"], batch["doc_groups"])
+        loss = trainer.compute_loss(cafe_model, batch)
+        out = cafe_model(cafe_batch=batch)
+        con = trainer.loss.contrastive(out.query_embeds, out.doc_embeds, None, batch.query_groups, batch.doc_groups)
     assert loss.item() == pytest.approx(0.5 * out.lm_loss.item() + 3.0 * con.loss.item(), rel=1e-5)
     only_lm = make_trainer(cafe_model, data, tmp_path, compute_contrastive_loss=False)
     with torch.no_grad():
-        assert only_lm.compute_loss(cafe_model, dict(batch)).item() == pytest.approx(out.lm_loss.item(), rel=1e-5)
+        assert only_lm.compute_loss(cafe_model, batch).item() == pytest.approx(out.lm_loss.item(), rel=1e-5)
+
+
+def test_a_user_loss_plugs_in_without_editing_the_trainer(cafe_model, data, tmp_path):
+    """`CafeTrainer(loss=...)`: a new contrastive objective is a `CafeLoss` subclass."""
+    import torch.nn.functional as F
+
+    from cafe import CafeLoss
+    from cafe.losses import ContrastiveOutput
+
+    class OneWayInfoNCE(CafeLoss):
+        """Image->text InfoNCE only (no text->image term), fixed scale 10."""
+
+        def contrastive_term(self, query, doc, negatives, query_groups, doc_groups):
+            logits = 10.0 * query @ doc.T
+            labels = torch.arange(len(query))
+            loss = F.cross_entropy(logits, labels)
+            acc = (logits.argmax(1) == labels).float().mean()
+            return ContrastiveOutput(loss, acc, acc, torch.tensor(10.0))
+
+    custom = make_trainer(cafe_model, data, tmp_path, max_steps=2,
+                          loss=OneWayInfoNCE(contrastive_weight=2.0, lm_weight=0.0))
+    assert isinstance(custom.loss, OneWayInfoNCE)
+    batch = first_batch(custom)
+    with torch.no_grad():
+        out = cafe_model(cafe_batch=batch)
+        got = custom.compute_loss(cafe_model, batch)
+    expected = 2.0 * F.cross_entropy(10.0 * out.query_embeds @ out.doc_embeds.T, torch.arange(4))
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    custom.train()
+    assert custom.state.log_history[0]["logit_scale"] == pytest.approx(10.0)
 
 
 def test_train_logs_cafe_metrics_and_param_groups(cafe_model, data, tmp_path):
@@ -50,7 +80,7 @@ def test_train_logs_cafe_metrics_and_param_groups(cafe_model, data, tmp_path):
 def test_single_pair_batch_gives_clear_error(cafe_model, data, tmp_path):
     trainer = make_trainer(cafe_model, data, tmp_path, per_device_train_batch_size=1)
     with pytest.raises(ValueError, match="at least 2 pairs per batch"):
-        trainer.compute_loss(cafe_model, dict(first_batch(trainer)))
+        trainer.compute_loss(cafe_model, first_batch(trainer))
 
 
 def test_lora_merged_and_unmerged_give_same_embeddings(cafe_model, data, tmp_path):
@@ -129,7 +159,7 @@ def test_every_trainable_parameter_gets_a_gradient(cafe_model, data, tmp_path):
     # all-reduce of its whole bucket; CafeTrainer freezes the backbone's unused ones.
     trainer = make_trainer(cafe_model, data, tmp_path)
     assert not any(p.requires_grad for n, p in cafe_model.named_parameters() if "vision_tower.head" in n)
-    trainer.compute_loss(cafe_model, dict(first_batch(trainer))).backward()
+    trainer.compute_loss(cafe_model, first_batch(trainer)).backward()
     assert [n for n, p in cafe_model.named_parameters() if p.requires_grad and p.grad is None] == []
 
 
@@ -139,3 +169,64 @@ def test_saved_checkpoint_card_holds_the_training_settings(cafe_model, data, tmp
     trainer.save_model(str(tmp_path / "saved"))
     card = (tmp_path / "saved" / "README.md").read_text()
     assert "contrastive_weight" in card and "7.0" in card
+
+
+def test_resume_restores_the_learned_logit_scale_exactly(tiny_checkpoint, data, tmp_path):
+    """The learned scale is training state: a resumed run continues from the saved value (not
+    1/0.05) and ends exactly where the uninterrupted run ends."""
+    import math
+
+    from transformers import TrainerCallback
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                control.should_training_stop = True
+
+    def trainer_for(output_dir):
+        model = CafeForConditionalGeneration.from_pretrained(tiny_checkpoint)
+        return make_trainer(model, data, tmp_path, output_dir=str(output_dir), max_steps=4, save_strategy="steps",
+                            save_steps=2, per_device_train_batch_size=2, learnable_logit_scale=True, learning_rate=5e-2)
+
+    full = trainer_for(tmp_path / "full")
+    full.train()
+    learned = full.loss.contrastive.log_logit_scale.item()
+    assert learned != pytest.approx(math.log(20.0), abs=1e-4)
+    part = trainer_for(tmp_path / "part")
+    part.add_callback(StopAt())
+    part.train()
+    at_two = part.loss.contrastive.log_logit_scale.item()
+
+    resumed = trainer_for(tmp_path / "part")
+    checkpoint = str(tmp_path / "part" / "checkpoint-2")
+    resumed.create_optimizer_and_scheduler(num_training_steps=4)
+    resumed._load_optimizer_and_scheduler(checkpoint)
+    assert resumed.loss.contrastive.log_logit_scale.item() == at_two  # exactly, before any step
+    resumed.train(resume_from_checkpoint=checkpoint)
+    assert resumed.loss.contrastive.log_logit_scale.item() == pytest.approx(learned, abs=1e-6)
+    # The saved checkpoint states the temperature it was trained with.
+    saved = CafeForConditionalGeneration.from_pretrained(tmp_path / "part" / "checkpoint-4", load_processor=False)
+    assert saved.cafe_settings.contrastive_temperature == pytest.approx(1 / math.exp(learned), rel=1e-5)
+
+
+def test_lora_merged_save_writes_the_learned_temperature(tiny_checkpoint, data, tmp_path):
+    import math
+
+    from cafe.training import DataArguments, ModelArguments, build_trainer, save_final_model
+
+    path, folder = data
+    model_args = ModelArguments(model_name_or_path=str(tiny_checkpoint), use_lora=True, lora_r=4, merge_lora=True)
+    data_args = DataArguments(data_path=str(path), image_folder=str(folder))
+    from cafe import CafeTrainingArguments
+
+    training_args = CafeTrainingArguments(output_dir=str(tmp_path / "lora"), max_steps=3, learning_rate=5e-2,
+                                          per_device_train_batch_size=4, learnable_logit_scale=True,
+                                          report_to=[], use_cpu=True, save_strategy="no")
+    trainer = build_trainer(model_args, data_args, training_args)
+    trainer.train()
+    learned_temperature = 1 / math.exp(trainer.loss.contrastive.log_logit_scale.item())
+    assert learned_temperature != pytest.approx(0.05, rel=1e-4)
+    save_final_model(trainer, model_args, str(tmp_path / "final"))
+    merged = CafeForConditionalGeneration.from_pretrained(tmp_path / "final")
+    assert merged.cafe_settings.contrastive_temperature == pytest.approx(learned_temperature, rel=1e-5)
+    assert merged.cafe_settings.learnable_logit_scale

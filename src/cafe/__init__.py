@@ -1,9 +1,10 @@
 """cafe: contrastive-autoregressive fine-tuning of vision-language models on the Hugging Face stack."""
 
-from .collator import CafeCollator
+from .batch import CafeBatch, EmbeddingSequences, LanguageModelingSequences, MiniBatches
+from .collator import CafeCollator, MiniBatchCollator
 from .configuration import CafeSettings
 from .hub import CafeModelCardData
-from .losses import ContrastiveLoss, lm_loss_at_supervised_positions
+from .losses import CachedCafeLoss, CafeLoss, CafeLossOutput, ContrastiveLoss, lm_loss_at_supervised_positions
 from .modeling import CafeForConditionalGeneration, CafeForwardOutput, last_token_pool
 from .prompting import build_embedding_chat_template
 from .trainer import CafeTrainer, CafeTrainingArguments
@@ -11,14 +12,22 @@ from .trainer import CafeTrainer, CafeTrainingArguments
 __version__ = "0.1.0"
 
 __all__ = [
+    "CachedCafeLoss",
+    "CafeBatch",
     "CafeCollator",
     "CafeForConditionalGeneration",
     "CafeForwardOutput",
+    "CafeLoss",
+    "CafeLossOutput",
     "CafeModelCardData",
     "CafeSettings",
     "CafeTrainer",
     "CafeTrainingArguments",
     "ContrastiveLoss",
+    "EmbeddingSequences",
+    "LanguageModelingSequences",
+    "MiniBatchCollator",
+    "MiniBatches",
     "build_embedding_chat_template",
     "last_token_pool",
     "lm_loss_at_supervised_positions",

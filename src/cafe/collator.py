@@ -1,21 +1,9 @@
-"""`CafeCollator`: one batch with the LM sequence and both embedding sides of every record.
+"""`CafeCollator`: one `CafeBatch` with the LM sequence and both embedding sides of every record.
 
-Batch layout (all tensors; ``*_image_index`` says which of the batch's unique images each side's
-image placeholders show, in order of appearance):
-
-====================================  =========================================================
-``pixel_values``, ``image_sizes`` ..  every distinct image of the batch, once (image processor)
-``query_input_ids`` / ``_attention_mask`` / ``_image_index``     query side (e.g. the image)
-``doc_input_ids`` / ``_attention_mask`` / ``_image_index``       positive side (e.g. the text)
-``negative_input_ids`` / ...                                     hard negatives (optional)
-``input_ids``, ``attention_mask``, ``labels``, ``lm_image_index``  LM sequences (optional)
-``query_lm_index``                   per query row, the LM row sharing its prefix (or -1)
-``query_groups``, ``doc_groups``     content ids for false-negative masking
-``truncation_counts``                [lm_truncated, lm_dropped, text_truncated, skipped_records]
-====================================  =========================================================
-
-The model runs the vision tower once over ``pixel_values`` and hands the features to every side
-that shows an image (see `CafeForConditionalGeneration.cafe_forward`).
+Every distinct image of the batch is preprocessed once (``CafeBatch.vision``); each sequence
+says which of those images its placeholders show (``image_index``), so the model runs the vision
+tower once and hands the features to every side that shows an image (see
+`CafeForConditionalGeneration.cafe_forward`). See `cafe.batch` for the fields.
 """
 
 from __future__ import annotations
@@ -27,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .batch import CafeBatch, EmbeddingSequences, LanguageModelingSequences, MiniBatches
 from .configuration import CafeSettings
 from .losses import IGNORE_INDEX
 from .prompting import EmbeddingInput, build_embedding_chat_template, render_embedding_prompts
@@ -55,7 +44,7 @@ class CafeCollator:
             and no "Compress ..." instruction on either side.
         compute_language_loss, compute_contrastive_loss: Which sequences to build.
         missing_images: ``"raise"`` (default) or ``"skip"``: drop records whose image is missing
-            or unreadable, counted in ``truncation_counts`` and logged, never silently.
+            or unreadable, counted in ``CafeBatch.counts`` and logged, never silently.
         assistant_header, end_of_turn: Token strings that delimit assistant turns in the
             generation template (ChatML defaults); labels cover the answer and its end token.
     """
@@ -105,7 +94,7 @@ class CafeCollator:
         self.image_token_id = getattr(processor, "image_token_id", None)
 
     # ------------------------------------------------------------------ entry point
-    def __call__(self, records: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, records: list[dict[str, Any]]) -> CafeBatch:
         counts = dict.fromkeys(COUNT_NAMES, 0)
         examples: list[TrainingExample] = []
         for position, record in enumerate(records):
@@ -122,29 +111,27 @@ class CafeCollator:
             raise RecordError("Every record of this batch was skipped (missing or corrupt images); check the data.")
 
         images = _UniqueImages()
-        batch: dict[str, torch.Tensor] = {}
+        batch = CafeBatch(counts=counts)
         if self.compute_contrastive_loss:
             queries = [example.query for example in examples]
             docs = [example.positive for example in examples]
-            batch.update(self._embedding_side("query", queries, images, counts))
-            batch.update(self._embedding_side("doc", docs, images, counts))
+            batch.query = self._embedding_side(queries, images, counts)
+            batch.doc = self._embedding_side(docs, images, counts)
             negatives = [negative for example in examples for negative in example.negatives]
             if negatives:
-                batch.update(self._embedding_side("negative", negatives, images, counts))
-            batch["query_groups"] = _group_ids(queries)
-            batch["doc_groups"] = _group_ids(docs)
+                batch.negative = self._embedding_side(negatives, images, counts)
+            batch.query_groups = _group_ids(queries)
+            batch.doc_groups = _group_ids(docs)
         if self.compute_language_loss:
-            lm_batch, lm_examples = self._lm_sequences(examples, images, counts)
-            batch.update(lm_batch)
-            if self.compute_contrastive_loss and lm_batch:
-                batch["query_lm_index"] = _query_lm_index(examples, lm_examples)
+            batch.lm, lm_examples = self._lm_sequences(examples, images, counts)
+            if self.compute_contrastive_loss and batch.lm is not None:
+                batch.query_lm_index = _query_lm_index(examples, lm_examples)
         if images.images:
-            batch.update(self.processor.image_processor(images.images, return_tensors="pt"))
-        batch["truncation_counts"] = torch.tensor([counts[name] for name in COUNT_NAMES])
+            batch.vision = dict(self.processor.image_processor(images.images, return_tensors="pt"))
         return batch
 
     # ------------------------------------------------------------------ embedding sides
-    def _embedding_side(self, name: str, sides: list[Side], images: _UniqueImages, counts) -> dict:
+    def _embedding_side(self, sides: list[Side], images: _UniqueImages, counts) -> EmbeddingSequences:
         texts = self._cut_texts([s.text for s in sides], counts)
         items = [EmbeddingInput(s.image, text) for s, text in zip(sides, texts)]
         prompts = render_embedding_prompts(self.processor, items, self.embedding_chat_template)
@@ -152,11 +139,7 @@ class CafeCollator:
         encoded = self.processor(
             text=prompts, images=[s.image for s in side_images] or None, padding=True, return_tensors="pt"
         )
-        return {
-            f"{name}_input_ids": encoded["input_ids"],
-            f"{name}_attention_mask": encoded["attention_mask"],
-            f"{name}_image_index": images.indices(side_images),
-        }
+        return EmbeddingSequences(encoded["input_ids"], encoded["attention_mask"], images.indices(side_images))
 
     def _cut_texts(self, texts: list[str | None], counts) -> list[str | None]:
         """Cut texts longer than ``max_text_tokens`` tokens (one batched tokenizer call per side)."""
@@ -176,7 +159,7 @@ class CafeCollator:
         """The LM batch and the examples of its rows, in order."""
         with_lm = [example for example in examples if example.conversation is not None]
         if not with_lm:
-            return {}, []
+            return None, []
         texts = [self.processor.apply_chat_template(example.conversation, tokenize=False) for example in with_lm]
         lm_images = [image for example in with_lm for image in example.conversation_images]
         encoded = self.processor(text=texts, images=[s.image for s in lm_images] or None, padding=True, return_tensors="pt")
@@ -201,13 +184,8 @@ class CafeCollator:
             with_lm = [e for e, k in zip(with_lm, keep.tolist()) if k]
             lm_images = [image for example in with_lm for image in example.conversation_images]
             if not len(input_ids):
-                return {}, []
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": labels,
-            "lm_image_index": images.indices(lm_images),
-        }, with_lm
+                return None, []
+        return LanguageModelingSequences(input_ids, attention_mask, labels, images.indices(lm_images)), with_lm
 
     def assistant_labels(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Labels equal to the input ids on assistant answers (and their end token), -100 elsewhere.
@@ -234,6 +212,24 @@ class CafeCollator:
         if self.image_token_id is not None:
             supervised &= input_ids != self.image_token_id
         return torch.where(supervised, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+
+
+class MiniBatchCollator:
+    """Wraps a `CafeCollator` for a cached (GradCache) loss: splits each batch of records into
+    chunks of ``mini_batch_size`` records, each collated on its own (`MiniBatches`).
+
+    `CafeTrainer` wraps its collator in this when its loss has a ``mini_batch_size``.
+    """
+
+    def __init__(self, collator: CafeCollator, mini_batch_size: int):
+        if mini_batch_size < 1:
+            raise ValueError(f"mini_batch_size must be >= 1, got {mini_batch_size}.")
+        self.collator = collator
+        self.mini_batch_size = mini_batch_size
+
+    def __call__(self, records: list[dict[str, Any]]) -> MiniBatches:
+        size = self.mini_batch_size
+        return MiniBatches(self.collator(records[i : i + size]) for i in range(0, len(records), size))
 
 
 class _UniqueImages:

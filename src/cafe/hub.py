@@ -73,6 +73,7 @@ TRAINING_CARD_FIELDS = (
     "learnable_logit_scale",
     "mask_false_negatives",
     "gather_negatives",
+    "contrastive_gradient",
     "gradient_cache",
     "learning_rate",
     "vision_tower_learning_rate",

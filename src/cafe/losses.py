@@ -1,17 +1,36 @@
-"""CAFe losses: symmetric InfoNCE (paper Eq. 1) and the LM loss at supervised positions (Eq. 2).
+"""CAFe losses: the objective of paper Eq. 3 and its parts.
 
-Both compute in float32 whatever the model dtype: a bf16 softmax over a large batch loses the
-small differences InfoNCE is made of (the reference computes in bf16; we don't).
+- `ContrastiveLoss`: symmetric InfoNCE (Eq. 1) with false-negative masking, hard negatives and a
+  fixed or learnable logit scale.
+- `lm_loss_at_supervised_positions`: the next-token loss (Eq. 2), logits only where a label is.
+- `CafeLoss`: ``L = lm_weight * L_lm + contrastive_weight * L_con`` (Eq. 3) on a model and a
+  `cafe.batch.CafeBatch`, negatives gathered across processes. What `CafeTrainer` optimises;
+  pass your own subclass as ``CafeTrainer(loss=...)`` to change the objective.
+- `CachedCafeLoss`: the same objective with GradCache (a large contrastive batch on the memory of
+  a small one), as a property of the loss in the manner of sentence-transformers'
+  ``CachedMultipleNegativesRankingLoss``.
+
+Everything computes in float32 whatever the model dtype: a bf16 softmax over a large batch loses
+the small differences InfoNCE is made of (the reference computes in bf16; we don't).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .distributed import gather_no_grad, gather_with_grad, is_distributed
+
+if TYPE_CHECKING:
+    from .batch import CafeBatch, MiniBatches
+    from .modeling import CafeForwardOutput
 
 IGNORE_INDEX = -100
 
@@ -160,3 +179,359 @@ def lm_loss_at_supervised_positions(
     logits = lm_head(selected).float()  # [T, vocab]
     loss = F.cross_entropy(logits, shift_labels[supervised], reduction="sum")
     return loss / (num_items if num_items is not None else selected.shape[0])
+
+
+# ----------------------------------------------------------------------------- Eq. 3
+CONTRASTIVE_GRADIENTS = ("exact", "reference")
+
+
+@dataclass
+class CafeLossOutput:
+    """The Eq. 3 total and its parts for one batch.
+
+    Attributes:
+        loss: The scalar to backpropagate (float32).
+        lm_loss: The LM term before weighting (detached), or ``None`` when it is off.
+        contrastive: The InfoNCE result (loss before weighting, in-batch accuracies, logit scale),
+            or ``None`` when it is off.
+    """
+
+    loss: torch.Tensor
+    lm_loss: torch.Tensor | None = None
+    contrastive: ContrastiveOutput | None = None
+    extra_metrics: dict[str, float] = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, float]:
+        """What `CafeTrainer` logs next to ``loss`` (averaged over the logging interval)."""
+        metrics = dict(self.extra_metrics)
+        if self.lm_loss is not None:
+            metrics["loss_lm"] = self.lm_loss.item()
+        if self.contrastive is not None:
+            metrics["loss_con"] = self.contrastive.loss.item()
+            metrics["acc_q2d"] = self.contrastive.accuracy_query_to_doc.item()
+            metrics["acc_d2q"] = self.contrastive.accuracy_doc_to_query.item()
+            metrics["logit_scale"] = self.contrastive.logit_scale.item()
+        return metrics
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by ``factor`` on the way back."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.factor, None
+
+
+class CafeLoss(nn.Module):
+    """The CAFe objective (paper Eq. 3): ``lm_weight * L_lm + contrastive_weight * L_con``.
+
+    Called as ``loss(model, batch)``: runs ``model(cafe_batch=batch)`` (one forward call, which is
+    what DDP / FSDP / DeepSpeed wrappers see) and combines its `CafeForwardOutput` with
+    `combine`. To change the objective, subclass and override `combine` (or `contrastive_term`)
+    and pass an instance as ``CafeTrainer(loss=...)``; see docs/training.md.
+
+    Args:
+        contrastive_weight: alpha_con (paper: 10); 0 turns the contrastive term off.
+        lm_weight: alpha_lm (paper: 1); 0 turns the LM term off.
+        contrastive: The InfoNCE module; default ``ContrastiveLoss(temperature, learnable_logit_scale)``.
+            Its logit scale, when learnable, is a parameter of this loss: `CafeTrainer` optimises
+            it, saves and restores it with the trainer state and writes the learned temperature
+            into the saved ``config.cafe``.
+        temperature, learnable_logit_scale: For the default ``contrastive`` module.
+        mask_false_negatives: Mask identical queries / documents of a batch out of each other's
+            negatives (needs the batch's ``query_groups`` / ``doc_groups``).
+        gather_negatives: Under ``torch.distributed``, every process's pairs are negatives for
+            every other's (gather-then-local-loss, as open_clip).
+        contrastive_gradient: With gathered negatives over W processes, every process computes
+            the same global loss but backpropagates into its own embeddings only, and DDP averages
+            gradients over processes. ``"exact"`` (default) multiplies the local embeddings'
+            gradient by W, so the averaged gradient is the gradient of the global loss (what one
+            process on the concatenated batch computes). ``"reference"`` leaves it, as the paper's
+            code does: the contrastive gradient is then 1/W of the global loss's, i.e. an effective
+            ``contrastive_weight / W``. See docs/scaling.md.
+        average_tokens_across_processes: Average the LM loss over the supervised tokens of all
+            processes (so DDP's gradient average is the global token mean), not per process.
+        share_prefix: Let the model compute the prefix an image-embedding sequence shares with its
+            LM sequence once (`cafe.shared_prefix`).
+    """
+
+    def __init__(
+        self,
+        contrastive_weight: float = 10.0,
+        lm_weight: float = 1.0,
+        contrastive: ContrastiveLoss | None = None,
+        temperature: float = 0.05,
+        learnable_logit_scale: bool = False,
+        mask_false_negatives: bool = True,
+        gather_negatives: bool = True,
+        contrastive_gradient: str = "exact",
+        average_tokens_across_processes: bool = True,
+        share_prefix: bool = True,
+    ):
+        super().__init__()
+        if contrastive_weight < 0 or lm_weight < 0:
+            raise ValueError(f"Loss weights must be >= 0, got contrastive_weight={contrastive_weight}, lm_weight={lm_weight}.")
+        if contrastive_weight == 0 and lm_weight == 0:
+            raise ValueError("Both loss terms are off (weights 0): give contrastive_weight or lm_weight a positive value.")
+        if contrastive_gradient not in CONTRASTIVE_GRADIENTS:
+            raise ValueError(f"contrastive_gradient must be one of {CONTRASTIVE_GRADIENTS}, got {contrastive_gradient!r}.")
+        self.contrastive_weight = contrastive_weight
+        self.lm_weight = lm_weight
+        self.contrastive = contrastive if contrastive is not None else ContrastiveLoss(temperature, learnable_logit_scale)
+        self.mask_false_negatives = mask_false_negatives
+        self.gather_negatives = gather_negatives
+        self.contrastive_gradient = contrastive_gradient
+        self.average_tokens_across_processes = average_tokens_across_processes
+        self.share_prefix = share_prefix
+
+    @property
+    def uses_lm(self) -> bool:
+        return self.lm_weight > 0
+
+    @property
+    def uses_contrastive(self) -> bool:
+        return self.contrastive_weight > 0
+
+    @property
+    def learned_settings(self) -> dict[str, Any]:
+        """CAFe settings this loss learned, for the saved ``config.cafe`` (the temperature, if learnable)."""
+        if self.uses_contrastive and self.contrastive.log_logit_scale.requires_grad:
+            return {"contrastive_temperature": self.contrastive.temperature, "learnable_logit_scale": True}
+        return {}
+
+    def forward(self, model: nn.Module, batch: CafeBatch) -> CafeLossOutput:
+        """Eq. 3 on ``batch``, with gradients to the model and the loss's own parameters."""
+        output = model(cafe_batch=batch, cafe_share_prefix=self.share_prefix)
+        return self.combine(output, batch)
+
+    def combine(self, output: CafeForwardOutput, batch: CafeBatch) -> CafeLossOutput:
+        """The Eq. 3 total from the model's forward output for ``batch``."""
+        total = None
+        lm = contrastive = None
+        if self.uses_lm and output.lm_loss is not None:
+            lm = self.lm_term(output.lm_loss, batch.supervised_tokens)
+            total = self.lm_weight * lm
+        if self.uses_contrastive:
+            contrastive = self.contrastive_term(
+                output.query_embeds, output.doc_embeds, output.negative_embeds, batch.query_groups, batch.doc_groups
+            )
+            weighted = self.contrastive_weight * contrastive.loss
+            total = weighted if total is None else total + weighted
+        if total is None:
+            raise ValueError(
+                "The batch gave no loss term: it has no LM sequences and the contrastive loss is off. "
+                "Build batches with CafeCollator(compute_language_loss=True) or turn the contrastive loss on."
+            )
+        return CafeLossOutput(total, None if lm is None else lm.detach(), contrastive)
+
+    # ------------------------------------------------------------------ the two terms
+    def lm_term(self, lm_loss: torch.Tensor, local_tokens: int) -> torch.Tensor:
+        """The LM mean over this process's tokens, rescaled to the token mean of all processes.
+
+        DDP *averages* gradients over the W processes, which may hold different numbers of
+        answer tokens: dividing the local token sum by (global count / W) makes that average the
+        gradient of the mean over every token of the global batch.
+        """
+        if not local_tokens:
+            return lm_loss
+        return lm_loss * (local_tokens / self.lm_denominator(local_tokens, lm_loss.device))
+
+    def lm_denominator(self, local_tokens: int, device: torch.device) -> float:
+        """Token count the LM loss is averaged over (see `lm_term`)."""
+        if not (self.average_tokens_across_processes and is_distributed()) or not local_tokens:
+            return max(local_tokens, 1)
+        count = torch.tensor(float(local_tokens), device=device)
+        torch.distributed.all_reduce(count)
+        return count.item() / torch.distributed.get_world_size()
+
+    def contrastive_term(
+        self,
+        query: torch.Tensor | None,
+        doc: torch.Tensor | None,
+        negatives: torch.Tensor | None,
+        query_groups: torch.Tensor | None,
+        doc_groups: torch.Tensor | None,
+    ) -> ContrastiveOutput:
+        """InfoNCE over this process's pairs, or over every process's (gather-then-local-loss)."""
+        if query is None or doc is None:
+            raise ValueError(
+                "The contrastive loss is on but the batch has no pairs; build batches with "
+                "CafeCollator(compute_contrastive_loss=True)."
+            )
+        if not self.mask_false_negatives:
+            query_groups = doc_groups = None
+        if self.gather_negatives and is_distributed():
+            world_size = torch.distributed.get_world_size()
+            if self.contrastive_gradient == "exact":
+                # Only the embeddings' gradient is scaled: the logit scale is not a DDP parameter,
+                # every process computes its gradient on the same global loss.
+                query, doc = _ScaleGradient.apply(query, world_size), _ScaleGradient.apply(doc, world_size)
+                if negatives is not None:
+                    negatives = _ScaleGradient.apply(negatives, world_size)
+            query, doc = gather_with_grad(query), gather_with_grad(doc)
+            if negatives is not None:
+                negatives = gather_with_grad(negatives)
+            query_groups = None if query_groups is None else gather_no_grad(query_groups)
+            doc_groups = None if doc_groups is None else gather_no_grad(doc_groups)
+        return self.contrastive(query, doc, negatives, query_groups, doc_groups)
+
+
+# ----------------------------------------------------------------------------- GradCache
+class RandomState:
+    """Snapshot of the CPU and CUDA RNGs, restorable later (for identical dropout masks)."""
+
+    def __init__(self):
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+    @contextlib.contextmanager
+    def restored(self):
+        devices = list(range(len(self.cuda))) if self.cuda is not None else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state_all(self.cuda)
+            yield
+
+
+_SIDES = ("query", "doc", "negative")
+
+
+class CachedCafeLoss(CafeLoss):
+    """`CafeLoss` with GradCache (Gao et al. 2021): a large contrastive batch on small memory.
+
+    The contrastive loss couples every pair of the batch, so the whole batch's activations would
+    normally live until backward. Here the batch comes as `cafe.batch.MiniBatches` and:
+
+    1. every mini-batch runs without gradient (no activations kept), its RNG state remembered;
+    2. the loss is computed on the full batch of cached embeddings, and its gradient with
+       respect to those embeddings is cached;
+    3. when the trainer calls ``backward`` on the returned loss, a hook re-runs each mini-batch
+       with gradient, RNG restored so dropout draws the same masks, and backpropagates
+       ``<embeddings, cached gradient>`` plus the mini-batch's share of the LM loss.
+
+    The loss's own parameters (a learnable logit scale) stay in the returned loss's graph and
+    get their gradient from that same ``backward``: the total equals `CafeLoss` on the
+    concatenated batch, and so do all gradients. Peak memory is one mini-batch's activations plus
+    the ``[batch, hidden]`` embeddings; the price is a second forward of every mini-batch.
+
+    Args:
+        mini_batch_size: Records per mini-batch. `CafeTrainer` collates its batches into
+            mini-batches of this size (`cafe.collator.MiniBatchCollator`).
+        **kwargs: As `CafeLoss`.
+    """
+
+    def __init__(self, mini_batch_size: int = 8, **kwargs):
+        super().__init__(**kwargs)
+        if mini_batch_size < 1:
+            raise ValueError(f"mini_batch_size must be >= 1, got {mini_batch_size}.")
+        self.mini_batch_size = mini_batch_size
+
+    def forward(self, model: nn.Module, batch: MiniBatches) -> CafeLossOutput:
+        from .batch import CafeBatch
+
+        mini_batches = [batch] if isinstance(batch, CafeBatch) else list(batch)
+        states, outputs = [], []
+        # 1. Every output of the step, without activations. The pass is the one the re-forward
+        # repeats (same inputs, same RNG), so the LM loss value comes out of it too.
+        with torch.no_grad():
+            for mb in mini_batches:
+                states.append(RandomState())
+                outputs.append(model(cafe_batch=mb, cafe_share_prefix=self.share_prefix))
+
+        # 2. The full-batch loss on cached embeddings and its gradient w.r.t. them.
+        leaves = {}
+        for side in _SIDES:
+            chunks = [getattr(out, f"{side}_embeds") for out in outputs]
+            if any(chunk is not None for chunk in chunks):
+                leaves[side] = torch.cat([chunk for chunk in chunks if chunk is not None]).requires_grad_()
+        total_tokens = sum(mb.supervised_tokens for mb in mini_batches)
+        lm_shares = []
+        denominator = 1.0
+        if self.uses_lm and total_tokens:
+            denominator = self.lm_denominator(total_tokens, next(iter(model.parameters())).device)
+            lm_shares = [
+                None if out.lm_loss is None else out.lm_loss * (mb.supervised_tokens / denominator)
+                for out, mb in zip(outputs, mini_batches)
+            ]
+        lm = sum(share for share in lm_shares if share is not None) if lm_shares else None
+
+        total, contrastive, cached_grads = None, None, {}
+        if self.uses_contrastive:
+            groups = {
+                key: None if getattr(mini_batches[0], key) is None else torch.cat([getattr(mb, key) for mb in mini_batches])
+                for key in ("query_groups", "doc_groups")
+            }
+            with torch.enable_grad():
+                contrastive = self.contrastive_term(
+                    leaves.get("query"), leaves.get("doc"), leaves.get("negative"), groups["query_groups"], groups["doc_groups"]
+                )
+                total = self.contrastive_weight * contrastive.loss
+                if torch.is_grad_enabled() and leaves:
+                    # retain_graph: the trainer's backward on the returned loss walks this graph
+                    # again for the loss's own parameters (a learnable logit scale).
+                    grads = torch.autograd.grad(total, list(leaves.values()), retain_graph=True, allow_unused=True)
+                    cached_grads = {side: g for side, g in zip(leaves, grads) if g is not None}
+        if lm is not None:
+            lm_value = (self.lm_weight * lm).to(torch.float32)
+            total = lm_value if total is None else total + lm_value
+        if total is None:
+            raise ValueError("The batch gave no loss term: no LM sequences and the contrastive loss is off.")
+
+        if torch.is_grad_enabled():
+            if not total.requires_grad:
+                # An LM-only step: give the hook a tensor to hang on.
+                total = total.detach().requires_grad_()
+            total.register_hook(
+                partial(
+                    _regrad_mini_batches,
+                    loss=self,
+                    model=model,
+                    mini_batches=mini_batches,
+                    states=states,
+                    cached_grads=cached_grads,
+                    denominator=denominator,
+                )
+            )
+        return CafeLossOutput(total, None if lm is None else lm.detach(), contrastive)
+
+
+def _regrad_mini_batches(
+    grad_output: torch.Tensor,
+    loss: CachedCafeLoss,
+    model: nn.Module,
+    mini_batches: list,
+    states: list[RandomState],
+    cached_grads: dict[str, torch.Tensor],
+    denominator: float,
+) -> None:
+    """GradCache step 3, run from the returned loss's backward: ``grad_output`` carries the
+    trainer's scaling (gradient accumulation, fp16 loss scale), applied to every surrogate."""
+    offsets = dict.fromkeys(cached_grads, 0)
+    # Every backward but the last under DDP's no_sync, so gradients are reduced once per step.
+    no_sync = getattr(model, "no_sync", None)
+    with torch.enable_grad():
+        for i, (mb, state) in enumerate(zip(mini_batches, states)):
+            sync = no_sync() if (no_sync is not None and i < len(mini_batches) - 1) else contextlib.nullcontext()
+            with sync:
+                with state.restored():
+                    out = model(cafe_batch=mb, cafe_share_prefix=loss.share_prefix)
+                surrogate = None
+                for side, grad in cached_grads.items():
+                    embeds = getattr(out, f"{side}_embeds")
+                    if embeds is not None:
+                        n = embeds.shape[0]
+                        term = (embeds * grad[offsets[side] : offsets[side] + n]).sum()
+                        surrogate = term if surrogate is None else surrogate + term
+                        offsets[side] += n
+                if loss.uses_lm and out.lm_loss is not None and mb.supervised_tokens:
+                    # The mini-batch's mean over its tokens -> its share of the full-batch mean.
+                    term = loss.lm_weight * out.lm_loss * (mb.supervised_tokens / denominator)
+                    surrogate = term if surrogate is None else surrogate + term
+                if surrogate is not None:
+                    (surrogate * grad_output.to(surrogate.dtype)).backward()

@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, PreTrainedModel
 
+from .batch import CafeBatch
 from .configuration import CafeSettings
-from .losses import IGNORE_INDEX, lm_loss_at_supervised_positions
+from .losses import lm_loss_at_supervised_positions
 from .prompting import build_embedding_batch, build_embedding_chat_template, to_embedding_inputs
 from .shared_prefix import SUPPORTED_ATTENTION, PackedBatch, pack_shared_prefix
 
@@ -50,7 +51,7 @@ def last_token_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -
 
 @dataclass
 class CafeForwardOutput:
-    """What one CAFe training forward produces; the losses are combined by `CafeTrainer`.
+    """What one CAFe training forward produces; `cafe.losses.CafeLoss` combines it into Eq. 3.
 
     Embeddings are ``[n, hidden]`` float32 and L2-normalised; ``lm_loss`` is a float32 scalar.
     """
@@ -61,13 +62,7 @@ class CafeForwardOutput:
     lm_loss: torch.Tensor | None = None
 
 
-# Batch keys of `CafeCollator` that are not vision-encoder inputs.
 _SIDES = ("query", "doc", "negative")
-_SEQUENCE_KEYS = frozenset(
-    [f"{side}_{part}" for side in _SIDES for part in ("input_ids", "attention_mask", "image_index")]
-    + ["input_ids", "attention_mask", "labels", "lm_image_index", "query_lm_index", "query_groups", "doc_groups"]
-    + ["truncation_counts"]
-)
 
 
 class CafeForConditionalGeneration(PreTrainedModel):
@@ -105,7 +100,7 @@ class CafeForConditionalGeneration(PreTrainedModel):
         # backbone's. The extra `cafe_batch` keyword routes a CAFe training step through
         # `forward`, so DDP / FSDP / DeepSpeed wrappers see one ordinary forward call.
         @functools.wraps(backbone_forward)
-        def forward(self, *args, cafe_batch: dict | None = None, cafe_share_prefix: bool = True, **kwargs):
+        def forward(self, *args, cafe_batch: CafeBatch | None = None, cafe_share_prefix: bool = True, **kwargs):
             if cafe_batch is not None:
                 return self.cafe_forward(cafe_batch, share_prefix=cafe_share_prefix)
             return backbone_forward(self, *args, **kwargs)
@@ -307,8 +302,8 @@ class CafeForConditionalGeneration(PreTrainedModel):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ training forward
-    def cafe_forward(self, batch: dict[str, torch.Tensor], share_prefix: bool = True) -> CafeForwardOutput:
-        """One CAFe step's forward on a `CafeCollator` batch: embeddings of every side and the LM loss.
+    def cafe_forward(self, batch: CafeBatch, share_prefix: bool = True) -> CafeForwardOutput:
+        """One CAFe step's forward on a `CafeBatch`: embeddings of every side and the LM loss.
 
         The vision tower runs once over the batch's distinct images; every side that shows an
         image reuses those features (the reference runs it once per sequence, three times per
@@ -319,8 +314,7 @@ class CafeForConditionalGeneration(PreTrainedModel):
         sequence's LLM pass: their common prefix (system turn, header, image tokens) is computed
         once (`cafe.shared_prefix`). Same results, about half the LLM work on image tokens.
         """
-        vision_inputs = {k: v for k, v in batch.items() if k not in _SEQUENCE_KEYS}
-        features = self.get_vision_features(**vision_inputs) if vision_inputs.get("pixel_values") is not None else None
+        features = self.get_vision_features(**batch.vision) if batch.vision.get("pixel_values") is not None else None
 
         def vision_for(index: torch.Tensor | None):
             if index is None or index.numel() == 0:
@@ -328,10 +322,10 @@ class CafeForConditionalGeneration(PreTrainedModel):
             return self.select_vision_features(features, index)
 
         output = CafeForwardOutput()
-        packed, served = None, None
-        if "input_ids" in batch:
-            lm_vision = {"mm_encoder_outputs": vision_for(batch.get("lm_image_index"))}
-            lm_positions = self.embedding_position_ids(batch["input_ids"], batch["attention_mask"], **lm_vision)
+        lm, packed, served = batch.lm, None, None
+        if lm is not None:
+            lm_vision = {"mm_encoder_outputs": vision_for(lm.image_index)}
+            lm_positions = self.embedding_position_ids(lm.input_ids, lm.attention_mask, **lm_vision)
             packed = self._pack_shared_prefix(batch, lm_positions, vision_for) if share_prefix else None
         if packed is not None:
             hidden = self.model(
@@ -341,43 +335,37 @@ class CafeForConditionalGeneration(PreTrainedModel):
                 use_cache=False,
                 **lm_vision,
             ).last_hidden_state
-            # Without labels (GradCache's gradient-free first pass) the pass serves embeddings only.
-            if "labels" in batch:
-                output.lm_loss = lm_loss_at_supervised_positions(hidden, packed.labels, self.lm_head)
+            output.lm_loss = lm_loss_at_supervised_positions(hidden, packed.labels, self.lm_head)
             served = (packed.query_rows, self._finish_embedding(hidden[packed.pooled]))
 
-        for side in _SIDES:
-            if f"{side}_input_ids" not in batch:
-                continue
-            input_ids, attention_mask = batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"]
-            image_index = batch.get(f"{side}_image_index")
-            if side == "query" and served is not None:
+        for name, side in batch.embedding_sides.items():
+            if name == "query" and served is not None:
                 # The packed pass served some query rows; embed the rest on their own, then
                 # put the rows back in batch order.
                 rows, embeds = served
-                rest = _complement(rows, input_ids.shape[0])
+                rest = _complement(rows, len(side))
                 if rest.numel():
                     rest_embeds = self.get_embeddings(
-                        input_ids[rest], attention_mask[rest],
-                        mm_encoder_outputs=vision_for(self._row_images(input_ids, image_index, rest)),
+                        side.input_ids[rest], side.attention_mask[rest],
+                        mm_encoder_outputs=vision_for(self._row_images(side.input_ids, side.image_index, rest)),
                     )
                     rows, embeds = torch.cat([rows, rest]), torch.cat([embeds, rest_embeds])
                 embeds = embeds[rows.argsort()]
             else:
-                embeds = self.get_embeddings(input_ids, attention_mask, mm_encoder_outputs=vision_for(image_index))
-            setattr(output, f"{side}_embeds", embeds)
+                embeds = self.get_embeddings(
+                    side.input_ids, side.attention_mask, mm_encoder_outputs=vision_for(side.image_index)
+                )
+            setattr(output, f"{name}_embeds", embeds)
 
-        if "labels" in batch and packed is None:
-            # Unshared: the LM pass after the embedding sides, so that a GradCache first pass
-            # (embedding sides only) draws the same dropout masks as its re-forward.
+        if lm is not None and packed is None:
             hidden = self.model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
+                input_ids=lm.input_ids,
+                attention_mask=lm.attention_mask,
                 position_ids=lm_positions,
                 use_cache=False,
                 **lm_vision,
             ).last_hidden_state
-            output.lm_loss = lm_loss_at_supervised_positions(hidden, batch["labels"], self.lm_head)
+            output.lm_loss = lm_loss_at_supervised_positions(hidden, lm.labels, self.lm_head)
         return output
 
     def _image_per_row(self, input_ids: torch.Tensor, image_index: torch.Tensor | None) -> torch.Tensor | None:
@@ -409,18 +397,18 @@ class CafeForConditionalGeneration(PreTrainedModel):
         per_row = per_row[rows]
         return per_row[per_row >= 0]
 
-    def _pack_shared_prefix(self, batch, lm_positions, vision_for) -> PackedBatch | None:
+    def _pack_shared_prefix(self, batch: CafeBatch, lm_positions, vision_for) -> PackedBatch | None:
         """Pack the query rows that share their prefix with an LM row (``query_lm_index``), if any.
 
         A pair is packed only if both rows show the same image: equal tokens do not imply that
         (two images of one size expand to the same placeholder tokens).
         """
-        pair_index = batch.get("query_lm_index")
+        pair_index, query, lm = batch.query_lm_index, batch.query, batch.lm
         attention = self.model.language_model.config._attn_implementation
-        if pair_index is None or "query_input_ids" not in batch or attention not in SUPPORTED_ATTENTION:
+        if pair_index is None or query is None or attention not in SUPPORTED_ATTENTION:
             return None
-        query_images = self._image_per_row(batch["query_input_ids"], batch.get("query_image_index"))
-        lm_images = self._image_per_row(batch["input_ids"], batch.get("lm_image_index"))
+        query_images = self._image_per_row(query.input_ids, query.image_index)
+        lm_images = self._image_per_row(lm.input_ids, lm.image_index)
         if query_images is None or lm_images is None:
             return None
         pair_index = pair_index.to(query_images.device)
@@ -430,13 +418,10 @@ class CafeForConditionalGeneration(PreTrainedModel):
         query_rows = paired.nonzero().flatten()
         if query_rows.numel() == 0:
             return None
-        q_ids, q_mask = batch["query_input_ids"][query_rows], batch["query_attention_mask"][query_rows]
+        q_ids, q_mask = query.input_ids[query_rows], query.attention_mask[query_rows]
         q_vision = {"mm_encoder_outputs": vision_for(query_images[query_rows])}
-        labels = batch.get("labels")
-        if labels is None:
-            labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
         packed = pack_shared_prefix(
-            batch["input_ids"], batch["attention_mask"], labels, lm_positions,
+            lm.input_ids, lm.attention_mask, lm.labels, lm_positions,
             q_ids, q_mask, self.embedding_position_ids(q_ids, q_mask, **q_vision),
             pairs=list(zip(range(len(query_rows)), pair_index[query_rows].tolist())),
             image_token_id=self.config.image_token_id,

@@ -361,11 +361,15 @@ TINY_FAMILIES = tuple(_BUILDERS)
 
 
 def batch_image_count(batch) -> int:
-    """How many images the pixel tensors of a processor / `CafeCollator` batch hold, for any family.
+    """How many images the pixel tensors of a processor batch / `CafeBatch` hold, for any family.
 
     LLaVA-OneVision stacks images (``pixel_values [n, crops, 3, H, W]``); Qwen2-VL concatenates their
     patches (``pixel_values [sum of patches, dim]``) and lists one ``image_grid_thw`` row per image.
     """
+    from .batch import CafeBatch
+
+    if isinstance(batch, CafeBatch):
+        batch = batch.vision
     if "image_grid_thw" in batch:
         return int(batch["image_grid_thw"].shape[0])
     return int(batch["pixel_values"].shape[0]) if "pixel_values" in batch else 0

@@ -8,12 +8,12 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
-from .distributed import gather_no_grad, gather_with_grad, is_distributed
-from .gradient_cache import MiniBatchCollator, gradient_cache_step, supervised_tokens
-from .losses import ContrastiveLoss
+from .batch import CafeBatch, MiniBatches
+from .collator import MiniBatchCollator
+from .losses import CONTRASTIVE_GRADIENTS, CachedCafeLoss, CafeLoss
 
 logger = logging.get_logger(__name__)
 
@@ -53,6 +53,11 @@ class CafeTrainingArguments(TrainingArguments):
     gradient_cache_mini_batch_size: int = field(
         default=8, metadata={"help": "Records per GradCache mini-batch (<= per_device_train_batch_size)."}
     )
+    contrastive_gradient: str = field(
+        default="exact",
+        metadata={"help": "Under several processes: 'exact' = gradient of the global contrastive loss; 'reference' = "
+                          "the paper's code (DDP average, i.e. an effective con_weight / world_size). See docs/scaling.md."},
+    )
     share_prefix: bool = field(
         default=True,
         metadata={"help": "Run a record's image-embedding sequence in its LM sequence's LLM pass, computing their "
@@ -77,22 +82,49 @@ class CafeTrainingArguments(TrainingArguments):
                 f"gradient_cache_mini_batch_size ({self.gradient_cache_mini_batch_size}) must be between 1 and "
                 f"per_device_train_batch_size ({self.per_device_train_batch_size}): it splits that batch."
             )
+        if self.contrastive_gradient not in CONTRASTIVE_GRADIENTS:
+            raise ValueError(
+                f"contrastive_gradient must be one of {CONTRASTIVE_GRADIENTS}, got {self.contrastive_gradient!r}."
+            )
         if self.torch_compile:
             warnings.warn("torch_compile=True with CafeTrainer is untested; it is off by default.", stacklevel=2)
 
 
-class CafeTrainer(Trainer):
-    """Trainer for CAFe: ``loss = lm_weight * L_lm + contrastive_weight * L_con``.
+LOSS_STATE_NAME = "cafe_loss.pt"
 
-    Expects batches from `CafeCollator` and a `CafeForConditionalGeneration` (or a PEFT wrapper
-    of one). Logs ``loss_lm``, ``loss_con``, in-batch retrieval accuracy in both directions
-    (``acc_q2d``, ``acc_d2q``), ``logit_scale`` and the collator's truncation counts.
+
+class _ZeroLossGradients(TrainerCallback):
+    """Trainer zeroes the *model's* gradients after each optimizer step; the loss's parameters (a
+    learnable logit scale) are optimised too and would otherwise accumulate gradient over steps."""
+
+    def __init__(self, trainer: CafeTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.loss.zero_grad(set_to_none=True)
+
+
+class CafeTrainer(Trainer):
+    """Trainer for CAFe: optimises a `cafe.losses.CafeLoss` (paper Eq. 3) on `CafeCollator` batches.
+
+    Args:
+        loss: The objective, called as ``loss(model, batch)`` and returning a
+            `cafe.losses.CafeLossOutput`. Default: built from `CafeTrainingArguments` by
+            `default_loss` (a `CachedCafeLoss` with ``gradient_cache=True``). A loss with a
+            ``mini_batch_size`` attribute is a cached (GradCache) loss: its batches arrive as
+            `cafe.batch.MiniBatches`. The loss's parameters (a learnable logit scale) are optimised
+            with the model, saved with every checkpoint's trainer state and restored on resume.
+        Other arguments as `transformers.Trainer`; ``args`` must be `CafeTrainingArguments`.
+
+    Expects a `CafeForConditionalGeneration` (or a PEFT / DDP wrapper of one). Logs ``loss_lm``,
+    ``loss_con``, in-batch retrieval accuracy in both directions (``acc_q2d``, ``acc_d2q``),
+    ``logit_scale`` and the collator's truncation counts (``data/...``).
 
     Gradient accumulation adds no negatives: each micro-batch's contrastive loss only sees its
     own (or, with several processes, its global) batch.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, loss: CafeLoss | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         args = self.args
         if not isinstance(args, CafeTrainingArguments):
@@ -100,17 +132,37 @@ class CafeTrainer(Trainer):
         frozen = self._cafe_model().freeze_unused_parameters()
         if frozen:
             logger.info("Froze %d parameters the forward pass never uses: %s", len(frozen), frozen)
-        settings = self._cafe_model().cafe_settings
-        temperature = args.contrastive_temperature or settings.contrastive_temperature
-        learnable = args.learnable_logit_scale or settings.learnable_logit_scale
-        self.contrastive_loss = ContrastiveLoss(temperature, learnable=learnable).to(args.device)
+        self.loss = (loss if loss is not None else self.default_loss()).to(args.device)
         # Our losses are means over their own batch; let Trainer divide by the accumulation steps.
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
+        # Set by Trainer's loop; a direct `training_step` call (e.g. a benchmark) is one micro-step.
+        self.current_gradient_accumulation_steps = 1
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._attach_model_card_data()
-        if args.gradient_cache and not isinstance(self.data_collator, MiniBatchCollator):
-            self.data_collator = MiniBatchCollator(self.data_collator, args.gradient_cache_mini_batch_size)
+        self.add_callback(_ZeroLossGradients(self))
+        mini_batch_size = getattr(self.loss, "mini_batch_size", None)
+        if mini_batch_size is not None and not isinstance(self.data_collator, MiniBatchCollator):
+            self.data_collator = MiniBatchCollator(self.data_collator, mini_batch_size)
+
+    def default_loss(self) -> CafeLoss:
+        """The loss `CafeTrainingArguments` describe, temperature defaulting to the model's setting."""
+        args = self.args
+        settings = self._cafe_model().cafe_settings
+        kwargs = dict(
+            contrastive_weight=args.contrastive_weight if args.compute_contrastive_loss else 0.0,
+            lm_weight=args.lm_weight if args.compute_language_loss else 0.0,
+            temperature=args.contrastive_temperature or settings.contrastive_temperature,
+            learnable_logit_scale=args.learnable_logit_scale or settings.learnable_logit_scale,
+            mask_false_negatives=args.mask_false_negatives,
+            gather_negatives=args.gather_negatives,
+            contrastive_gradient=args.contrastive_gradient,
+            average_tokens_across_processes=args.average_tokens_across_devices,
+            share_prefix=args.share_prefix,
+        )
+        if args.gradient_cache:
+            return CachedCafeLoss(mini_batch_size=args.gradient_cache_mini_batch_size, **kwargs)
+        return CafeLoss(**kwargs)
 
     def _cafe_model(self):
         model = self.accelerator.unwrap_model(self.model)
@@ -118,7 +170,8 @@ class CafeTrainer(Trainer):
 
     # ------------------------------------------------------------------ optimisation
     def create_optimizer(self, model=None):
-        """Separate learning rates for vision tower, projector and LLM (paper: 2e-6 / 1e-5 / 1e-5)."""
+        """Separate learning rates for vision tower, projector and LLM (paper: 2e-6 / 1e-5 / 1e-5),
+        plus the loss's own parameters (a learnable logit scale) at the LLM's rate, no decay."""
         if self.optimizer is not None:
             return self.optimizer
         opt_model = self.model if model is None else model
@@ -137,104 +190,28 @@ class CafeTrainer(Trainer):
             {"params": params, "lr": lrs[component], "weight_decay": self.args.weight_decay if decayed else 0.0}
             for (component, decayed), params in groups.items()
         ]
-        if self.contrastive_loss.log_logit_scale.requires_grad:
-            param_groups.append({"params": [self.contrastive_loss.log_logit_scale], "lr": self.args.learning_rate, "weight_decay": 0.0})
+        loss_params = [p for p in self.loss.parameters() if p.requires_grad]
+        if loss_params:
+            param_groups.append({"params": loss_params, "lr": self.args.learning_rate, "weight_decay": 0.0})
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
         optimizer_kwargs.pop("lr", None)
         self.optimizer = optimizer_cls(param_groups, lr=self.args.learning_rate, **optimizer_kwargs)
         return self.optimizer
 
     # ------------------------------------------------------------------ loss
+    def _prepare_inputs(self, inputs):
+        # Trainer moves dicts of tensors; CAFe batches are dataclasses that move themselves.
+        if isinstance(inputs, (CafeBatch, MiniBatches)):
+            return inputs.to(self.args.device)
+        return super()._prepare_inputs(inputs)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        args = self.args
-        self._log_counts(inputs)
-        output = model(cafe_batch=inputs, cafe_share_prefix=args.share_prefix)
-        loss = torch.zeros((), device=args.device)
-        if args.compute_language_loss and output.lm_loss is not None:
-            lm = output.lm_loss * (supervised_tokens(inputs) / self._lm_denominator(supervised_tokens(inputs)))
-            loss = loss + args.lm_weight * lm
-            self._metrics["loss_lm"].append(output.lm_loss.item())
-        if args.compute_contrastive_loss:
-            con = self._contrastive(output.query_embeds, output.doc_embeds, output.negative_embeds,
-                                    inputs.get("query_groups"), inputs.get("doc_groups"))
-            loss = loss + args.contrastive_weight * con.loss
-        return (loss, output) if return_outputs else loss
-
-    def _log_counts(self, inputs):
-        counts = inputs.pop("truncation_counts", None)
-        if counts is not None:
-            names = ("lm_truncated", "lm_dropped_image_cut", "embedding_text_truncated", "skipped_records")
-            for name, value in zip(names, counts.tolist()):
-                self._metrics[f"data/{name}"].append(float(value))
-
-    def _lm_denominator(self, local_tokens: int) -> float:
-        """Token count the LM loss is averaged over.
-
-        One process: its own count. Several: the global count divided by the world size, so
-        that DDP's gradient *average* equals the gradient of the mean over all tokens of the
-        global batch (processes may hold different numbers of answer tokens).
-        """
-        if not (is_distributed() and self.args.average_tokens_across_devices) or not local_tokens:
-            return max(local_tokens, 1)
-        count = torch.tensor(float(local_tokens), device=self.args.device)
-        torch.distributed.all_reduce(count)
-        return count.item() / torch.distributed.get_world_size()
-
-    def _contrastive(self, query, doc, negatives, query_groups, doc_groups):
-        if query is None or doc is None:
-            raise ValueError("compute_contrastive_loss is on but the batch has no pairs; build it with CafeCollator.")
-        if not self.args.mask_false_negatives:
-            query_groups = doc_groups = None
-        world_size = 1
-        if self.args.gather_negatives and is_distributed():
-            world_size = torch.distributed.get_world_size()
-            query, doc = gather_with_grad(query), gather_with_grad(doc)
-            if negatives is not None:
-                negatives = gather_with_grad(negatives)
-            query_groups = None if query_groups is None else gather_no_grad(query_groups)
-            doc_groups = None if doc_groups is None else gather_no_grad(doc_groups)
-        result = self.contrastive_loss(query, doc, negatives, query_groups, doc_groups)
-        self._metrics["loss_con"].append(result.loss.item())
-        self._metrics["acc_q2d"].append(result.accuracy_query_to_doc.item())
-        self._metrics["acc_d2q"].append(result.accuracy_doc_to_query.item())
-        self._metrics["logit_scale"].append(result.logit_scale.item())
-        if world_size > 1:
-            # Every process computes the same global loss but backpropagates only into its own
-            # slice (see `gather_with_grad`); DDP then averages over processes. Gradients are
-            # scaled by the world size so the average equals the single-process gradient on the
-            # concatenated batch; the value is left unscaled so the logged loss stays comparable.
-            result.loss = world_size * result.loss - (world_size - 1) * result.loss.detach()
-        return result
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        if not self.args.gradient_cache:
-            return super().training_step(model, inputs, num_items_in_batch)
-        model.train()
-        inputs = self._prepare_inputs(inputs)
-        mini_batches = inputs["mini_batches"]
-        for mb in mini_batches:
-            self._log_counts(mb)
-        args = self.args
-        # Set by Trainer's loop; a direct call (e.g. a benchmark) runs one micro-batch per step.
-        steps = getattr(self, "current_gradient_accumulation_steps", 1)
-
-        def backward(tensor):
-            self.accelerator.backward(tensor / steps)
-
-        result = gradient_cache_step(
-            model,
-            mini_batches,
-            contrastive_fn=self._contrastive if args.compute_contrastive_loss else None,
-            lm_weight=args.lm_weight if args.compute_language_loss else 0.0,
-            contrastive_weight=args.contrastive_weight,
-            backward=backward,
-            no_sync=lambda: self.accelerator.no_sync(model),
-            lm_denominator=self._lm_denominator,
-            share_prefix=args.share_prefix,
-        )
-        if result.lm_loss is not None:
-            self._metrics["loss_lm"].append(result.lm_loss.item())
-        return result.loss.to(args.device) / steps
+        for name, value in getattr(inputs, "counts", {}).items():
+            self._metrics[f"data/{name}"].append(float(value))
+        output = self.loss(model, inputs)
+        for name, value in output.metrics().items():
+            self._metrics[name].append(value)
+        return (output.loss, output) if return_outputs else output.loss
 
     # ------------------------------------------------------------------ logging and saving
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -262,6 +239,47 @@ class CafeTrainer(Trainer):
             write_model_card(self.args.output_dir, card_data=getattr(model, "model_card_data", None),
                              source=model.name_or_path, tags=getattr(model, "model_tags", None))
 
+    def write_learned_settings(self) -> None:
+        """Write what the loss learned (the temperature, if learnable) into the model's ``config.cafe``.
+
+        Called before every save and at the end of `train`, so that a checkpoint, the final
+        folder and a model merged afterwards (``merge_and_unload`` returns this same model) all
+        state the temperature the model was trained with.
+        """
+        learned = self.loss.learned_settings if hasattr(self.loss, "learned_settings") else {}
+        if learned:
+            model = self._cafe_model()
+            model.config.cafe = {**model.config.cafe, **learned}
+
+    def train(self, *args, **kwargs):
+        result = super().train(*args, **kwargs)
+        self.write_learned_settings()
+        return result
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        self.write_learned_settings()
+        super()._save(output_dir, state_dict)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        # The loss's parameters are training state, like the optimizer's moments for them.
+        super()._save_optimizer_and_scheduler(output_dir)
+        state = self.loss.state_dict()
+        if state and self.args.should_save:
+            torch.save({key: value.detach().cpu() for key, value in state.items()}, os.path.join(output_dir, LOSS_STATE_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, LOSS_STATE_NAME)
+        if os.path.isfile(path):
+            self.loss.load_state_dict(torch.load(path, map_location=self.args.device, weights_only=True))
+        elif self.loss.state_dict():
+            logger.warning(
+                "%s has no %s: the loss's parameters (e.g. a learned logit scale) start from their initial values.",
+                checkpoint, LOSS_STATE_NAME,
+            )
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         # Checkpoints are in the backbone's published key layout (e.g. `language_model.lm_head`),
         # which transformers renames on `from_pretrained` only; Trainer's resume path calls a
@@ -276,10 +294,3 @@ class CafeTrainer(Trainer):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         loaded = type(unwrapped).from_pretrained(resume_from_checkpoint, load_processor=False, dtype=unwrapped.dtype)
         unwrapped.load_state_dict(loaded.state_dict(), strict=True)
-
-    def _save(self, output_dir: str | None = None, state_dict=None):
-        # A learned temperature belongs to the checkpoint's CAFe settings.
-        if self.contrastive_loss.log_logit_scale.requires_grad:
-            model = self._cafe_model()
-            model.config.cafe = {**model.config.cafe, "contrastive_temperature": self.contrastive_loss.temperature}
-        super()._save(output_dir, state_dict)
