@@ -134,11 +134,23 @@ def save_final_model(trainer, model_args: ModelArguments, output_dir: str) -> No
         trainer.save_model(output_dir)
 
 
+def parse_arguments(parser, argv: list[str] | None):
+    """Flags, or one JSON / YAML file holding a whole run (keys = flag names; see examples/configs/)."""
+    if argv and len(argv) == 1 and Path(argv[0]).suffix in (".json", ".yaml", ".yml"):
+        path = Path(argv[0])
+        if not path.is_file():
+            raise FileNotFoundError(f"Run configuration not found: {str(path)!r}.")
+        if path.suffix == ".json":
+            return parser.parse_json_file(str(path))
+        return parser.parse_yaml_file(str(path))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
 def train_main(argv: list[str] | None = None) -> str:
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser((ModelArguments, DataArguments, CafeTrainingArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, training_args = parse_arguments(parser, argv)
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
     trainer = build_trainer(model_args, data_args, training_args)
     checkpoint = training_args.resume_from_checkpoint
