@@ -165,7 +165,7 @@ class Bench:
         log(f"matmul peak ({self.args.dtype}): {best['by_size']} TFLOP/s")
         return best
 
-    def train_batch(self, pairs: int) -> dict:
+    def train_batch(self, pairs: int):
         records = W.training_records(pairs, self.spec.image_size, self.opt("caption_tokens"))
         batch = W.cafe_training_batch(self.model, self.processor, records)
         return W.to_device(batch, self.device, self.dtype)
@@ -185,31 +185,31 @@ def flop_breakdown(model, fn) -> dict:
 
 
 # ---------------------------------------------------------------------------------- row 1
-def cafe_training_step(model, batch: dict, contrastive, con_weight: float = 10.0, lm_weight: float = 1.0,
-                       share_prefix: bool = True) -> float:
-    """What `CafeTrainer.compute_loss` + backward does: cafe_forward, fp32 InfoNCE, LM loss at labels."""
-    output = model(cafe_batch=dict(batch), cafe_share_prefix=share_prefix)
-    con = contrastive(output.query_embeds, output.doc_embeds, None, batch.get("query_groups"), batch.get("doc_groups"))
-    loss = lm_weight * output.lm_loss + con_weight * con.loss
-    loss.backward()
+def cafe_training_step(model, batch, loss) -> float:
+    """What `CafeTrainer.training_step` does with a `CafeLoss`: ``loss(model, batch)``, then backward."""
+    total = loss(model, batch).loss
+    total.backward()
     model.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    return float(total.detach())
 
 
 def row_training_step(bench: Bench) -> dict:
-    from cafe.losses import ContrastiveLoss
+    from cafe.losses import CafeLoss
 
     model, device = bench.model, bench.device
     model.train()
     pairs = bench.opt("train_pairs")
     batch = bench.train_batch(pairs)
     ref = R.reference_batch(batch)
-    contrastive = ContrastiveLoss(R.REFERENCE_TEMPERATURE).to(device)
+    # The paper's Eq. 3 weights and temperature, the same as the reference-style side's.
+    weights = dict(contrastive_weight=R.REFERENCE_CON_WEIGHT, lm_weight=1.0, temperature=R.REFERENCE_TEMPERATURE)
+    shared_loss = CafeLoss(**weights, share_prefix=True).to(device)
+    unshared_loss = CafeLoss(**weights, share_prefix=False).to(device)
     contestants = [
         H.Contestant("reference-style", lambda: R.reference_training_step(model, ref)),
-        H.Contestant("cafe", lambda: cafe_training_step(model, batch, contrastive)),
+        H.Contestant("cafe", lambda: cafe_training_step(model, batch, shared_loss)),
         # Attribution: cafe with the image-embedding and LM sequences in separate LLM passes.
-        H.Contestant(UNSHARED, lambda: cafe_training_step(model, batch, contrastive, share_prefix=False)),
+        H.Contestant(UNSHARED, lambda: cafe_training_step(model, batch, unshared_loss)),
     ]
     profiles = {}
     breakdown = {}
@@ -302,20 +302,23 @@ def row_training_step(bench: Bench) -> dict:
             "profile": profiles if (met is False or bench.args.quick) else {}}
 
 
-def shared_prefix_tokens(batch: dict) -> dict:
+def shared_prefix_tokens(batch) -> dict:
     """LLM token positions of the step with and without sharing the query / LM causal prefix.
 
-    Counted from the batch's real (unpadded) tokens: per record, the common prefix of its
-    image-embedding sequence and its LM sequence.
+    Counted from the batch's real (unpadded) tokens: per query row paired with an LM row
+    (``query_lm_index``), the common prefix of its image-embedding sequence and that LM sequence.
     """
     from cafe.shared_prefix import common_prefix_length
 
+    query, lm = batch.query, batch.lm
     shared = 0
-    for q_ids, q_mask, lm_ids, lm_mask in zip(batch["query_input_ids"], batch["query_attention_mask"],
-                                              batch["input_ids"], batch["attention_mask"]):
-        shared += common_prefix_length(q_ids[q_mask.bool()], lm_ids[lm_mask.bool()])
-    unshared = sum(int(batch[k].sum()) for k in ("query_attention_mask", "doc_attention_mask", "attention_mask")
-                   if k in batch)
+    if lm is not None and batch.query_lm_index is not None:
+        for row, lm_row in enumerate(batch.query_lm_index.tolist()):
+            if lm_row >= 0:
+                shared += common_prefix_length(query.input_ids[row][query.attention_mask[row].bool()],
+                                               lm.input_ids[lm_row][lm.attention_mask[lm_row].bool()])
+    sequences = list(batch.embedding_sides.values()) + ([lm] if lm is not None else [])
+    unshared = sum(int(side.attention_mask.sum()) for side in sequences)
     return {"shared_prefix_tokens": shared, "llm_tokens_unshared": unshared, "llm_tokens_shared": unshared - shared}
 
 
@@ -535,12 +538,6 @@ def row_lm_loss_memory(bench: Bench) -> dict:
 
 
 # ---------------------------------------------------------------------------------- row 4
-def gradient_cache_available() -> bool:
-    from cafe import CafeTrainingArguments
-
-    return "gradient_cache" in {f.name for f in dataclasses.fields(CafeTrainingArguments)}
-
-
 def row_gradcache(bench: Bench) -> dict:
     """Peak memory of a full CafeTrainer.training_step at contrastive batch sizes 8..64, GradCache on.
 
@@ -549,14 +546,6 @@ def row_gradcache(bench: Bench) -> dict:
     mark minus the process's RSS before any model was built (weights + grads + batch +
     activations); on GPU max_memory_allocated.
     """
-    if not gradient_cache_available():
-        return {
-            "status": "not available",
-            "goal_met": None,
-            "result": {},
-            "note": "CafeTrainingArguments has no `gradient_cache` field in this cafe version: GradCache is not "
-            "implemented yet. Once it lands: python benchmarks/run.py --rows 4 (add --device cuda on a GPU).",
-        }
     from cafe import CafeCollator, CafeTrainer, CafeTrainingArguments
 
     args, device = bench.args, bench.device
@@ -589,14 +578,13 @@ def row_gradcache(bench: Bench) -> dict:
                 )
                 trainer = CafeTrainer(model=model, args=training_args, data_collator=CafeCollator(processor, model=model))
                 records = W.training_records(size, spec.image_size, bench.opt("caption_tokens"), seed=size)
-                # With GradCache on, the trainer wraps the collator to emit {"mini_batches": [...]}.
+                # With GradCache on, the trainer's loss is a CachedCafeLoss and its collator a
+                # MiniBatchCollator (MiniBatches of `mini` records); off, a plain CafeBatch.
                 batch = trainer.data_collator(records)
-                # Set by Trainer's training loop; we call training_step directly.
-                trainer.current_gradient_accumulation_steps = 1
                 peaks, times = [], []
 
                 def step(trainer=trainer, batch=batch):
-                    trainer.training_step(model, dict(batch))
+                    trainer.training_step(model, batch)
 
                 for _ in range(args.gradcache_repeats):
                     gc_between()
@@ -1002,8 +990,7 @@ def main(argv: list[str] | None = None) -> int:
         report["rows"].append({
             "id": 4, "name": ROW_NAMES[4], "goal": GOALS[4], "status": "skipped", "goal_met": None, "result": {},
             "note": "Not part of the default CPU run (8..64-pair training steps take another 20+ minutes here): "
-            "python benchmarks/run.py --rows 4" + ("" if gradient_cache_available() else
-                                                  " (needs CafeTrainingArguments.gradient_cache)"),
+            "python benchmarks/run.py --rows 4",
         })
     # The ceiling again at the end (background load drifts); row 5 uses the better of the two.
     end_peak = bench.measure_matmul_peak()
