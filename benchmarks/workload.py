@@ -184,6 +184,14 @@ def build_model(spec: ModelSpec, dtype: torch.dtype, device: str, attn: str = "s
     return model, processor
 
 
+def enable_checkpointing(model) -> None:
+    """Activation checkpointing of every layer (transformers 5 name; older: gradient_checkpointing)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def count_parameters(model) -> dict[str, int]:
     seen, parts = set(), {"vision": 0, "projector": 0, "llm": 0}
     for name, param in model.named_parameters():
