@@ -59,6 +59,11 @@ def rss_bytes() -> int | None:
     return None if kib is None else kib * 1024
 
 
+def mib(n: int | None) -> float | None:
+    """Bytes as MiB, one decimal (None stays None)."""
+    return None if n is None else round(n / MiB, 1)
+
+
 def _reset_rss_peak() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:

@@ -38,32 +38,32 @@ REFERENCE_TEMPERATURE = 0.05
 REFERENCE_CON_WEIGHT = 10.0
 
 
-def reference_batch(batch: dict) -> dict:
-    """The three sequences of a `CafeCollator` batch, each with its own pixel tensor."""
-    pixel_values, image_sizes = batch["pixel_values"], batch["image_sizes"]
-    q_index, lm_index = batch["query_image_index"], batch["lm_image_index"]
-    if len(q_index) != len(batch["query_input_ids"]) or len(lm_index) != len(batch["input_ids"]):
+def reference_batch(batch) -> dict:
+    """The three sequences of a `CafeCollator` batch (`cafe.batch.CafeBatch`), each with its own pixel tensor."""
+    pixel_values, image_sizes = batch.vision["pixel_values"], batch.vision["image_sizes"]
+    query, doc, lm = batch.query, batch.doc, batch.lm
+    if len(query.image_index) != len(query) or len(lm.image_index) != len(lm):
         raise ValueError("The reference-style step expects one image per query and per LM sequence.")
     return {
         "image": {
-            "input_ids": batch["query_input_ids"],
-            "attention_mask": batch["query_attention_mask"],
-            "pixel_values": pixel_values[q_index].clone(),
-            "image_sizes": image_sizes[q_index].clone(),
+            "input_ids": query.input_ids,
+            "attention_mask": query.attention_mask,
+            "pixel_values": pixel_values[query.image_index].clone(),
+            "image_sizes": image_sizes[query.image_index].clone(),
         },
         # The reference feeds zero images to the text pass (one per text, same shape).
         "text": {
-            "input_ids": batch["doc_input_ids"],
-            "attention_mask": batch["doc_attention_mask"],
-            "pixel_values": torch.zeros_like(pixel_values[q_index]),
-            "image_sizes": image_sizes[q_index].clone(),
+            "input_ids": doc.input_ids,
+            "attention_mask": doc.attention_mask,
+            "pixel_values": torch.zeros_like(pixel_values[query.image_index]),
+            "image_sizes": image_sizes[query.image_index].clone(),
         },
         "lm": {
-            "input_ids": batch["input_ids"],
-            "attention_mask": batch["attention_mask"],
-            "labels": batch["labels"],
-            "pixel_values": pixel_values[lm_index].clone(),
-            "image_sizes": image_sizes[lm_index].clone(),
+            "input_ids": lm.input_ids,
+            "attention_mask": lm.attention_mask,
+            "labels": lm.labels,
+            "pixel_values": pixel_values[lm.image_index].clone(),
+            "image_sizes": image_sizes[lm.image_index].clone(),
         },
     }
 

@@ -184,6 +184,14 @@ def build_model(spec: ModelSpec, dtype: torch.dtype, device: str, attn: str = "s
     return model, processor
 
 
+def enable_checkpointing(model) -> None:
+    """Activation checkpointing of every layer (transformers 5 name; older: gradient_checkpointing)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def count_parameters(model) -> dict[str, int]:
     seen, parts = set(), {"vision": 0, "projector": 0, "llm": 0}
     for name, param in model.named_parameters():
@@ -216,24 +224,31 @@ def training_records(n: int, image_size: int, caption_tokens: int, seed: int = 0
     return [{"image": image, "text": caption(caption_tokens, seed * 1000 + i)} for i, image in enumerate(images)]
 
 
-def cafe_training_batch(model, processor, records, max_length: int = 8192) -> dict[str, torch.Tensor]:
+def cafe_training_batch(model, processor, records, max_length: int = 8192):
+    """The `cafe.batch.CafeBatch` `CafeCollator` builds from ``records`` (what `CafeTrainer` feeds)."""
     from cafe import CafeCollator
 
-    collator = CafeCollator(processor, model=model, max_length=max_length)
-    batch = collator(records)
-    batch.pop("truncation_counts", None)
-    return batch
+    return CafeCollator(processor, model=model, max_length=max_length)(records)
 
 
-def to_device(batch: dict, device, dtype) -> dict:
+def _tensors_to(inputs: dict, device, dtype) -> dict:
     out = {}
-    for key, value in batch.items():
+    for key, value in inputs.items():
         if isinstance(value, torch.Tensor):
             value = value.to(device)
             if key == "pixel_values":
                 value = value.to(dtype)
         out[key] = value
     return out
+
+
+def to_device(batch, device, dtype):
+    """A dict of model inputs or a `CafeBatch` on ``device``, pixel values in ``dtype``."""
+    if isinstance(batch, dict):
+        return _tensors_to(batch, device, dtype)
+    batch = batch.to(device)
+    batch.vision = _tensors_to(batch.vision, device, dtype)
+    return batch
 
 
 def embedding_batches(processor, model, items, batch_size: int) -> list:
@@ -246,11 +261,14 @@ def embedding_batches(processor, model, items, batch_size: int) -> list:
     ]
 
 
-def batch_shape_summary(batch: dict) -> dict:
+def batch_shape_summary(batch) -> dict:
+    """Shapes of a `CafeBatch`'s sequences and images (the JSON keys name the old flat-dict fields)."""
     summary = {}
-    for key in ("query_input_ids", "doc_input_ids", "input_ids", "pixel_values"):
-        if key in batch:
-            summary[key] = list(batch[key].shape)
-    if "labels" in batch:
-        summary["supervised_lm_tokens"] = int((batch["labels"][:, 1:] != -100).sum())
+    for key, side in (("query_input_ids", batch.query), ("doc_input_ids", batch.doc), ("input_ids", batch.lm)):
+        if side is not None:
+            summary[key] = list(side.input_ids.shape)
+    if "pixel_values" in batch.vision:
+        summary["pixel_values"] = list(batch.vision["pixel_values"].shape)
+    if batch.lm is not None:
+        summary["supervised_lm_tokens"] = batch.lm.supervised_tokens
     return summary
