@@ -14,6 +14,7 @@ from cafe.testing import TINY_FAMILIES  # after the offline switches above
 # (tests/test_modeling.py checks that the two lists agree).
 FAMILIES = TINY_FAMILIES
 DEFAULT_FAMILY = "llava_onevision"
+CHECKPOINT_FORMATS = ("tiny", "released")
 # The stock transformers class of each family: CAFe loads, generates and saves exactly like it.
 STOCK_CLASSES = {
     "llava_onevision": "LlavaOnevisionForConditionalGeneration",
@@ -28,19 +29,34 @@ def pytest_configure(config):
         "all_families: run each test that uses the tiny checkpoint once per backbone family "
         "(tests/conftest.py FAMILIES); unmarked tests use LLaVA-OneVision",
     )
+    config.addinivalue_line(
+        "markers",
+        "released_formats: also run each test that uses the tiny checkpoint on the family's "
+        "released-format fixture (the released chat template, image processor config and image "
+        "token counts, tiny widths; cafe.testing.build_released_format_checkpoint)",
+    )
 
 
 def pytest_generate_tests(metafunc):
     """Tests marked ``all_families`` (a module's ``pytestmark``, a class or a test) that use the
-    tiny checkpoint, directly or through `cafe_model`, run once per family."""
+    tiny checkpoint, directly or through `cafe_model`, run once per family; tests marked
+    ``released_formats`` run on the tiny and on the released-format checkpoint of each."""
     if "family" in metafunc.fixturenames and metafunc.definition.get_closest_marker("all_families") is not None:
         metafunc.parametrize("family", FAMILIES, indirect=True)
+    if "checkpoint_format" in metafunc.fixturenames and metafunc.definition.get_closest_marker("released_formats"):
+        metafunc.parametrize("checkpoint_format", CHECKPOINT_FORMATS, indirect=True)
 
 
 @pytest.fixture(scope="session")
 def family(request):
     """The backbone family (``model_type``) of `tiny_checkpoint`."""
     return getattr(request, "param", DEFAULT_FAMILY)
+
+
+@pytest.fixture(scope="session")
+def checkpoint_format(request):
+    """``"tiny"`` (32 px images, one anyres tile) or ``"released"`` (the released checkpoint's processing)."""
+    return getattr(request, "param", "tiny")
 
 
 @pytest.fixture(scope="session")
@@ -59,8 +75,26 @@ def _tiny_checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(family, _tiny_checkpoints):
-    """A stock tiny checkpoint folder (model + processor) of `family`, LLaVA-OneVision by default."""
+def _released_checkpoints(tmp_path_factory):
+    """Builds each family's released-format checkpoint once per session."""
+    from cafe.testing import build_released_format_checkpoint
+
+    built = {}
+
+    def get(family):
+        if family not in built:
+            built[family] = build_released_format_checkpoint(tmp_path_factory.mktemp(f"released-{family}"), family)
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(family, checkpoint_format, _tiny_checkpoints, _released_checkpoints):
+    """A stock checkpoint folder (model + processor) of `family`, LLaVA-OneVision by default: the
+    tiny one, or (``released_formats`` tests) the released-format one."""
+    if checkpoint_format == "released":
+        return _released_checkpoints(family)
     return _tiny_checkpoints(family)
 
 

@@ -9,7 +9,7 @@ import torch
 from cafe.modeling import last_token_pool
 from cafe.prompting import build_embedding_batch, render_embedding_prompts, to_embedding_inputs
 
-pytestmark = pytest.mark.all_families
+pytestmark = [pytest.mark.all_families, pytest.mark.released_formats]
 
 # How one image appears in a prompt, as each family's own chat template writes it.
 IMAGE = {
@@ -54,9 +54,10 @@ def test_embedding_prompts_follow_the_models_own_chat_template(cafe_model, image
     for image, text, suffix in cases:
         content = ([image] if image else []) + [{"type": "text", "text": (text or "") + suffix}]
         conversation = [
-            {"role": "system", "content": settings.system_prompt},
+            # List contents: llava-hf's template renders no plain-string content.
+            {"role": "system", "content": [{"type": "text", "text": settings.system_prompt}]},
             {"role": "user", "content": content},
-            {"role": "assistant", "content": ""},
+            {"role": "assistant", "content": [{"type": "text", "text": ""}]},
         ]
         own = processor.apply_chat_template(conversation, tokenize=False)
         item = to_embedding_inputs([{"image": images[0], "text": text} if image and text else images[0] if image else text])

@@ -62,18 +62,6 @@ STOCK_CLASSES = {
 IMAGE_TURN = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
 
 
-@pytest.fixture(scope="session")
-def _released_checkpoints(tmp_path_factory):
-    built = {}
-
-    def get(family):
-        if family not in built:
-            built[family] = build_released_format_checkpoint(tmp_path_factory.mktemp(f"released-{family}"), family)
-        return built[family]
-
-    return get
-
-
 @pytest.fixture(scope="session", params=RELEASED_FORMAT_FAMILIES)
 def released_family(request):
     return request.param

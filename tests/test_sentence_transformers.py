@@ -276,6 +276,7 @@ def test_unknown_default_prompt_name_is_rejected(cafe_model, tmp_path):
 
 
 @pytest.mark.all_families
+@pytest.mark.released_formats
 def test_every_backbone_family_gives_the_same_vectors(tiny_checkpoint, tmp_path):
     """The export is family-agnostic: AutoModel of each family is its CAFe backbone (in-process here;
     the cafe-free subprocess above covers the default family)."""

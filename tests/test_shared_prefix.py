@@ -14,7 +14,7 @@ from _training import write_training_data
 from cafe import CafeCollator
 from cafe.shared_prefix import common_prefix_length, shared_prefix_attention_mask
 
-pytestmark = pytest.mark.all_families
+pytestmark = [pytest.mark.all_families, pytest.mark.released_formats]
 
 
 @pytest.fixture()

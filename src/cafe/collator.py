@@ -18,7 +18,7 @@ import torch
 from .batch import CafeBatch, EmbeddingSequences, LanguageModelingSequences, MiniBatches
 from .configuration import CafeSettings
 from .losses import IGNORE_INDEX
-from .prompting import EmbeddingInput, build_embedding_chat_template, render_embedding_prompts
+from .prompting import EmbeddingInput, build_embedding_chat_template, build_lm_chat_template, render_embedding_prompts
 from .records import RecordError, RecordParser, Side, TrainingExample
 
 logger = logging.getLogger(__name__)
@@ -32,12 +32,20 @@ class CafeCollator:
     Args:
         processor: The model's processor (tokenizer + image processor + chat template).
         settings: CAFe settings; defaults to the model's (`model.cafe_settings`) if you pass
-            ``model=``, else the paper's defaults.
-        model: Optional; used only to read its settings and embedding template.
+            ``model=``, else the paper's defaults. Their ``embedding_chat_template`` renders the
+            embedding sides and their ``lm_chat_template`` the LM sequences (the reference's
+            format, not the checkpoint's generation template; see `build_lm_chat_template`).
+            `settings` (the attribute) holds what this collator trains with: `CafeTrainer`
+            writes it into the model's ``config.cafe`` if it differs (``multimodal_input``).
+        model: Optional; read for its settings, image placeholder and context length.
         image_folder: Base folder of relative image paths.
-        max_length: Longest LM sequence. Longer ones are cut at the end, never inside the image
-            tokens: a sequence whose image tokens reach past ``max_length`` leaves the LM batch
-            (counted as ``lm_dropped_image_cut``); its contrastive pair stays.
+        max_length: Longest LM sequence. Default: the language model's context length
+            (``text_config.max_position_embeddings``), which keeps every image of a released
+            checkpoint's anyres processor (up to ~7.3k tokens per photo for llava-hf
+            LLaVA-OneVision). Longer sequences are cut at the end, never inside the image tokens:
+            a sequence whose image tokens reach past ``max_length`` leaves the LM batch (its
+            contrastive pair stays). Both are counted in ``CafeBatch.counts`` and logged as a
+            warning the first time they happen.
         max_text_tokens: Longest text of an embedding side, in tokens (the prompt around it is
             always kept, so the pooled token is always the template's last token).
         multimodal_input: Reference flag: query = user turn (image + question), positive = answer,
@@ -55,7 +63,7 @@ class CafeCollator:
         settings: CafeSettings | None = None,
         model=None,
         image_folder: str | None = None,
-        max_length: int = 2048,
+        max_length: int | None = None,
         max_text_tokens: int = 512,
         multimodal_input: bool = False,
         compute_language_loss: bool = True,
@@ -74,14 +82,25 @@ class CafeCollator:
         self.tokenizer = getattr(processor, "tokenizer", processor)
         if settings is None:
             settings = model.cafe_settings if model is not None else CafeSettings()
-        template = settings.embedding_chat_template
-        if multimodal_input or template is None:
-            placeholder = getattr(model, "cafe_image_placeholder", "<image>\n")
-            if multimodal_input:
-                settings = dataclasses.replace(settings, image_prompt="", text_prompt="", multimodal_prompt="")
-            template = build_embedding_chat_template(settings, placeholder)
-        self.embedding_chat_template = template
-        self.max_length = max_length
+        placeholder = _image_placeholder(model, processor)
+        if multimodal_input:
+            # The reference's MMEB mode: no "Compress ..." instruction on either side. The
+            # prompts a model trains with are the prompts it must embed with afterwards.
+            settings = dataclasses.replace(
+                settings, image_prompt="", text_prompt="", multimodal_prompt="", embedding_chat_template=None
+            )
+        if settings.embedding_chat_template is None:
+            settings = dataclasses.replace(
+                settings, embedding_chat_template=build_embedding_chat_template(settings, placeholder)
+            )
+        if settings.lm_chat_template is None:
+            settings = dataclasses.replace(settings, lm_chat_template=build_lm_chat_template(settings, placeholder))
+        self.settings = settings
+        self.embedding_chat_template = settings.embedding_chat_template
+        self.lm_chat_template = settings.lm_chat_template
+        self.assistant_header = assistant_header
+        self.max_length = max_length if max_length is not None else _context_length(model, self.tokenizer)
+        self._warned: set[str] = set()
         self.max_text_tokens = max_text_tokens
         self.compute_language_loss = compute_language_loss
         self.compute_contrastive_loss = compute_contrastive_loss
@@ -160,11 +179,25 @@ class CafeCollator:
         with_lm = [example for example in examples if example.conversation is not None]
         if not with_lm:
             return None, []
-        texts = [self.processor.apply_chat_template(example.conversation, tokenize=False) for example in with_lm]
+        texts = [
+            self.processor.apply_chat_template(example.conversation, chat_template=self.lm_chat_template, tokenize=False)
+            for example in with_lm
+        ]
         lm_images = [image for example in with_lm for image in example.conversation_images]
         encoded = self.processor(text=texts, images=[s.image for s in lm_images] or None, padding=True, return_tensors="pt")
         input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
         labels = self.assistant_labels(input_ids, attention_mask)
+        unsupervised = (labels[:, 1:] == IGNORE_INDEX).all(dim=1)
+        if bool(unsupervised.any()):
+            # Every record with an LM sequence has a non-empty answer, so no label means the
+            # assistant turns were not found: the loss would silently be 0.
+            row = int(unsupervised.nonzero()[0])
+            raise ValueError(
+                f"No answer tokens found in {int(unsupervised.sum())} of {len(with_lm)} LM sequences: the assistant "
+                f"header {self.assistant_header!r} does not occur in the rendered conversation, e.g. "
+                f"{texts[row][-300:]!r}. The LM sequences are rendered with `lm_chat_template` (CafeSettings); pass "
+                "CafeCollator(assistant_header=...) matching that template's assistant turn, or use the default template."
+            )
 
         keep = torch.ones(len(with_lm), dtype=torch.bool)
         if input_ids.shape[1] > self.max_length:
@@ -179,6 +212,7 @@ class CafeCollator:
             input_ids = input_ids[:, : self.max_length]
             attention_mask = attention_mask[:, : self.max_length]
             labels = labels[:, : self.max_length]
+        self._warn_once_about_lengths(counts, len(with_lm))
         if not keep.all():
             input_ids, attention_mask, labels = input_ids[keep], attention_mask[keep], labels[keep]
             with_lm = [e for e, k in zip(with_lm, keep.tolist()) if k]
@@ -186,6 +220,25 @@ class CafeCollator:
             if not len(input_ids):
                 return None, []
         return LanguageModelingSequences(input_ids, attention_mask, labels, images.indices(lm_images)), with_lm
+
+    def _warn_once_about_lengths(self, counts: dict[str, int], rows: int) -> None:
+        """Say it the first time LM rows are cut or dropped at ``max_length`` (later: counts only)."""
+        if counts["lm_dropped_image_cut"] and "dropped" not in self._warned:
+            self._warned.add("dropped")
+            logger.warning(
+                "%d of %d LM sequences in this batch left the LM loss: their image tokens reach past max_length=%d, "
+                "so they train contrastively only. Raise max_length (default: the model's context length); further "
+                "drops are counted in the logged metric data/lm_dropped_image_cut.",
+                counts["lm_dropped_image_cut"], rows, self.max_length,
+            )
+        if counts["lm_truncated"] and "truncated" not in self._warned:
+            self._warned.add("truncated")
+            logger.warning(
+                "%d of %d LM sequences in this batch were cut at max_length=%d (after their image tokens; the answer "
+                "tokens past the limit are not trained on). Raise max_length to keep them whole; further cuts are "
+                "counted in the logged metric data/lm_truncated.",
+                counts["lm_truncated"], rows, self.max_length,
+            )
 
     def assistant_labels(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Labels equal to the input ids on assistant answers (and their end token), -100 elsewhere.
@@ -247,6 +300,30 @@ class _UniqueImages:
                 self.images.append(side.image)
             result.append(self._index[side.image_key])
         return torch.tensor(result, dtype=torch.long)
+
+
+def _image_placeholder(model, processor) -> str:
+    """How one image appears in a prompt before the processor expands it (the family's)."""
+    if model is not None and hasattr(model, "cafe_image_placeholder"):
+        return model.cafe_image_placeholder
+    if getattr(processor, "image_token", None) == "<|image_pad|>":  # Qwen2-VL / Qwen2.5-VL processors
+        return "<|vision_start|><|image_pad|><|vision_end|>"
+    return "<image>\n"
+
+
+def _context_length(model, tokenizer) -> int:
+    """The default LM length: the language model's context length, else the tokenizer's limit."""
+    config = getattr(model, "config", None)
+    text_config = getattr(config, "text_config", config)
+    length = getattr(text_config, "max_position_embeddings", None)
+    if length is None:
+        length = getattr(tokenizer, "model_max_length", None)
+        if length is None or length > 10**7:  # transformers' "no limit" sentinel is ~1e30
+            raise ValueError(
+                "Cannot tell the LM sequence length: pass CafeCollator(model=...) or max_length=... (the language "
+                "model's context length keeps every image of an anyres processor)."
+            )
+    return int(length)
 
 
 def _query_lm_index(examples: list[TrainingExample], lm_examples: list[TrainingExample]) -> torch.Tensor:

@@ -41,6 +41,12 @@ class CafeSettings:
             means the backbone family's default (see `cafe.prompting.build_embedding_chat_template`).
             Written out in full when a model is created so the checkpoint is self-describing, and
             the sentence-transformers export renders with exactly this template.
+        lm_chat_template: Jinja template that renders the LM (next-token) conversations of
+            training: the reference's format (ChatML with the ``system_prompt`` turn) with the
+            backbone family's image placeholder, whatever generation template the checkpoint
+            ships (see `cafe.prompting.build_lm_chat_template`). ``None`` means the family's
+            default; written out in full like ``embedding_chat_template``, so a checkpoint states
+            what it was trained on.
     """
 
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
@@ -52,6 +58,7 @@ class CafeSettings:
     contrastive_temperature: float = 0.05
     learnable_logit_scale: bool = False
     embedding_chat_template: str | None = field(default=None, repr=False)
+    lm_chat_template: str | None = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.pooling not in POOLING_MODES:

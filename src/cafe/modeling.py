@@ -26,7 +26,7 @@ from transformers import AutoConfig, PreTrainedModel
 from .batch import CafeBatch
 from .configuration import CafeSettings
 from .losses import lm_loss_at_supervised_positions
-from .prompting import build_embedding_batch, build_embedding_chat_template, to_embedding_inputs
+from .prompting import build_embedding_batch, build_embedding_chat_template, build_lm_chat_template, to_embedding_inputs
 from .shared_prefix import SUPPORTED_ATTENTION, PackedBatch, pack_shared_prefix
 
 # Keyword arguments of `from_pretrained` that also apply to loading the config and the processor.
@@ -114,6 +114,8 @@ class CafeForConditionalGeneration(PreTrainedModel):
         settings = CafeSettings.from_dict(getattr(config, "cafe", None))
         if settings.embedding_chat_template is None:
             settings.embedding_chat_template = build_embedding_chat_template(settings, self.cafe_image_placeholder)
+        if settings.lm_chat_template is None:
+            settings.lm_chat_template = build_lm_chat_template(settings, self.cafe_image_placeholder)
         config.cafe = settings.to_dict()
         self.processor = None
 

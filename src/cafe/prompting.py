@@ -70,6 +70,42 @@ def build_embedding_chat_template(settings: CafeSettings, image_placeholder: str
     )
 
 
+def build_lm_chat_template(settings: CafeSettings, image_placeholder: str) -> str:
+    """The Jinja template of CAFe's LM (next-token) training conversations.
+
+    The reference trains on its own conversation format whatever template a checkpoint ships::
+
+        <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n
+        <|im_start|>user\\n<image>\\nDescribe the image.<|im_end|>\\n
+        <|im_start|>assistant\\nA red square.<|im_end|>\\n
+
+    (ChatML, a system turn unless the conversation brings its own, images where they appear in
+    the content). llava-hf's LLaVA-OneVision checkpoints ship a generation template without the
+    system turn; rendering the LM sequences with it would drop the turn LLaVA-OneVision was
+    trained with and leave the LM sequence and the image-embedding sequence (which has it) with a
+    one-token common prefix, so prefix sharing would find nothing to share.
+
+    Args:
+        settings: Provides ``system_prompt`` (the same system turn as the embedding template's).
+        image_placeholder: The text one image stands for before the processor expands it.
+    """
+    return (
+        "{%- for message in messages -%}"
+        "{%- if loop.first and message['role'] != 'system' -%}"
+        f"{{{{ '<|im_start|>system\\n' + {_literal(settings.system_prompt)} + '<|im_end|>\\n' }}}}"
+        "{%- endif -%}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+        "{%- if message['content'] is string -%}{{ message['content'] }}"
+        "{%- else -%}{%- for part in message['content'] -%}"
+        f"{{%- if part['type'] == 'image' -%}}{{{{ {_literal(image_placeholder)} }}}}"
+        "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+        "{%- endfor -%}{%- endif -%}"
+        "{{ '<|im_end|>\\n' }}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+    )
+
+
 @dataclass(frozen=True)
 class EmbeddingInput:
     """One thing to embed: an image, a text, or both (``image`` is a loaded PIL image)."""

@@ -237,7 +237,10 @@ class RecordParser:
             )
         answer = " ".join(answers)
         if self.multimodal_input:
-            query = Side(image.image if image else None, questions[0] or None, image.image_key if image else None)
+            # The query is the whole user side of the conversation, as the reference builds it:
+            # every user turn's text joined (like the answers), with the image.
+            question = " ".join(q for q in questions if q) or None
+            query = Side(image.image if image else None, question, image.image_key if image else None)
             if query.image is None and query.text is None:
                 raise RecordError(f"{where}: multimodal_input needs an image or a question text in the first turn.")
         else:

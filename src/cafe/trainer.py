@@ -141,9 +141,35 @@ class CafeTrainer(Trainer):
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._attach_model_card_data()
         self.add_callback(_ZeroLossGradients(self))
+        self._adopt_collator_prompts()
         mini_batch_size = getattr(self.loss, "mini_batch_size", None)
         if mini_batch_size is not None and not isinstance(self.data_collator, MiniBatchCollator):
             self.data_collator = MiniBatchCollator(self.data_collator, mini_batch_size)
+
+    def _adopt_collator_prompts(self) -> None:
+        """The prompts a model is trained with are the prompts it embeds with afterwards.
+
+        A `CafeCollator` may train with other prompts than the model's ``config.cafe`` (the
+        reference's ``multimodal_input`` drops the "Compress ..." instructions); then ``encode``,
+        the evaluation and the saved sentence-transformers files would embed with prompts the
+        model never saw. So the collator's settings are written into the model's config.
+        """
+        collator = getattr(self.data_collator, "collator", self.data_collator)
+        trained = getattr(collator, "settings", None)
+        if trained is None:
+            return
+        model = self._cafe_model()
+        current = model.cafe_settings
+        fields = ("image_prompt", "text_prompt", "multimodal_prompt", "embedding_chat_template", "lm_chat_template")
+        changed = [name for name in fields if getattr(trained, name) != getattr(current, name)]
+        if changed:
+            logger.warning(
+                "The collator trains with other CAFe prompts than the model's config.cafe (%s differ, e.g. "
+                "multimodal_input=True); writing the collator's into the model so that encode(), evaluation and "
+                "the saved checkpoint embed with the prompts it is trained with.",
+                ", ".join(changed),
+            )
+            model.config.cafe = {**model.config.cafe, **{name: getattr(trained, name) for name in fields}}
 
     def default_loss(self) -> CafeLoss:
         """The loss `CafeTrainingArguments` describe, temperature defaulting to the model's setting."""

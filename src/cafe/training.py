@@ -39,7 +39,9 @@ class DataArguments:
     data_path: str = field(metadata={"help": "JSON / JSONL file(s) (comma-separated), a saved dataset folder or a Hub id."})
     image_folder: str | None = field(default=None, metadata={"help": "Folder that image paths are relative to."})
     multimodal_input: bool = field(default=False, metadata={"help": "Reference flag: (image + question) vs answer pairs."})
-    max_length: int = 2048
+    max_length: int | None = field(
+        default=None, metadata={"help": "Longest LM sequence (default: the model's context length)."}
+    )
     max_text_tokens: int = 512
     caption_prompt: str | None = "Describe the image."
     missing_images: str = field(default="raise", metadata={"help": "raise | skip (counted and logged)."})
