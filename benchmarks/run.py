@@ -56,6 +56,7 @@ SCHEMA_VERSION = 1
 DEFAULTS = {
     #                 CPU headline               --quick (tiny)            --device cuda
     "train_pairs": {"cpu": 2, "quick": 4, "cuda": 8},
+    "photo_size": {"cpu": (640, 480), "quick": 32, "cuda": (640, 480)},
     "caption_tokens": {"cpu": 160, "quick": 16, "cuda": 160},
     "embed_images": {"cpu": 2, "quick": 4, "cuda": 32},
     "embed_texts": {"cpu": 32, "quick": 8, "cuda": 256},
@@ -138,6 +139,14 @@ class Bench:
 
 
 # ---------------------------------------------------------------------------------- main
+def _photo_size(text: str) -> int | tuple[int, int]:
+    """``640x480`` -> (640, 480); ``384`` -> 384 (square)."""
+    if "x" in text:
+        width, height = text.lower().split("x")
+        return int(width), int(height)
+    return int(text)
+
+
 def parse_args(argv: list[str] | None = None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny checkpoint, seconds; checks the plumbing, not the claims")
@@ -158,7 +167,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--vision-layers", type=int, default=None, help="depth cut (results then say DEPTH-CUT)")
     p.add_argument("--text-layers", type=int, default=None, help="depth cut (results then say DEPTH-CUT)")
     for name in DEFAULTS:
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=None,
+        p.add_argument("--" + name.replace("_", "-"), type=_photo_size if name == "photo_size" else int, default=None,
                        help=f"default {DEFAULTS[name]['cpu']} (CPU), {DEFAULTS[name]['quick']} (--quick), "
                        f"{DEFAULTS[name]['cuda']} (cuda)")
     p.add_argument("--gradcache-sizes", default="8,16,32,64")

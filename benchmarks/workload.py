@@ -12,11 +12,13 @@ Two model shapes:
 - ``tiny``: the test suite's tiny checkpoint (`cafe.testing`), used by ``--quick`` only. Its
   proportions are nothing like the real model's: quick results check the plumbing, not claims.
 
-Token counts are realistic: the processor is the real `LlavaOnevisionProcessor` at 384 px with
-the grid pinpoints limited to one 384 px tile, so every image is a base crop plus one tile
-(2 x 729 vision tokens, 1,485 LLM tokens after LLaVA-OneVision's packing with row newlines).
-The tokenizer is `cafe.testing`'s small offline BPE (ids < 512 of the 151,936-entry embedding);
-captions are drawn from the words it knows, one token per word, to a stated token length.
+Token counts are the released checkpoints': the processor is llava-hf's LLaVA-OneVision processor
+(`cafe.testing.llava_hf_llava_onevision_processor`: its chat template, 384 px crops and the full
+anyres grid), so a 384x384 image is a base crop plus one tile (1,485 LLM tokens after packing with
+row newlines) and a 640x480 photo a base crop plus four tiles (2,929 tokens). The training rows
+use 640x480 photos (``photo_size``), what a llava-hf user's data looks like. The tokenizer is
+`cafe.testing`'s small offline BPE (ids < 512 of the 151,936-entry embedding); captions are drawn
+from the words it knows, one token per word, to a stated token length.
 """
 
 from __future__ import annotations
@@ -92,38 +94,18 @@ def spec_for(model: str, vision_layers: int | None = None, text_layers: int | No
 
 
 def build_processor(spec: ModelSpec):
-    """The real LLaVA-OneVision processor at the model's image size, one anyres tile."""
-    from transformers import (
-        LlavaOnevisionImageProcessor,
-        LlavaOnevisionProcessor,
-        LlavaOnevisionVideoProcessor,
-    )
-
-    from cafe.testing import (
-        CHATML_TEMPLATE,
-        tiny_llava_onevision_processor,
-        train_tiny_tokenizer,
-    )
+    """llava-hf's LLaVA-OneVision processor (chat template, 384 px, full anyres grid), tiny tokenizer."""
+    from cafe.testing import llava_hf_llava_onevision_processor, tiny_llava_onevision_processor
 
     if spec.name.startswith("tiny"):
         return tiny_llava_onevision_processor()
-    size = {"height": spec.image_size, "width": spec.image_size}
-    return LlavaOnevisionProcessor(
-        image_processor=LlavaOnevisionImageProcessor(
-            size=size, crop_size=size, image_grid_pinpoints=[[spec.image_size, spec.image_size]]
-        ),
-        tokenizer=train_tiny_tokenizer(),
-        video_processor=LlavaOnevisionVideoProcessor(size=size, crop_size=size),
-        num_image_tokens=spec.tokens_per_crop,
-        vision_feature_select_strategy="full",
-        chat_template=CHATML_TEMPLATE,
-    )
+    return llava_hf_llava_onevision_processor()
 
 
 def build_config(spec: ModelSpec, tokenizer):
     from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
 
-    from cafe.testing import tiny_llava_onevision_config
+    from cafe.testing import LLAVA_ONEVISION_IMAGE_GRID_PINPOINTS, tiny_llava_onevision_config
 
     if spec.name.startswith("tiny"):
         return tiny_llava_onevision_config(tokenizer)
@@ -155,9 +137,10 @@ def build_config(spec: ModelSpec, tokenizer):
         text_config=text,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
-        image_grid_pinpoints=[[spec.image_size, spec.image_size]],
+        image_grid_pinpoints=LLAVA_ONEVISION_IMAGE_GRID_PINPOINTS,
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,
+        vision_aspect_ratio="anyres_max_9",
         tie_word_embeddings=spec.tie_word_embeddings,
     )
 
@@ -204,13 +187,14 @@ def count_parameters(model) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------------------- inputs
-def random_images(n: int, size: int, seed: int = 0):
-    """Noise images, square (so LLaVA-OneVision's unpadding keeps every token: the largest count)."""
+def random_images(n: int, size: int | tuple[int, int], seed: int = 0):
+    """Noise images of ``size`` pixels (an int: square) or ``(width, height)``."""
     import numpy as np
     from PIL import Image
 
+    width, height = (size, size) if isinstance(size, int) else size
     rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+    return [Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)) for _ in range(n)]
 
 
 def caption(n_tokens: int, seed: int) -> str:
@@ -218,13 +202,13 @@ def caption(n_tokens: int, seed: int) -> str:
     return " ".join(rng.choice(_WORDS) for _ in range(n_tokens))
 
 
-def training_records(n: int, image_size: int, caption_tokens: int, seed: int = 0) -> list[dict]:
+def training_records(n: int, image_size: int | tuple[int, int], caption_tokens: int, seed: int = 0) -> list[dict]:
     """Plain (image, caption) pairs: contrastive pair + a captioning LM sequence each."""
     images = random_images(n, image_size, seed)
     return [{"image": image, "text": caption(caption_tokens, seed * 1000 + i)} for i, image in enumerate(images)]
 
 
-def cafe_training_batch(model, processor, records, max_length: int = 8192):
+def cafe_training_batch(model, processor, records, max_length: int | None = None):
     """The `cafe.batch.CafeBatch` `CafeCollator` builds from ``records`` (what `CafeTrainer` feeds)."""
     from cafe import CafeCollator
 

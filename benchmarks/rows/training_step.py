@@ -34,7 +34,7 @@ def flop_breakdown(model, fn) -> dict:
 
 def training_batch(bench: Bench, pairs: int):
     """The `CafeBatch` of ``pairs`` (image, caption) records, on the run's device."""
-    records = W.training_records(pairs, bench.spec.image_size, bench.opt("caption_tokens"))
+    records = W.training_records(pairs, bench.opt("photo_size"), bench.opt("caption_tokens"))
     batch = W.cafe_training_batch(bench.model, bench.processor, records)
     return W.to_device(batch, bench.device, bench.dtype)
 
