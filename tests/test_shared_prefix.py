@@ -157,3 +157,21 @@ def test_trainer_step_with_activation_checkpointing_matches(tiny_checkpoint, dat
     assert grads[True][0] == pytest.approx(grads[False][0], rel=1e-5)
     for name, grad in grads[False][1].items():
         assert torch.allclose(grads[True][1][name], grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_an_attention_kernel_without_masks_says_sharing_is_off(cafe_model, data, caplog, monkeypatch):
+    """flash-attention / flex cannot take the packed row's 4-D mask: separate passes, and a warning."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    batch = collate(cafe_model, data)
+    monkeypatch.setattr(cafe_model.model.language_model.config, "_attn_implementation", "flash_attention_2")
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            packed = cafe_model._pack_shared_prefix(batch, None, None)
+    finally:
+        hf_logging.disable_propagation()
+    assert packed is None
+    assert any("Prefix sharing is off" in r.getMessage() and "flash_attention_2" in r.getMessage() for r in caplog.records)

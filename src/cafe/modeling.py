@@ -22,12 +22,15 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, PreTrainedModel
+from transformers.utils import logging
 
 from .batch import CafeBatch
 from .configuration import CafeSettings
 from .losses import lm_loss_at_supervised_positions
 from .prompting import build_embedding_batch, build_embedding_chat_template, build_lm_chat_template, to_embedding_inputs
 from .shared_prefix import SUPPORTED_ATTENTION, PackedBatch, pack_shared_prefix
+
+logger = logging.get_logger(__name__)
 
 # Keyword arguments of `from_pretrained` that also apply to loading the config and the processor.
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
@@ -60,9 +63,6 @@ class CafeForwardOutput:
     doc_embeds: torch.Tensor | None = None
     negative_embeds: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
-
-
-_SIDES = ("query", "doc", "negative")
 
 
 class CafeForConditionalGeneration(PreTrainedModel):
@@ -407,7 +407,17 @@ class CafeForConditionalGeneration(PreTrainedModel):
         """
         pair_index, query, lm = batch.query_lm_index, batch.query, batch.lm
         attention = self.model.language_model.config._attn_implementation
-        if pair_index is None or query is None or attention not in SUPPORTED_ATTENTION:
+        if pair_index is None or query is None:
+            return None
+        if attention not in SUPPORTED_ATTENTION:
+            if getattr(self, "_said_sharing_is_off", False):
+                return None
+            self._said_sharing_is_off = True  # once per model: it would repeat every step
+            logger.warning(
+                f"Prefix sharing is off: the {attention!r} attention kernel cannot take its 4-D mask (supported: "
+                f"{SUPPORTED_ATTENTION}). Image-embedding and LM sequences run in separate passes (same results, "
+                "more compute); load the model with attn_implementation='sdpa' to share them."
+            )
             return None
         query_images = self._image_per_row(query.input_ids, query.image_index)
         lm_images = self._image_per_row(lm.input_ids, lm.image_index)
