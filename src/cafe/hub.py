@@ -243,16 +243,19 @@ def write_model_card(
     card_data: CafeModelCardData | None = None,
     source: str | os.PathLike | None = None,
     tags: list[str] | None = None,
+    model_id: str | None = None,
 ) -> Path:
     """Write ``README.md`` into a saved CAFe checkpoint folder and return its path.
 
     Args:
         save_directory: Folder holding the checkpoint (its ``config.json`` is read).
-        repo_id: Hub id used in the usage snippets; defaults to the folder path.
+        repo_id: Hub id used in the usage snippets; defaults to `model_id`.
         card_data: Card data; empty fields are inherited from `source`, then defaulted.
         source: Where the model was loaded from (``model.name_or_path``): a folder or a Hub id.
             Defaults to `save_directory` itself, so re-writing a card keeps its metadata.
         tags: Extra Hub tags.
+        model_id: Path the usage snippets load when there is no `repo_id`; defaults to
+            `save_directory` (pass the final path when writing into a staging folder).
     """
     save_directory = Path(save_directory)
     config = json.loads((save_directory / "config.json").read_text(encoding="utf-8"))
@@ -263,7 +266,7 @@ def write_model_card(
         # A repo cannot be its own base model (a checkpoint re-uploaded where it was loaded from):
         # keep the base recorded in that repo's card, if it is in the local cache.
         data = dataclasses.replace(data, base_model=card_data_from_source(repo_id).base_model)
-    card = build_model_card(config, model_id=repo_id or str(save_directory), card_data=data)
+    card = build_model_card(config, model_id=repo_id or model_id or str(save_directory), card_data=data)
     path = save_directory / "README.md"
     card.save(path)
     return path
