@@ -237,3 +237,45 @@ def test_saving_into_a_file_path_is_an_error(new, tmp_path):
     with pytest.raises(NotADirectoryError, match="is a file"):
         new.save_pretrained(path)
     assert path.read_text() == "not a folder"
+
+
+# ----------------------------------------------------------------------------- cafe train's final/
+def test_cafe_train_final_folder_holds_the_last_run_and_says_how_to_load_it(tiny_checkpoint, tmp_path, capsys):
+    from peft import PeftModel
+
+    from _training import write_training_data
+    from cafe.cli import main
+
+    path, images = write_training_data(tmp_path)
+    output_dir, final = tmp_path / "out", tmp_path / "out" / "final"
+
+    def train(merge: bool) -> str:
+        capsys.readouterr()
+        main(["train", "--model_name_or_path", str(tiny_checkpoint), "--data_path", str(path),
+              "--image_folder", str(images), "--output_dir", str(output_dir), "--max_steps", "2",
+              "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--report_to", "none",
+              "--use_cpu", "True", "--save_strategy", "no", "--use_lora", "True", "--merge_lora", str(merge)])
+        return capsys.readouterr().out
+
+    base = CafeForConditionalGeneration.from_pretrained(tiny_checkpoint)
+
+    printed = train(merge=False)
+    assert (final / "adapter_config.json").exists()
+    assert "LoRA adapter" in printed and "PeftModel.from_pretrained" in printed and str(tiny_checkpoint) in printed
+
+    # A merged run into the same output_dir: final/ is that run's merged model, no adapter on top.
+    printed = train(merge=True)
+    assert not (final / "adapter_config.json").exists() and not (final / "adapter_model.safetensors").exists()
+    merged = CafeForConditionalGeneration.from_pretrained(final)
+    assert not getattr(merged, "_hf_peft_config_loaded", False)
+    assert _fingerprint(merged) != pytest.approx(_fingerprint(base), abs=1e-6)
+    assert_folder_holds(final, merged)
+    assert f"CafeForConditionalGeneration.from_pretrained({str(final)!r})" in printed
+
+    # And back: an adapter run over a merged folder leaves no merged weights to load instead.
+    printed = train(merge=False)
+    assert not (final / "model.safetensors").exists() and not (final / "config.json").exists()
+    # The printed recipe loads base + adapter.
+    adapted = PeftModel.from_pretrained(CafeForConditionalGeneration.from_pretrained(tiny_checkpoint), final)
+    assert (adapted.get_base_model().encode([TEXT]) - base.encode([TEXT])).abs().max() > 1e-4
+    assert not list(output_dir.glob(".final.*"))
