@@ -496,6 +496,7 @@ class CafeForConditionalGeneration(PreTrainedModel):
         Returns:
             ``[batch, hidden]`` float32 tensor, L2-normalised unless disabled.
         """
+        _check_token_batch(input_ids, attention_mask)
         vision_inputs = {k: v for k, v in vision_inputs.items() if v is not None}
         if mm_encoder_outputs is not None:
             vision_inputs = {"mm_encoder_outputs": mm_encoder_outputs}
@@ -526,9 +527,12 @@ class CafeForConditionalGeneration(PreTrainedModel):
             images, texts: Alternatively, images and/or texts (both: embedded as pairs).
             instruction: Optional task instruction placed before the text (MMEB style).
             processor: Defaults to the processor loaded with the model.
-            batch_size: Inputs per forward pass.
+            batch_size: Inputs per forward pass (a positive integer).
             show_progress_bar: Defaults to on when there is more than one batch.
         """
+        from .prompting import check_batch_size
+
+        check_batch_size(batch_size)
         processor = processor if processor is not None else self.processor
         if processor is None:
             raise ValueError(
@@ -708,3 +712,24 @@ def _link_or_copy(source, destination) -> None:
         import shutil
 
         shutil.copy2(source, destination, follow_symlinks=False)
+
+
+# ----------------------------------------------------------------------------- argument checks
+def _check_token_batch(input_ids: Any, attention_mask: Any) -> None:
+    """Shape checks only: they cost no device synchronisation on the training path."""
+    for name, value in (("input_ids", input_ids), ("attention_mask", attention_mask)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"{name} must be a torch.Tensor, got {type(value).__name__}: call the processor with "
+                "return_tensors='pt' (or use `encode` for raw inputs)."
+            )
+    if input_ids.ndim != 2:
+        raise ValueError(
+            f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}; a single sequence is a batch "
+            "of one: pass input_ids[None] and attention_mask[None]."
+        )
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids {tuple(input_ids.shape)}; "
+            "pass the mask the processor returned with these ids."
+        )
