@@ -257,7 +257,9 @@ class RecordParser:
             return default
         if not isinstance(positives, list) or not positives:
             raise RecordError(f"{where}: 'positives' must be a non-empty list.")
-        return self._item(self._rng.choice(positives), where, "positive")
+        # Same draw as `self._rng.choice(positives)`, with the index kept for error messages.
+        index = self._rng.randrange(len(positives))
+        return self._item(positives[index], where, f"positive {index}")
 
     def _pair(self, record: dict, where: str) -> TrainingExample:
         image_side = self.side(record["image"], None, where, "pair")
