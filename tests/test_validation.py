@@ -145,6 +145,13 @@ def test_results_are_cached_until_the_image_folder_changes(tmp_path, folder):
         validate_records(dataset, image_folder=folder)
 
 
+def test_metadata_columns_are_not_loaded_but_named(tmp_path, folder):
+    records = good_records(3)
+    records[1] = {"id": "r1", "picture": "red.png", "caption": "red"}
+    with pytest.raises(DataValidationError, match=r"#1 .*fits no supported layout; it has keys \['caption', 'id', 'picture', 'record_index'\]"):
+        validate_records(write(tmp_path, records), image_folder=folder)
+
+
 def test_in_memory_data_and_bad_arguments():
     dataset = Dataset.from_list([{"query": "q", "positive": "p"}, {"query": "q2", "positive": "p2"}])
     assert validate_records(dataset) is dataset

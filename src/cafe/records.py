@@ -18,6 +18,7 @@ and ``positives`` (several positives; one is sampled each time the record is use
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import io
 import json
@@ -151,6 +152,9 @@ class RecordParser:
         seed: Seed of the positive sampling for records with several positives.
         max_image_pixels: Refuse images with more pixels (checked before decoding); default:
             only PIL's own decompression-bomb limit.
+        hash_images: Compute each image's content key (``Side.image_key``, used to encode an
+            image once per batch and to mask false negatives). A check that only needs to know
+            whether records parse turns it off: hashing costs about as much as decoding.
 
     Keys whose value is None count as absent: `datasets` gives every row of a file that mixes
     layouts all the columns, with None for the ones the row does not have.
@@ -163,11 +167,13 @@ class RecordParser:
         caption_prompt: str | None = "Describe the image.",
         seed: int = 0,
         max_image_pixels: int | None = None,
+        hash_images: bool = True,
     ):
         self.image_folder = image_folder
         self.multimodal_input = multimodal_input
         self.caption_prompt = caption_prompt
         self.max_image_pixels = max_image_pixels
+        self.hash_images = hash_images
         self._rng = random.Random(seed)
 
     def where(self, record: Mapping, position: int) -> str:
@@ -180,7 +186,7 @@ class RecordParser:
         side = Side()
         if image is not None:
             side.image = _open_image(image, self.image_folder, f"{where} ({what} image)", self.max_image_pixels)
-            side.image_key = image_content_key(side.image)
+            side.image_key = image_content_key(side.image) if self.hash_images else None
         if text is not None:
             side.text = _text(text, where, f"{what} text")
         if side.image is None and side.text is None:
@@ -329,14 +335,28 @@ class RecordParser:
 
 def _check_keys(record: dict, where: str) -> None:
     """Refuse a key that is not a layout key but looks like a misspelt one."""
-    known = set(LAYOUT_KEYS) | set(_MMEB_ALIASES)
     for key in record:
-        if key in known or not isinstance(key, str):
-            continue
-        close = difflib.get_close_matches(key.lower(), sorted(known), n=1, cutoff=0.8)
+        close = _misspelt_layout_key(key) if isinstance(key, str) else None
         if close:
             raise RecordError(
-                f"{where}: unknown key {key!r} (did you mean {close[0]!r}?). Its value would be ignored. "
+                f"{where}: unknown key {key!r} (did you mean {close!r}?). Its value would be ignored. "
                 f"The known keys are {', '.join(LAYOUT_KEYS)} (and VLM2Vec's {', '.join(_MMEB_ALIASES)}); "
                 "rename the key, or give metadata a name that is not close to one of these."
             )
+
+
+@functools.lru_cache(maxsize=4096)  # a data set has few distinct keys; difflib is slow
+def _misspelt_layout_key(key: str) -> str | None:
+    """The layout key `key` is probably a misspelling of, or None (also for layout keys)."""
+    known = (*LAYOUT_KEYS, *_MMEB_ALIASES)
+    if key in known:
+        return None
+    close = difflib.get_close_matches(key.lower(), known, n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
+def columns_read_by_parser(column_names) -> list[str]:
+    """The columns of a data set that `RecordParser` reads or refuses (a misspelt layout key);
+    the others are metadata it never looks at, which a pre-flight check need not load."""
+    wanted = {*LAYOUT_KEYS, *_MMEB_ALIASES, "id", "record_index"}
+    return [name for name in column_names if name in wanted or _misspelt_layout_key(name)]

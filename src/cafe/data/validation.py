@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from ..records import ImageRecordError, RecordError, RecordParser
+from ..records import ImageRecordError, RecordError, RecordParser, columns_read_by_parser
 
 logger = logging.getLogger(__name__)
 
@@ -113,12 +113,17 @@ def validate_records(
         # changes its modification time, so a cached "all good" is not reused after that.
         "folder_mtime": _mtime(image_folder),
     }
-    found = dataset.map(
+    # Metadata columns (captions, boxes, ...) can be large, and the checks never read them: they
+    # are not loaded, only named (for "fits no layout; it has keys ..." messages). At least one
+    # column stays, so that the rows are there.
+    read = columns_read_by_parser(dataset.column_names) or dataset.column_names[:1]
+    settings["unread_columns"] = [name for name in dataset.column_names if name not in read]
+    found = dataset.select_columns(read).map(
         _check_batch,
         batched=True,
         with_indices=True,
         fn_kwargs={"settings": settings},
-        remove_columns=dataset.column_names,
+        remove_columns=read,
         features=_problem_features(),
         num_proc=num_proc,
         load_from_cache_file=load_from_cache_file,
@@ -148,11 +153,13 @@ def _check_batch(batch: dict[str, list], indices: list[int], settings: dict[str,
         settings["multimodal_input"],
         settings["caption_prompt"],
         max_image_pixels=settings["max_image_pixels"],
+        hash_images=False,
     )
     columns = list(batch)
+    unread = dict.fromkeys(settings["unread_columns"], "<not loaded>")
     out: dict[str, list] = {"index": [], "record_id": [], "reason": [], "image_problem": []}
     for row, index in enumerate(indices):
-        record = {column: batch[column][row] for column in columns}
+        record = {**unread, **{column: batch[column][row] for column in columns}}
         try:
             parser.check(record, index)
         except RecordError as err:
