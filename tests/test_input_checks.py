@@ -136,6 +136,31 @@ def test_mixed_record_layouts_in_one_json_file(image_folder):
     assert examples[3].positive.image is not None
 
 
+def test_mixed_layouts_make_one_batch(image_folder, cafe_model):
+    from cafe import CafeCollator
+    from cafe.training import load_records
+
+    records = [
+        {"image": "red.png", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
+                                               {"from": "gpt", "value": "red"}]},
+        {"image": "blue.png", "text": "a blue picture"},
+        {"query": "a query", "positive": "its answer"},
+    ]
+    path = image_folder / "mixed.json"
+    path.write_text(json.dumps(records))
+    collator = CafeCollator(cafe_model.processor, model=cafe_model, image_folder=str(image_folder))
+    batch = collator(list(load_records(str(path))))
+    assert batch["query_input_ids"].shape[0] == 3 and batch["input_ids"].shape[0] == 2  # two LM sequences
+
+
+def test_a_collator_given_one_record_instead_of_a_list(image_folder, cafe_model):
+    from cafe import CafeCollator
+
+    collator = CafeCollator(cafe_model.processor, model=cafe_model, image_folder=str(image_folder))
+    with pytest.raises(RecordError, match=r"not a dict of fields; a collator takes a list of records"):
+        collator({"image": "red.png", "text": "red"})
+
+
 # ----------------------------------------------------------------------------- decompression bombs
 @pytest.fixture()
 def bomb(tmp_path, monkeypatch):

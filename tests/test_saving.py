@@ -221,6 +221,17 @@ def test_a_model_saved_back_into_the_folder_it_was_loaded_from_keeps_its_prompts
     assert_folder_holds(folder, model)
 
 
+def test_saving_into_the_working_directory(new, tmp_path, monkeypatch):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    new.save_pretrained(".")
+    # The process stays in the folder (now the new one), not in the replaced copy.
+    assert os.getcwd() == str(folder) and os.path.isfile("config.json")
+    assert_folder_holds(folder, new)
+    assert_no_leftovers(folder)
+
+
 def test_a_non_main_process_writes_nothing(old, new, tmp_path):
     # Regression guard for distributed saves: only the writing rank touches the folder.
     folder = tmp_path / "model"

@@ -628,6 +628,7 @@ _MODEL_SAVE_FILES = (
     "config_sentence_transformers.json",
     "README.md",
     "training_args.bin",
+    "training_args.json",
 )
 
 
