@@ -207,7 +207,7 @@ class RecordParser:
         where = self.where(record, position)
         record = {_MMEB_ALIASES.get(k, k): v for k, v in record.items() if v is not None}
         _check_keys(record, where)
-        if "negatives" in record and not isinstance(record["negatives"], list):
+        if "negatives" in record and not isinstance(record["negatives"], (list, tuple)):
             value = record["negatives"]
             shown = json.dumps(value) if isinstance(value, str) and len(value) <= 60 else "..."
             raise RecordError(
