@@ -8,7 +8,7 @@ COMMANDS = {
     "demo": ("cafe.demo", "demo_main", "Offline end-to-end CAFe run on a tiny model and the built-in data."),
     "train": ("cafe.training", "train_main", "CAFe fine-tuning (HfArgumentParser flags; see `cafe train --help`)."),
     "convert": ("cafe.data.convert", "convert_main", "LLaVA-OneVision-Data subset -> JSON + image folder."),
-    "validate": ("cafe.data.validation", "validate_main", "Check every record of a training data set, list the bad ones."),
+    "validate": ("cafe.data.validation", "validate_main", "Check every record of a training data set before training."),
 }
 
 

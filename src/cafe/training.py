@@ -142,7 +142,8 @@ def save_final_model(trainer, model_args: ModelArguments, output_dir: str) -> st
         merged = model.merge_and_unload()
         merged.save_pretrained(output_dir)  # staged and rank-aware itself
         return _checkpoint_message(output_dir, type(merged).backbone_class().__name__, merged=True)
-    if model_args.use_lora and trainer.args.should_save and not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+    rank_local_files = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    if model_args.use_lora and trainer.args.should_save and not rank_local_files:
         # PEFT's own save_pretrained writes into the folder as it is, next to an earlier run's
         # merged weights (which transformers would load, with this adapter on top): stage it.
         # FSDP / DeepSpeed write rank-local files under the path each rank is given, so there

@@ -175,7 +175,12 @@ def _problem_features():
     from datasets import Features, Value
 
     return Features(
-        {"index": Value("int64"), "record_id": Value("string"), "reason": Value("string"), "image_problem": Value("bool")}
+        {
+            "index": Value("int64"),
+            "record_id": Value("string"),
+            "reason": Value("string"),
+            "image_problem": Value("bool"),
+        }
     )
 
 
