@@ -14,11 +14,17 @@ is saved again, unless ``model.model_card_data`` says otherwise.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
+import glob
 import json
+import logging
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 # The Hub allows one `pipeline_tag`. Generation is the checkpoint's primary task (it is a stock
 # image-text-to-text model); the embedding tasks are listed as tags so the model is found under
@@ -244,16 +250,19 @@ def write_model_card(
     card_data: CafeModelCardData | None = None,
     source: str | os.PathLike | None = None,
     tags: list[str] | None = None,
+    model_id: str | None = None,
 ) -> Path:
     """Write ``README.md`` into a saved CAFe checkpoint folder and return its path.
 
     Args:
         save_directory: Folder holding the checkpoint (its ``config.json`` is read).
-        repo_id: Hub id used in the usage snippets; defaults to the folder path.
+        repo_id: Hub id used in the usage snippets; defaults to `model_id`.
         card_data: Card data; empty fields are inherited from `source`, then defaulted.
         source: Where the model was loaded from (``model.name_or_path``): a folder or a Hub id.
             Defaults to `save_directory` itself, so re-writing a card keeps its metadata.
         tags: Extra Hub tags.
+        model_id: Path the usage snippets load when there is no `repo_id`; defaults to
+            `save_directory` (pass the final path when writing into a staging folder).
     """
     save_directory = Path(save_directory)
     config = json.loads((save_directory / "config.json").read_text(encoding="utf-8"))
@@ -264,7 +273,7 @@ def write_model_card(
         # A repo cannot be its own base model (a checkpoint re-uploaded where it was loaded from):
         # keep the base recorded in that repo's card, if it is in the local cache.
         data = dataclasses.replace(data, base_model=card_data_from_source(repo_id).base_model)
-    card = build_model_card(config, model_id=repo_id or str(save_directory), card_data=data)
+    card = build_model_card(config, model_id=repo_id or model_id or str(save_directory), card_data=data)
     path = save_directory / "README.md"
     card.save(path)
     return path
@@ -290,9 +299,25 @@ def push_folder_to_hub(
     snippets (its metadata is kept), then the folder goes up in one commit through
     ``HfApi.upload_folder``. Use this for folders written by a training run; models have
     ``model.push_to_hub(repo_id)``.
+
+    Pickles are never uploaded (``training_args.bin``, ``optimizer.pt``, ``rng_state.pth``,
+    ``*.pkl``, any ``*.bin`` that is a pickle): loading one runs arbitrary code, and a CAFe
+    checkpoint needs none. A folder whose weights exist only as pickles is refused.
     """
     from huggingface_hub import HfApi
 
+    pickles = find_pickles(folder)
+    weights = [name for name in pickles if fnmatch.fnmatchcase(Path(name).name, _PICKLED_WEIGHTS)]
+    if weights and not any(Path(folder).glob("*.safetensors")):
+        raise ValueError(
+            f"{folder} holds weights as pickles ({', '.join(weights)}), which are not uploaded (loading a pickle "
+            "runs code). Load the model and save it again with save_pretrained, which writes safetensors."
+        )
+    if pickles:
+        logger.warning(
+            "Not uploading %d pickle file(s) of %s: %s. Loading a pickle runs code; the checkpoint does not need them.",
+            len(pickles), folder, ", ".join(pickles),
+        )
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     if revision is not None and not revision.startswith("refs/pr"):
@@ -305,7 +330,45 @@ def push_folder_to_hub(
         commit_description=commit_description,
         revision=revision,
         create_pr=create_pr,
+        # The files found above by name, plus the extensions (any case of them is found above).
+        ignore_patterns=[glob.escape(name) for name in pickles] + list(PICKLE_PATTERNS),
     )
+
+
+# File name patterns of pickles (``*.bin`` files are pickles or not: they are inspected).
+PICKLE_PATTERNS = ("*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt")
+_PICKLED_WEIGHTS = "*_model*.bin"  # pytorch_model.bin, adapter_model.bin and their shards
+
+
+def find_pickles(folder: str | os.PathLike) -> list[str]:
+    """Paths (relative, ``/``-separated) of the pickle files under `folder`.
+
+    By extension (``.pt``, ``.pth``, ``.pkl``, ``.pickle``, ``.ckpt``, in any case), and ``.bin``
+    files by content: a pickle stream (protocol 2+) or a ``torch.save`` zip archive, which holds
+    one. Other ``.bin`` files (raw arrays, tokenizer data) are not pickles.
+    """
+    folder = Path(folder)
+    found = []
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file():
+            continue
+        name = path.name.lower()
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in PICKLE_PATTERNS) or (
+            name.endswith(".bin") and _is_pickle(path)
+        ):
+            found.append(path.relative_to(folder).as_posix())
+    return found
+
+
+def _is_pickle(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # PROTO opcode
+        return True
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith(".pkl") for name in archive.namelist())
+    return False
 
 
 def push_to_hub(model, repo_id: str, *, max_shard_size: int | str = "50GB", **kwargs):

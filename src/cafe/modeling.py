@@ -12,6 +12,8 @@ picks the family from the checkpoint's ``model_type`` (see `cafe.backbones`).
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import functools
 import json
 import os
@@ -176,6 +178,13 @@ class CafeForConditionalGeneration(PreTrainedModel):
         model card (``README.md``, see `cafe.hub`; fill ``model.model_card_data`` with a
         `cafe.hub.CafeModelCardData` to set its base model, datasets and training settings).
 
+        The save is all or nothing: every file is written into a hidden sibling folder
+        (``.{name}.saving-*``) that replaces ``save_directory`` only once complete, so an error or
+        an interruption at any point leaves the previous save as it was. Files of an earlier model
+        save that this one does not write (other weight shards, an index, PEFT adapter files,
+        sentence-transformers modules) are gone afterwards; anything else in the folder (Trainer
+        state, checkpoints, logs) is kept.
+
         Keyword arguments besides transformers' own:
             sentence_transformers_prompts: Named prompts for sentence-transformers (``"query"`` for
                 ``encode_query``, ``"document"`` for ``encode_document``, any name for
@@ -195,37 +204,46 @@ class CafeForConditionalGeneration(PreTrainedModel):
         hub_kwargs = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "private", "create_pr") if key in kwargs}
         if self.processor is not None:
             _check_processor_matches(self, self.processor)
-        result = super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
+        is_main_process = kwargs.get("is_main_process", True)
+        writes_here = getattr(self, "should_save_on_this_rank", lambda main: main)(is_main_process)
+        if not writes_here or kwargs.get("distributed_checkpoint", False):
+            # Other ranks only join transformers' collectives; rank-local distributed checkpoints
+            # are written by every rank into the folder itself, so there is no single writer to
+            # stage them.
+            return super().save_pretrained(save_directory, *args, **kwargs)
+
+        if prompts is None:
+            # Read before the folder is replaced: the source may be this very folder.
+            prompts, default_prompt_name = read_sentence_transformers_prompts(self.name_or_path) or (None, None)
+        with _staged_folder(save_directory) as staging:
+            result = super().save_pretrained(staging, *args, **kwargs)
             # transformers writes our class name into `architectures`; tools that dispatch on it
             # (vLLM, lmms-eval) must see the backbone's class instead.
-            config_path = Path(save_directory) / "config.json"
+            config_path = staging / "config.json"
             config = json.loads(config_path.read_text())
             config["architectures"] = [self.backbone_class().__name__]
             config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             if save_processor and self.processor is not None:
-                self.processor.save_pretrained(save_directory)
-            if prompts is None:
-                # Read before anything is written: the source may be this very folder.
-                prompts, default_prompt_name = read_sentence_transformers_prompts(self.name_or_path) or (None, None)
+                self.processor.save_pretrained(staging)
             write_sentence_transformers_files(
-                save_directory, self.config, prompts=prompts, default_prompt_name=default_prompt_name
+                staging, self.config, prompts=prompts, default_prompt_name=default_prompt_name
             )
             write_model_card(
-                save_directory,
+                staging,
                 card_data=getattr(self, "model_card_data", None),
                 source=self.name_or_path,
                 tags=self.model_tags,
+                model_id=str(save_directory),
             )
-            if push:
-                repo_id = hub_kwargs.pop("repo_id", Path(save_directory).name)
-                push_folder_to_hub(
-                    save_directory,
-                    repo_id,
-                    token=kwargs.get("token"),
-                    card_data=getattr(self, "model_card_data", None),
-                    **hub_kwargs,
-                )
+        if push:
+            repo_id = hub_kwargs.pop("repo_id", Path(save_directory).name)
+            push_folder_to_hub(
+                save_directory,
+                repo_id,
+                token=kwargs.get("token"),
+                card_data=getattr(self, "model_card_data", None),
+                **hub_kwargs,
+            )
         return result
 
     def push_to_hub(self, repo_id: str, **kwargs):
@@ -475,6 +493,7 @@ class CafeForConditionalGeneration(PreTrainedModel):
         Returns:
             ``[batch, hidden]`` float32 tensor, L2-normalised unless disabled.
         """
+        _check_token_batch(input_ids, attention_mask)
         vision_inputs = {k: v for k, v in vision_inputs.items() if v is not None}
         if mm_encoder_outputs is not None:
             vision_inputs = {"mm_encoder_outputs": mm_encoder_outputs}
@@ -505,9 +524,12 @@ class CafeForConditionalGeneration(PreTrainedModel):
             images, texts: Alternatively, images and/or texts (both: embedded as pairs).
             instruction: Optional task instruction placed before the text (MMEB style).
             processor: Defaults to the processor loaded with the model.
-            batch_size: Inputs per forward pass.
+            batch_size: Inputs per forward pass (a positive integer).
             show_progress_bar: Defaults to on when there is more than one batch.
         """
+        from .prompting import check_batch_size
+
+        check_batch_size(batch_size)
         processor = processor if processor is not None else self.processor
         if processor is None:
             raise ValueError(
@@ -567,3 +589,145 @@ def _try_load_processor(path, hub_kwargs: dict):
     except (OSError, ValueError, KeyError, TypeError):
         # A weights-only folder (e.g. an intermediate Trainer checkpoint) has no processor.
         return None
+
+
+# ----------------------------------------------------------------------------- staged saves
+# Top-level names a model save writes (transformers weights and config, PEFT adapters, processor
+# and tokenizer files, the sentence-transformers export, the card, Trainer's `training_args.bin`).
+# When a new save replaces a folder, these go even if the new save does not write them: a stale
+# `adapter_config.json` or `model.safetensors` would be loaded instead of the new weights.
+_MODEL_SAVE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model*.safetensors",
+    "model*.safetensors.index.json",
+    "pytorch_model*.bin",
+    "pytorch_model*.bin.index.json",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "additional_chat_templates",
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "README.md",
+    "training_args.bin",
+    "training_args.json",
+)
+
+
+@contextlib.contextmanager
+def _staged_folder(save_directory: str | os.PathLike):
+    """Yield an empty hidden sibling of `save_directory` to write a save into; on a clean exit it
+    replaces `save_directory`, on any error (or interruption) it is removed and the folder is left
+    as it was.
+
+    The sibling lives in the same parent so that the final swap is a rename on one filesystem.
+    What the folder holds besides a model save (see `_MODEL_SAVE_FILES`) is carried over.
+    """
+    import shutil
+    import uuid
+
+    target = Path(os.path.realpath(save_directory))  # a symlinked folder keeps its link
+    if target.is_file():
+        raise NotADirectoryError(f"Cannot save into {str(save_directory)!r}: it is a file. Pass a folder path.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.saving-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()  # honours the umask, like the folder transformers would have created
+    try:
+        yield staging
+        _swap_in(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    """Make `staging` the folder `target`, carrying over what `target` holds besides a model save."""
+    import shutil
+    import uuid
+
+    if not target.exists():
+        os.rename(staging, target)
+        return
+    owned = set(os.listdir(staging)) | _sentence_transformers_module_folders(target)
+    for name in os.listdir(target):
+        if name in owned or any(fnmatch.fnmatchcase(name, pattern) for pattern in _MODEL_SAVE_FILES):
+            continue
+        # Hard links: the old folder stays complete until the swap, at no copying cost.
+        source, destination = target / name, staging / name
+        if source.is_dir() and not source.is_symlink():
+            shutil.copytree(source, destination, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(source, destination)
+    os.chmod(staging, target.stat().st_mode & 0o7777)
+    # A process whose working directory is inside the old folder would be left in the replaced
+    # copy; it is moved to the same path in the new folder.
+    cwd = os.getcwd()
+    inside = cwd == str(target) or cwd.startswith(str(target) + os.sep)
+    replaced = target.parent / f".{target.name}.replaced-{uuid.uuid4().hex[:12]}"
+    # Two renames: the path is missing for the instant between them, never half written. Were
+    # the process killed right there, the previous save is intact under the `.replaced-` name.
+    os.rename(target, replaced)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        os.rename(replaced, target)
+        raise
+    if inside and os.path.isdir(cwd):
+        os.chdir(cwd)
+    shutil.rmtree(replaced, ignore_errors=True)
+
+
+def _sentence_transformers_module_folders(folder: Path) -> set[str]:
+    """Module folders (``1_Pooling``, ...) listed in the ``modules.json`` of an earlier save."""
+    try:
+        modules = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
+        paths = {str(module.get("path") or "") for module in modules}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return set()
+    # Only plain top-level folder names: a malformed file must not point outside the folder.
+    return {path for path in paths if path and Path(path).name == path}
+
+
+def _link_or_copy(source, destination) -> None:
+    try:
+        os.link(source, destination, follow_symlinks=False)
+    except OSError:  # a filesystem without hard links
+        import shutil
+
+        shutil.copy2(source, destination, follow_symlinks=False)
+
+
+# ----------------------------------------------------------------------------- argument checks
+def _check_token_batch(input_ids: Any, attention_mask: Any) -> None:
+    """Shape checks only: they cost no device synchronisation on the training path."""
+    for name, value in (("input_ids", input_ids), ("attention_mask", attention_mask)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"{name} must be a torch.Tensor, got {type(value).__name__}: call the processor with "
+                "return_tensors='pt' (or use `encode` for raw inputs)."
+            )
+    if input_ids.ndim != 2:
+        raise ValueError(
+            f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}; a single sequence is a batch "
+            "of one: pass input_ids[None] and attention_mask[None]."
+        )
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids {tuple(input_ids.shape)}; "
+            "pass the mask the processor returned with these ids."
+        )

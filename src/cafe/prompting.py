@@ -126,8 +126,20 @@ class EmbeddingInput:
         return messages
 
 
-def load_image(image: Any, where: str = "input"):
-    """Return an RGB PIL image from a PIL image or a file path, with errors that say what to fix."""
+def load_image(image: Any, where: str = "input", max_pixels: int | None = None):
+    """Return an RGB PIL image from a PIL image or a file path, with errors that say what to fix.
+
+    Args:
+        image: A PIL image, or the path of an image file.
+        where: What the image belongs to (``"record 12 (pair image)"``), for the error messages.
+        max_pixels: Refuse files with more pixels than this, checked on the header before
+            decoding. Files over PIL's own decompression-bomb limit (2 x
+            ``PIL.Image.MAX_IMAGE_PIXELS``) are refused either way.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: the file is corrupt, unreadable or too large.
+        TypeError: neither an image nor a path.
+    """
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(image, Image.Image):
@@ -138,7 +150,10 @@ def load_image(image: Any, where: str = "input"):
             raise FileNotFoundError(f"Image file not found for {where}: {str(path)!r}. Check the path / image folder.")
         try:
             with Image.open(path) as opened:
+                check_image_pixels(opened, f"{where}: {str(path)!r}", max_pixels)
                 return opened.convert("RGB")
+        except Image.DecompressionBombError as err:
+            raise ValueError(decompression_bomb_message(f"{where}: {str(path)!r}", err)) from None
         except (UnidentifiedImageError, OSError) as err:
             raise ValueError(
                 f"Corrupt or unreadable image for {where}: {str(path)!r} ({err}). Re-export or remove the file."
@@ -147,6 +162,59 @@ def load_image(image: Any, where: str = "input"):
         f"Expected a PIL.Image.Image or an image file path for {where}, got {type(image).__name__}. "
         "Open the image with PIL (Image.open(path)) or pass its path inside a dict {'image': path}."
     )
+
+
+def decompression_bomb_message(what: str, err: Exception) -> str:
+    """The error for a file PIL refuses as a possible decompression bomb.
+
+    Worded so that `CafeCollator`'s ``missing_images="skip"`` (which recognises corrupt and
+    missing files by their message) skips it like any other unusable image file.
+    """
+    from PIL import Image
+
+    limit = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
+    return (
+        f"Image too large for {what} ({err}). PIL refuses images over 2 x PIL.Image.MAX_IMAGE_PIXELS = {limit} "
+        "pixels as possible decompression bombs. Corrupt or oversized files like this one are skipped with "
+        "missing_images='skip'; otherwise resize the file, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust it."
+    )
+
+
+def check_image_pixels(image, what: str, max_pixels: int | None) -> None:
+    """Raise ValueError if an opened (not yet decoded) image has more than ``max_pixels`` pixels."""
+    if max_pixels is None:
+        return
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ValueError(
+            f"Image too large for {what}: {width}x{height} = {width * height} pixels, over "
+            f"max_image_pixels={max_pixels}. Resize the file or raise the limit."
+        )
+
+
+def check_batch_size(batch_size: Any) -> None:
+    """A batch size must be a positive int (0 would loop forever or fail deep inside ``range``)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int):
+        raise TypeError(f"batch_size must be a positive integer (inputs per forward pass), got {batch_size!r}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer (inputs per forward pass), got {batch_size}.")
+
+
+def check_sequence(value: Any, name: str, what: str = "items") -> None:
+    """Reject a single string, image or dict where a list of them is expected.
+
+    Python iterates a string by character and a dict by key, so without this check a bare
+    ``"hello"`` silently becomes five inputs. The error shows the call to write instead.
+    """
+    from PIL import Image
+
+    if isinstance(value, (str, bytes)):
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        raise TypeError(f"{name} must be a list of {what}, got a single string; pass {name}=[{shown!r}].")
+    if isinstance(value, Image.Image):
+        raise TypeError(f"{name} must be a list of {what}, got a single PIL image; pass {name}=[image].")
+    if isinstance(value, dict):
+        raise TypeError(f"{name} must be a list of {what}, got a single dict; pass {name}=[row].")
 
 
 def _check_text(text: Any, where: str) -> str:
@@ -166,8 +234,9 @@ def to_embedding_inputs(
     """Normalise what users pass into a list of `EmbeddingInput`.
 
     Accepted: ``inputs`` as a list of strings, PIL images, ``{"image": ..., "text": ...}`` dicts or
-    ``(image, text)`` tuples; or ``images=`` and/or ``texts=`` (both given: they are pairs and must
-    have the same length).
+    ``(image, text)`` tuples (a single item is one input); or ``images=`` and/or ``texts=`` as lists
+    (both given: they are pairs and must have the same length). A bare string or image passed as
+    ``texts=`` / ``images=`` is an error: it is not a list, and iterating it would be wrong.
     """
     from PIL import Image
 
@@ -176,6 +245,10 @@ def to_embedding_inputs(
     if inputs is None:
         if images is None and texts is None:
             raise ValueError("Nothing to embed: pass `inputs`, `images=` or `texts=`.")
+        if images is not None:
+            check_sequence(images, "images", "images (PIL images or file paths)")
+        if texts is not None:
+            check_sequence(texts, "texts", "strings")
         if images is not None and texts is not None:
             if len(images) != len(texts):
                 raise ValueError(

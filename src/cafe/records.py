@@ -17,21 +17,42 @@ and ``positives`` (several positives; one is sampled each time the record is use
 
 from __future__ import annotations
 
+import difflib
+import functools
 import hashlib
 import io
+import json
 import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
-from .prompting import load_image
+from .prompting import check_image_pixels, decompression_bomb_message, load_image
 
 IMAGE_PLACEHOLDER = "<image>"
 
 EXPECTED_LAYOUTS = (
     "{'image', 'conversations'} (LLaVA), {'image', 'text'} (pair), {'query', 'positive'} (text pair), "
     "{'query_text'|'query_image', 'target_text'|'target_image'} (interleaved / MMEB)"
+)
+# Every key a layout reads (VLM2Vec's names in `_MMEB_ALIASES` too). Other keys are metadata and
+# ignored (LLaVA-OneVision-Data's ``data_source``, ground-truth columns), unless they look like a
+# misspelt layout key: then the layout would silently lose a field, so the record is refused.
+LAYOUT_KEYS = (
+    "image",
+    "conversations",
+    "text",
+    "query",
+    "positive",
+    "positives",
+    "negatives",
+    "query_text",
+    "query_image",
+    "target_text",
+    "target_image",
+    "negative_text",
+    "negative_image",
 )
 _MMEB_ALIASES = {
     "qry": "query_text",
@@ -48,6 +69,14 @@ _MMEB_ALIASES = {
 
 class RecordError(ValueError):
     """A training record that cannot be used; the message names the record and the fix."""
+
+
+class ImageRecordError(RecordError):
+    """A record whose image cannot be used: missing, unreadable, corrupt or too large.
+
+    ``missing_images="skip"`` skips records that raise this (and only this) error; any other
+    `RecordError` is a mistake in the data that skipping would hide.
+    """
 
 
 @dataclass
@@ -76,22 +105,30 @@ def image_content_key(image) -> str:
     return digest.hexdigest()
 
 
-def _open_image(value: Any, image_folder: str | None, where: str):
+def _open_image(value: Any, image_folder: str | None, where: str, max_pixels: int | None = None):
     if isinstance(value, dict) and ("bytes" in value or "path" in value):
         # `datasets.Image(decode=False)` rows.
         if value.get("bytes") is not None:
             from PIL import Image
 
             try:
-                return Image.open(io.BytesIO(value["bytes"])).convert("RGB")
+                with Image.open(io.BytesIO(value["bytes"])) as opened:
+                    check_image_pixels(opened, f"{where} (image bytes)", max_pixels)
+                    return opened.convert("RGB")
+            except Image.DecompressionBombError as err:
+                raise ImageRecordError(decompression_bomb_message(f"{where} (image bytes)", err)) from None
+            except ValueError as err:
+                raise ImageRecordError(str(err)) from None
             except OSError as err:
-                raise RecordError(f"Corrupt image bytes in {where} ({err}).") from None
+                raise ImageRecordError(f"Corrupt image bytes in {where} ({err}).") from None
         value = value["path"]
     if isinstance(value, (str, os.PathLike)) and image_folder is not None and not Path(value).is_absolute():
         value = Path(image_folder) / value
     try:
-        return load_image(value, where)
-    except (FileNotFoundError, ValueError, TypeError) as err:
+        return load_image(value, where, max_pixels=max_pixels)
+    except (FileNotFoundError, ValueError) as err:
+        raise ImageRecordError(str(err)) from err
+    except TypeError as err:
         raise RecordError(str(err)) from err
 
 
@@ -113,6 +150,14 @@ class RecordParser:
         caption_prompt: User turn of the LM sequence built for plain (image, text) pairs;
             None trains plain pairs contrastively only.
         seed: Seed of the positive sampling for records with several positives.
+        max_image_pixels: Refuse images with more pixels (checked before decoding); default:
+            only PIL's own decompression-bomb limit.
+        hash_images: Compute each image's content key (``Side.image_key``, used to encode an
+            image once per batch and to mask false negatives). A check that only needs to know
+            whether records parse turns it off: hashing costs about as much as decoding.
+
+    Keys whose value is None count as absent: `datasets` gives every row of a file that mixes
+    layouts all the columns, with None for the ones the row does not have.
     """
 
     def __init__(
@@ -121,21 +166,27 @@ class RecordParser:
         multimodal_input: bool = False,
         caption_prompt: str | None = "Describe the image.",
         seed: int = 0,
+        max_image_pixels: int | None = None,
+        hash_images: bool = True,
     ):
         self.image_folder = image_folder
         self.multimodal_input = multimodal_input
         self.caption_prompt = caption_prompt
+        self.max_image_pixels = max_image_pixels
+        self.hash_images = hash_images
         self._rng = random.Random(seed)
 
-    def where(self, record: dict, position: int) -> str:
-        index = record.get("record_index", record.get("id", position))
-        return f"record {index}"
+    def where(self, record: Mapping, position: int) -> str:
+        index = record.get("record_index")
+        if index is None:
+            index = record.get("id")
+        return f"record {position if index is None else index}"
 
     def side(self, image: Any, text: Any, where: str, what: str) -> Side:
         side = Side()
         if image is not None:
-            side.image = _open_image(image, self.image_folder, f"{where} ({what} image)")
-            side.image_key = image_content_key(side.image)
+            side.image = _open_image(image, self.image_folder, f"{where} ({what} image)", self.max_image_pixels)
+            side.image_key = image_content_key(side.image) if self.hash_images else None
         if text is not None:
             side.text = _text(text, where, f"{what} text")
         if side.image is None and side.text is None:
@@ -147,9 +198,23 @@ class RecordParser:
             return self.side(value.get("image"), value.get("text"), where, what)
         return self.side(None, value, where, what)
 
-    def __call__(self, record: dict, position: int = 0) -> TrainingExample:
+    def __call__(self, record: Mapping, position: int = 0) -> TrainingExample:
+        if not isinstance(record, Mapping):
+            raise RecordError(
+                f"record {position} is a {type(record).__name__}, not a dict of fields; a collator takes a "
+                "list of records (e.g. collator([record])), each a dict such as {'image': ..., 'text': ...}."
+            )
         where = self.where(record, position)
-        record = {_MMEB_ALIASES.get(k, k): v for k, v in record.items()}
+        record = {_MMEB_ALIASES.get(k, k): v for k, v in record.items() if v is not None}
+        _check_keys(record, where)
+        if "negatives" in record and not isinstance(record["negatives"], (list, tuple)):
+            value = record["negatives"]
+            shown = json.dumps(value) if isinstance(value, str) and len(value) <= 60 else "..."
+            raise RecordError(
+                f"{where}: 'negatives' must be a list of texts or {{'image', 'text'}} dicts, got a "
+                f"{type(value).__name__} (a string would become one negative per character); write "
+                f"\"negatives\": [{shown}]."
+            )
         if "conversations" in record:
             example = self._llava(record, where)
         elif "query" in record and "positive" in record or "query" in record and "positives" in record:
@@ -168,10 +233,24 @@ class RecordParser:
 
         if example.positive is None or "positives" in record:
             example.positive = self._sample_positive(record, where, example.positive)
-        for i, negative in enumerate(record.get("negatives") or []):
+        for i, negative in enumerate(record.get("negatives", [])):
             example.negatives.append(self._item(negative, where, f"negative {i}"))
         if record.get("negative_text") is not None or record.get("negative_image") is not None:
             example.negatives.append(self.side(record.get("negative_image"), record.get("negative_text"), where, "negative"))
+        return example
+
+    def check(self, record: Mapping, position: int = 0) -> TrainingExample:
+        """Parse `record` as `__call__` does, and also every one of its ``positives``.
+
+        For a pre-flight check of a data set: training samples one positive per use, so a bad
+        one among several would otherwise surface only when drawn. Raises `RecordError`.
+        """
+        example = self(record, position)
+        positives = record.get("positives") if isinstance(record, Mapping) else None
+        if isinstance(positives, list):
+            where = self.where(record, position)
+            for i, positive in enumerate(positives):
+                self._item(positive, where, f"positive {i}")
         return example
 
     def _sample_positive(self, record: dict, where: str, default: Side | None) -> Side:
@@ -184,7 +263,9 @@ class RecordParser:
             return default
         if not isinstance(positives, list) or not positives:
             raise RecordError(f"{where}: 'positives' must be a non-empty list.")
-        return self._item(self._rng.choice(positives), where, "positive")
+        # Same draw as `self._rng.choice(positives)`, with the index kept for error messages.
+        index = self._rng.randrange(len(positives))
+        return self._item(positives[index], where, f"positive {index}")
 
     def _pair(self, record: dict, where: str) -> TrainingExample:
         image_side = self.side(record["image"], None, where, "pair")
@@ -253,3 +334,32 @@ class RecordParser:
             conversation=messages,
             conversation_images=[image] if image is not None else [],
         )
+
+
+def _check_keys(record: dict, where: str) -> None:
+    """Refuse a key that is not a layout key but looks like a misspelt one."""
+    for key in record:
+        close = _misspelt_layout_key(key) if isinstance(key, str) else None
+        if close:
+            raise RecordError(
+                f"{where}: unknown key {key!r} (did you mean {close!r}?). Its value would be ignored. "
+                f"The known keys are {', '.join(LAYOUT_KEYS)} (and VLM2Vec's {', '.join(_MMEB_ALIASES)}); "
+                "rename the key, or give metadata a name that is not close to one of these."
+            )
+
+
+@functools.lru_cache(maxsize=4096)  # a data set has few distinct keys; difflib is slow
+def _misspelt_layout_key(key: str) -> str | None:
+    """The layout key `key` is probably a misspelling of, or None (also for layout keys)."""
+    known = (*LAYOUT_KEYS, *_MMEB_ALIASES)
+    if key in known:
+        return None
+    close = difflib.get_close_matches(key.lower(), known, n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
+def columns_read_by_parser(column_names) -> list[str]:
+    """The columns of a data set that `RecordParser` reads or refuses (a misspelt layout key);
+    the others are metadata it never looks at, which a pre-flight check need not load."""
+    wanted = {*LAYOUT_KEYS, *_MMEB_ALIASES, "id", "record_index"}
+    return [name for name in column_names if name in wanted or _misspelt_layout_key(name)]

@@ -126,14 +126,60 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
     )
 
 
-def save_final_model(trainer, model_args: ModelArguments, output_dir: str) -> None:
-    """Save a vanilla checkpoint; LoRA adapters are merged first unless ``merge_lora`` is off."""
+def save_final_model(trainer, model_args: ModelArguments, output_dir: str) -> str:
+    """Save the trained model into `output_dir`, replacing what an earlier run left there.
+
+    With LoRA and ``merge_lora`` (default) the adapters are merged first: a vanilla checkpoint.
+    Without ``merge_lora`` the folder holds the adapter only (PEFT layout), to be loaded on top of
+    its base model. Either way files of an earlier save (an adapter, a merged model's weights)
+    are gone, so the folder loads what this run saved.
+
+    Returns:
+        A message for the user: what was saved and how to load it.
+    """
+    from .modeling import _staged_folder
+
     model = trainer.model
     if model_args.use_lora and model_args.merge_lora:
         merged = model.merge_and_unload()
-        merged.save_pretrained(output_dir)
+        merged.save_pretrained(output_dir)  # staged and rank-aware itself
+        return _checkpoint_message(output_dir, type(merged).backbone_class().__name__, merged=True)
+    rank_local_files = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    if model_args.use_lora and trainer.args.should_save and not rank_local_files:
+        # PEFT's own save_pretrained writes into the folder as it is, next to an earlier run's
+        # merged weights (which transformers would load, with this adapter on top): stage it.
+        # FSDP / DeepSpeed write rank-local files under the path each rank is given, so there
+        # every rank must get the same path.
+        with _staged_folder(output_dir) as staging:
+            trainer.save_model(str(staging))
     else:
         trainer.save_model(output_dir)
+    base = trainer.accelerator.unwrap_model(model)
+    if model_args.use_lora:
+        return _adapter_message(output_dir, base.get_base_model().name_or_path)
+    return _checkpoint_message(output_dir, type(base).backbone_class().__name__, merged=False)
+
+
+def _checkpoint_message(output_dir: str, backbone: str, merged: bool) -> str:
+    what = "the CAFe checkpoint (LoRA merged)" if merged else "the CAFe checkpoint"
+    return (
+        f"Saved {what} to {output_dir}. Load it with\n"
+        f"  CafeForConditionalGeneration.from_pretrained({output_dir!r})  # cafe: encode + generate\n"
+        f"  transformers.{backbone}.from_pretrained({output_dir!r})  # generation, no cafe needed\n"
+        f"  SentenceTransformer({output_dir!r})  # embeddings, no cafe needed"
+    )
+
+
+def _adapter_message(output_dir: str, base: str) -> str:
+    return (
+        f"Saved the LoRA adapter (--merge_lora False) to {output_dir}: adapter weights only, on top of the base "
+        f"model {base}. CafeForConditionalGeneration.from_pretrained cannot load this folder alone; load it with\n"
+        "  from peft import PeftModel\n"
+        "  from cafe import CafeForConditionalGeneration\n"
+        f"  model = PeftModel.from_pretrained(CafeForConditionalGeneration.from_pretrained({base!r}), {output_dir!r})\n"
+        "  model.get_base_model().encode([...])  # embeddings with the adapter applied\n"
+        "or merge it into a full checkpoint: model.merge_and_unload().save_pretrained(path)."
+    )
 
 
 def parse_arguments(parser, argv: list[str] | None):
@@ -158,7 +204,7 @@ def train_main(argv: list[str] | None = None) -> str:
     checkpoint = training_args.resume_from_checkpoint
     trainer.train(resume_from_checkpoint=checkpoint)
     final_dir = os.path.join(training_args.output_dir, "final")
-    save_final_model(trainer, model_args, final_dir)
+    message = save_final_model(trainer, model_args, final_dir)
     if trainer.is_world_process_zero():
-        print(f"Saved the CAFe checkpoint to {final_dir}")
+        print(message)
     return final_dir

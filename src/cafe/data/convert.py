@@ -5,7 +5,9 @@ Like the reference's ``prepare_data.py``, with the failure modes fixed and repor
 
 - ids that contain ``/`` or other path characters no longer create stray sub-folders (they are
   made safe for file names; the original id is kept in the record);
-- duplicate ids no longer overwrite each other's image (a numeric suffix keeps both);
+- ids that share a file name (duplicates, ids equal once made safe or up to case, an id equal to
+  the suffixed name of another) no longer overwrite each other's image: every image gets a file
+  name no other image of the subset has (a numeric suffix ``-1``, ``-2``, ... keeps them apart);
 - images are written as PNG, which stores every PIL mode (RGBA / P / L / CMYK go through as RGB),
   instead of failing or silently dropping the alpha channel's pictures;
 - records without an image stay, as text-only conversations, and are counted, never dropped;
@@ -16,8 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
+import itertools
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +35,7 @@ class ConversionReport:
     images_written: int = 0
     without_image: int = 0
     renamed_ids: int = 0
-    duplicate_ids: int = 0
+    duplicate_ids: int = 0  # images whose file name got a suffix because another image had it
     problems: list[str] = field(default_factory=list)
 
 
@@ -67,7 +69,9 @@ def convert_llava_onevision_data(
     image_dir = output_dir / folder_name
     image_dir.mkdir(parents=True, exist_ok=True)
     report = ConversionReport(json_path=output_dir / f"{folder_name}.json")
-    stems: Counter[str] = Counter()
+    # File names taken so far, case-folded: "Photo.png" and "photo.png" are one file on macOS and
+    # Windows filesystems.
+    taken: set[str] = set()
     records = []
     for index, row in enumerate(dataset):
         if max_records is not None and index >= max_records:
@@ -86,10 +90,11 @@ def convert_llava_onevision_data(
         else:
             stem = safe_file_stem(record_id)
             report.renamed_ids += stem != record_id
-            stems[stem] += 1
-            if stems[stem] > 1:
+            if stem.casefold() in taken:
                 report.duplicate_ids += 1
-                stem = f"{stem}-{stems[stem] - 1}"
+                # The first free suffix: a real id may already be "a-1", so a count of "a"s is not enough.
+                stem = next(f"{stem}-{n}" for n in itertools.count(1) if f"{stem}-{n}".casefold() not in taken)
+            taken.add(stem.casefold())
             relative = f"{folder_name}/{stem}.png"
             if image.mode not in ("RGB", "L"):
                 image = image.convert("RGB")

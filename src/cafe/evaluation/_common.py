@@ -8,6 +8,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
+from ..prompting import check_batch_size, check_sequence  # noqa: F401  (re-exported for the evaluation modules)
+
 
 def check_ks(ks: Iterable[int]) -> tuple[int, ...]:
     """Validate the cut-offs of a recall@K: a non-empty collection of integers >= 1."""

@@ -27,7 +27,9 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from ._common import (
+    check_batch_size,
     check_scores,
+    check_sequence,
     load_any_dataset,
     require_columns,
     resolve_image,
@@ -111,6 +113,9 @@ def summarize_mmeb(
     """
     if not per_subset:
         raise ValueError("per_subset is empty: evaluate at least one subset.")
+    check_sequence(in_distribution, "in_distribution", "subset names")
+    for task, names in meta_tasks.items():
+        check_sequence(names, f"meta_tasks[{task!r}]", "subset names")
     owner = {name: task for task, names in meta_tasks.items() for name in names}
     in_distribution = set(in_distribution)
 
@@ -174,6 +179,8 @@ def evaluate_mmeb_subset(
         image_root: Folder the image paths are relative to (MMEB-eval's unpacked image archive).
         batch_size: Inputs per forward pass.
     """
+    check_sequence(rows, "rows", "MMEB rows (a datasets.Dataset or a list of dicts)")
+    check_batch_size(batch_size)
     if len(rows) == 0:
         raise ValueError("No rows to evaluate.")
     queries = [(row["qry_text"], row["qry_img_path"]) for row in rows]
@@ -219,6 +226,9 @@ def evaluate_mmeb(
     """
     from tqdm.auto import tqdm
 
+    if subsets is not None:
+        check_sequence(subsets, "subsets", "subset names")
+    check_batch_size(batch_size)
     if subsets is None:
         subsets = list(dataset) if isinstance(dataset, Mapping) else list(MMEB_SUBSETS)
     if not subsets:

@@ -18,7 +18,7 @@ from typing import Any, Literal, Sequence
 import torch
 import torch.nn.functional as F
 
-from ._common import check_same_length, check_scores, resolve_image
+from ._common import check_batch_size, check_same_length, check_scores, check_sequence, resolve_image
 
 IMAGE_COLOUR = (31, 119, 180)
 TEXT_COLOUR = (255, 127, 14)
@@ -198,6 +198,9 @@ def evaluate_modality_gap(
         ``{"modality_gap", "num_pairs"}``, plus ``"plot_path"`` and ``"projection"`` when
         ``plot_path`` is given.
     """
+    check_sequence(images, "images", "PIL images or image paths")
+    check_sequence(texts, "texts", "strings")
+    check_batch_size(batch_size)
     if len(images) == 0:
         raise ValueError("images is empty.")
     check_same_length(images, texts, "images", "texts")

@@ -16,7 +16,9 @@ import re
 from typing import Any, Literal, Mapping, Sequence
 
 from ._common import (
+    check_batch_size,
     check_same_length,
+    check_sequence,
     load_any_dataset,
     require_columns,
     resolve_image,
@@ -99,6 +101,8 @@ def pope_metrics(predictions: Sequence[str], labels: Sequence[str | bool]) -> di
         yes), ``f1``, ``yes_ratio`` (predicted yes / all), ``other_ratio`` (unparsed / all) as
         fractions in [0, 1] (0.0 where a denominator is 0), and ``num_questions``.
     """
+    check_sequence(predictions, "predictions", "answers")
+    check_sequence(labels, "labels", "'yes'/'no' labels")
     if len(predictions) == 0:
         raise ValueError("predictions is empty.")
     check_same_length(predictions, labels, "predictions", "labels")
@@ -132,6 +136,9 @@ def pope_metrics_by_category(
         ``{category: metrics, ..., "average": mean of each metric over the categories}`` (the
         paper averages the three splits). ``"all"`` holds the metrics of all questions pooled.
     """
+    check_sequence(predictions, "predictions", "answers")
+    check_sequence(labels, "labels", "'yes'/'no' labels")
+    check_sequence(categories, "categories", "category names, one per question")
     check_same_length(predictions, labels, "predictions", "labels")
     check_same_length(predictions, categories, "predictions", "categories")
     if len(predictions) == 0:
@@ -175,11 +182,12 @@ def generate_answers(
     processor = processor if processor is not None else getattr(model, "processor", None)
     if processor is None:
         raise ValueError("No processor: pass processor= or load the model with its processor.")
+    check_sequence(images, "images", "PIL images or image paths")
+    check_sequence(questions, "questions", "strings")
+    check_batch_size(batch_size)
     if len(questions) == 0:
         raise ValueError("questions is empty.")
     check_same_length(images, questions, "images", "questions")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     tokenizer = processor.tokenizer
     starts = range(0, len(questions), batch_size)
     answers: list[str] = []
@@ -234,8 +242,13 @@ def evaluate_pope(
         `pope_metrics` of all questions, or `pope_metrics_by_category` when ``categories`` are
         given; plus ``"answers"``, the raw generated answers.
     """
+    check_sequence(images, "images", "PIL images or image paths")
+    check_sequence(questions, "questions", "strings")
+    check_sequence(labels, "labels", "'yes'/'no' labels")
+    check_batch_size(batch_size)
     check_same_length(questions, labels, "questions", "labels")
     if categories is not None:
+        check_sequence(categories, "categories", "category names, one per question")
         check_same_length(questions, categories, "questions", "categories")
     # Check the labels before spending time on generation.
     [_label(v, i) for i, v in enumerate(labels)]

@@ -26,9 +26,11 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from ._common import (
+    check_batch_size,
     check_ks,
     check_same_length,
     check_scores,
+    check_sequence,
     load_any_dataset,
     require_columns,
     resolve_image,
@@ -88,6 +90,7 @@ def caption_image_index(captions_per_image: Sequence[Sequence[str]]) -> tuple[li
         ``(captions, text_to_image)``: the ``num_captions`` captions in order and a
         ``[num_captions]`` long tensor with the index of each caption's image.
     """
+    check_sequence(captions_per_image, "captions_per_image", "caption lists, one per image")
     if len(captions_per_image) == 0:
         raise ValueError("captions_per_image is empty.")
     captions, owners = [], []
@@ -166,6 +169,9 @@ def evaluate_retrieval(
         The metrics of `retrieval_recall` plus ``num_images`` and ``num_captions``.
     """
     ks = check_ks(ks)
+    check_batch_size(batch_size)
+    check_sequence(images, "images", "PIL images or image paths")
+    check_sequence(captions_per_image, "captions_per_image", "caption lists, one per image")
     if len(images) == 0:
         raise ValueError("images is empty.")
     check_same_length(images, captions_per_image, "images", "captions_per_image")
