@@ -126,7 +126,8 @@ def test_multimodal_input_mode(cafe_model, image_folder):
     batch = collator([llava_record("red"), llava_record("blue")])
     tok = cafe_model.processor.tokenizer
     query = tok.decode(batch.query.input_ids[0][batch.query.attention_mask[0].bool()])
-    assert query.endswith("Describe the picture.<|im_end|>\n<|im_start|>assistant\n<|im_end|>")
+    # The reference's query is the whole user side: every user turn's text, joined.
+    assert query.endswith("Describe the picture. What colour is it?<|im_end|>\n<|im_start|>assistant\n<|im_end|>")
     assert "Compress" not in query and "Compress" not in tok.decode(batch.doc.input_ids[0])
 
 

@@ -19,7 +19,7 @@ from .batch import CafeBatch, EmbeddingSequences, LanguageModelingSequences, Min
 from .configuration import CafeSettings
 from .losses import IGNORE_INDEX
 from .prompting import EmbeddingInput, build_embedding_chat_template, build_lm_chat_template, render_embedding_prompts
-from .records import RecordError, RecordParser, Side, TrainingExample
+from .records import ImageRecordError, RecordError, RecordParser, Side, TrainingExample
 
 logger = logging.getLogger(__name__)
 
@@ -120,8 +120,7 @@ class CafeCollator:
             try:
                 examples.append(self.parser(record, position))
             except RecordError as err:
-                is_image_problem = "image" in str(err).lower() and ("not found" in str(err) or "Corrupt" in str(err))
-                if self.missing_images == "skip" and is_image_problem:
+                if self.missing_images == "skip" and isinstance(err, ImageRecordError):
                     logger.warning("Skipping a record: %s", err)
                     counts["skipped_records"] += 1
                     continue

@@ -239,6 +239,15 @@ class RecordParser:
             example.negatives.append(self.side(record.get("negative_image"), record.get("negative_text"), where, "negative"))
         return example
 
+    def rng_state(self) -> list:
+        """The positives-sampling RNG's state as JSON-able lists (saved in training checkpoints)."""
+        version, internal, gauss = self._rng.getstate()
+        return [version, list(internal), gauss]
+
+    def set_rng_state(self, state: list) -> None:
+        version, internal, gauss = state
+        self._rng.setstate((version, tuple(internal), gauss))
+
     def check(self, record: Mapping, position: int = 0) -> TrainingExample:
         """Parse `record` as `__call__` does, and also every one of its ``positives``.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections import defaultdict
@@ -64,6 +65,14 @@ class CafeTrainingArguments(TrainingArguments):
                           "shared prefix (system turn + image tokens) once. Same results, less compute; needs "
                           "sdpa or eager attention (other kernels fall back to separate passes)."},
     )
+    validate_data: bool = field(
+        default=True,
+        metadata={"help": "Check every training record (layout, texts, images) before step 1 and report all bad "
+                          "ones at once (cafe.data.validation.validate_records)."},
+    )
+    data_validation_num_proc: int | None = field(
+        default=None, metadata={"help": "Processes for the pre-flight data check (datasets.map num_proc)."}
+    )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep raw record columns: CafeCollator reads them."}
     )
@@ -91,6 +100,10 @@ class CafeTrainingArguments(TrainingArguments):
 
 
 LOSS_STATE_NAME = "cafe_loss.pt"
+# The collator's record-sampling RNG (which of a record's ``positives`` is drawn): training
+# state, so that a resumed run draws what the uninterrupted run draws. JSON, not a pickle.
+DATA_RNG_STATE_NAME = "cafe_data_rng.json"
+TRAINING_ARGS_JSON_NAME = "training_args.json"
 
 
 class _ZeroLossGradients(TrainerCallback):
@@ -277,21 +290,88 @@ class CafeTrainer(Trainer):
             model = self._cafe_model()
             model.config.cafe = {**model.config.cafe, **learned}
 
-    def train(self, *args, **kwargs):
-        result = super().train(*args, **kwargs)
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        self._check_training_data()
+        result = super().train(resume_from_checkpoint, *args, **kwargs)
         self.write_learned_settings()
         return result
 
+    # ------------------------------------------------------------------ data checks
+    def _cafe_collator(self):
+        return getattr(self.data_collator, "collator", self.data_collator)
+
+    def _check_training_data(self) -> None:
+        """Before step 1: every record usable (all problems reported at once), and enough records
+        for one batch, so that no run ends hours in on a bad record or a short data set."""
+        dataset, args = self.train_dataset, self.args
+        collator = self._cafe_collator()
+        parser = getattr(collator, "parser", None)
+        if args.validate_data and parser is not None and hasattr(dataset, "map") and hasattr(dataset, "__len__"):
+            from .data.validation import validate_records
+
+            with args.main_process_first(desc="validating the training records"):
+                self.train_dataset = dataset = validate_records(
+                    dataset,
+                    image_folder=parser.image_folder,
+                    multimodal_input=parser.multimodal_input,
+                    caption_prompt=parser.caption_prompt,
+                    missing_images=collator.missing_images,
+                    num_proc=args.data_validation_num_proc,
+                )
+        if dataset is not None and hasattr(dataset, "__len__") and args.dataloader_drop_last:
+            needed = args.per_device_train_batch_size * max(args.world_size, 1)
+            if len(dataset) < needed:
+                raise ValueError(
+                    f"The training set has {len(dataset)} usable records, fewer than one batch "
+                    f"(per_device_train_batch_size={args.per_device_train_batch_size} x {max(args.world_size, 1)} "
+                    "processes), and dataloader_drop_last=True drops incomplete batches (a contrastive batch needs equal "
+                    "sizes across processes): lower per_device_train_batch_size or add records."
+                )
+
+    # ------------------------------------------------------------------ saving
     def _save(self, output_dir: str | None = None, state_dict=None):
         self.write_learned_settings()
         super()._save(output_dir, state_dict)
+        # Trainer pickles its arguments next to the weights; a published folder should hold no
+        # pickle (loading one runs code). Write them as JSON instead.
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save:
+            pickled = os.path.join(output_dir, "training_args.bin")
+            if os.path.isfile(pickled):
+                os.remove(pickled)
+            with open(os.path.join(output_dir, TRAINING_ARGS_JSON_NAME), "w") as f:
+                f.write(self.args.to_json_string())
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
+                    token: str | None = None, revision: str | None = None, private: bool | None = None, **kwargs):
+        """Save the model to ``output_dir`` and upload what `save_pretrained` writes through
+        `cafe.hub.push_folder_to_hub` (cafe's model card; no pickles, no checkpoints)."""
+        from .hub import push_folder_to_hub
+
+        self.save_model(_internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        model = self._cafe_model()
+        repo_id = self.args.hub_model_id or os.path.basename(os.path.normpath(self.args.output_dir))
+        return push_folder_to_hub(
+            self.args.output_dir, repo_id, commit_message=commit_message, token=token or self.args.hub_token,
+            revision=revision, private=self.args.hub_private_repo if private is None else private,
+            card_data=getattr(model, "model_card_data", None),
+        )
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        # The loss's parameters are training state, like the optimizer's moments for them.
+        # The loss's parameters are training state, like the optimizer's moments for them; so
+        # is the collator's record-sampling RNG.
         super()._save_optimizer_and_scheduler(output_dir)
+        if not self.args.should_save:
+            return
         state = self.loss.state_dict()
-        if state and self.args.should_save:
+        if state:
             torch.save({key: value.detach().cpu() for key, value in state.items()}, os.path.join(output_dir, LOSS_STATE_NAME))
+        parser = getattr(self._cafe_collator(), "parser", None)
+        if parser is not None:
+            with open(os.path.join(output_dir, DATA_RNG_STATE_NAME), "w") as f:
+                json.dump(parser.rng_state(), f)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -305,6 +385,11 @@ class CafeTrainer(Trainer):
                 "%s has no %s: the loss's parameters (e.g. a learned logit scale) start from their initial values.",
                 checkpoint, LOSS_STATE_NAME,
             )
+        parser = getattr(self._cafe_collator(), "parser", None)
+        rng_path = os.path.join(checkpoint, DATA_RNG_STATE_NAME)
+        if parser is not None and os.path.isfile(rng_path):
+            with open(rng_path) as f:
+                parser.set_rng_state(json.load(f))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         # Checkpoints are in the backbone's published key layout (e.g. `language_model.lm_head`),
@@ -318,5 +403,13 @@ class CafeTrainer(Trainer):
         plain = hasattr(unwrapped, "cafe_settings") and not self.is_fsdp_enabled and not self.is_deepspeed_enabled
         if not plain or not (os.path.isfile(weights) or os.path.isfile(index)):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        loaded = type(unwrapped).from_pretrained(resume_from_checkpoint, load_processor=False, dtype=unwrapped.dtype)
+        try:
+            loaded = type(unwrapped).from_pretrained(resume_from_checkpoint, load_processor=False, dtype=unwrapped.dtype)
+        except Exception as err:  # safetensors / json errors of a folder an interrupted save left half-written
+            raise RuntimeError(
+                f"Cannot resume from {resume_from_checkpoint!r}: its weights do not load ({type(err).__name__}: {err}). "
+                "The checkpoint is incomplete, probably written by a run that was killed while saving it. Delete "
+                f"{resume_from_checkpoint!r} to resume from the previous checkpoint (resume_from_checkpoint=True picks "
+                "the newest remaining one), or pass another checkpoint folder."
+            ) from err
         unwrapped.load_state_dict(loaded.state_dict(), strict=True)
