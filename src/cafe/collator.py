@@ -46,8 +46,6 @@ class CafeCollator:
             a sequence whose image tokens reach past ``max_length`` leaves the LM batch (its
             contrastive pair stays). Both are counted in ``CafeBatch.counts`` and logged as a
             warning the first time they happen.
-        max_text_tokens: Longest text of an embedding side, in tokens (the prompt around it is
-            always kept, so the pooled token is always the template's last token).
         multimodal_input: Reference flag: query = user turn (image + question), positive = answer,
             and no "Compress ..." instruction on either side.
         compute_language_loss, compute_contrastive_loss: Which sequences to build.
@@ -64,7 +62,6 @@ class CafeCollator:
         model=None,
         image_folder: str | None = None,
         max_length: int | None = None,
-        max_text_tokens: int = 512,
         multimodal_input: bool = False,
         compute_language_loss: bool = True,
         compute_contrastive_loss: bool = True,
@@ -101,7 +98,6 @@ class CafeCollator:
         self.assistant_header = assistant_header
         self.max_length = max_length if max_length is not None else _context_length(model, self.tokenizer)
         self._warned: set[str] = set()
-        self.max_text_tokens = max_text_tokens
         self.compute_language_loss = compute_language_loss
         self.compute_contrastive_loss = compute_contrastive_loss
         self.missing_images = missing_images
@@ -160,16 +156,22 @@ class CafeCollator:
         return EmbeddingSequences(encoded["input_ids"], encoded["attention_mask"], images.indices(side_images))
 
     def _cut_texts(self, texts: list[str | None], counts) -> list[str | None]:
-        """Cut texts longer than ``max_text_tokens`` tokens (one batched tokenizer call per side)."""
-        present = [i for i, text in enumerate(texts) if text is not None]
-        if not present:
+        """Count the texts the embedding template cuts (``CafeSettings.max_text_chars``; the cut
+        itself is the template's, shared with ``encode`` and sentence-transformers)."""
+        limit = self.settings.max_text_chars
+        if limit is None:
             return texts
-        ids = self.tokenizer([texts[i] for i in present], add_special_tokens=False)["input_ids"]
-        texts = list(texts)
-        for i, token_ids in zip(present, ids):
-            if len(token_ids) > self.max_text_tokens:
-                counts["embedding_text_truncated"] += 1
-                texts[i] = self.tokenizer.decode(token_ids[: self.max_text_tokens])
+        cut = sum(1 for text in texts if text is not None and len(text) > limit)
+        if cut:
+            counts["embedding_text_truncated"] += cut
+            if "text" not in self._warned:
+                self._warned.add("text")
+                logger.warning(
+                    "%d embedding text(s) in this batch are longer than max_text_chars=%d and are cut to it (inside "
+                    "the prompt, as encode() and sentence-transformers cut them). Raise CafeSettings.max_text_chars "
+                    "to keep more; further cuts are counted in the logged metric data/embedding_text_truncated.",
+                    cut, limit,
+                )
         return texts
 
     # ------------------------------------------------------------------ LM sequences

@@ -37,6 +37,12 @@ class CafeSettings:
         contrastive_temperature: InfoNCE temperature tau (logit scale 1/tau). Reference: 0.05.
             Not called ``temperature``: transformers reads that config name as a generation setting.
         learnable_logit_scale: Learn log(1/tau) during training instead of keeping it fixed.
+        max_text_chars: Longest text of an embedding input, in characters (``None``: no limit).
+            The cut is made inside the embedding template (``text[:max_text_chars]``), so training,
+            ``encode`` and the sentence-transformers export, which all render with that template,
+            cut the same text the same way and the pooled token stays the template's last. In
+            characters because a template cannot count tokens; 2,048 characters are ~500 English
+            tokens.
         embedding_chat_template: Jinja template that renders an embedding conversation. ``None``
             means the backbone family's default (see `cafe.prompting.build_embedding_chat_template`).
             Written out in full when a model is created so the checkpoint is self-describing, and
@@ -53,6 +59,7 @@ class CafeSettings:
     image_prompt: str = DEFAULT_IMAGE_PROMPT
     text_prompt: str = DEFAULT_TEXT_PROMPT
     multimodal_prompt: str = DEFAULT_MULTIMODAL_PROMPT
+    max_text_chars: int | None = 2048
     pooling: str = "last_token"
     normalize: bool = True
     contrastive_temperature: float = 0.05
@@ -63,6 +70,8 @@ class CafeSettings:
     def __post_init__(self):
         if self.pooling not in POOLING_MODES:
             raise ValueError(f"Unknown pooling {self.pooling!r}; supported: {POOLING_MODES}.")
+        if self.max_text_chars is not None and self.max_text_chars < 1:
+            raise ValueError(f"max_text_chars must be >= 1 or None (no limit), got {self.max_text_chars}.")
         if not self.contrastive_temperature > 0:
             raise ValueError(
                 f"contrastive_temperature must be > 0 (got {self.contrastive_temperature}); the reference uses 0.05."

@@ -470,6 +470,16 @@ class CafeForConditionalGeneration(PreTrainedModel):
         return pooled
 
     # ------------------------------------------------------------------ embeddings
+    def _check_fits_context(self, length: int) -> None:
+        """A prompt past the position limit would embed garbage with only a tokenizer warning."""
+        limit = _context_length(self)
+        if limit is not None and length > limit:
+            raise ValueError(
+                f"An embedding prompt is {length} tokens, longer than the model's context ({limit} positions). "
+                f"Texts are cut at CafeSettings.max_text_chars={self.cafe_settings.max_text_chars} characters: lower "
+                "it (CafeForConditionalGeneration.from_pretrained(path, cafe_settings=...)), or pass smaller images."
+            )
+
     def get_embeddings(
         self,
         input_ids: torch.Tensor,
@@ -553,6 +563,7 @@ class CafeForConditionalGeneration(PreTrainedModel):
             with torch.inference_mode():
                 for start in starts:
                     batch = build_embedding_batch(processor, items[start : start + batch_size], template, instruction)
+                    self._check_fits_context(batch["input_ids"].shape[1])
                     batch = batch.to(self.device)
                     if "pixel_values" in batch:
                         batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
@@ -560,6 +571,11 @@ class CafeForConditionalGeneration(PreTrainedModel):
         finally:
             self.train(was_training)
         return torch.cat(chunks)
+
+
+def _context_length(model) -> int | None:
+    text_config = model.config.get_text_config()
+    return getattr(text_config, "max_position_embeddings", None)
 
 
 def _complement(rows: torch.Tensor, n: int) -> torch.Tensor:

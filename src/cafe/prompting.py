@@ -41,8 +41,13 @@ def build_embedding_chat_template(settings: CafeSettings, image_placeholder: str
     Images come first, then the optional instruction (a system turn, which is how
     sentence-transformers passes ``prompts``), then the text, then the modality's suffix:
     ``image_prompt`` for image-only inputs, ``text_prompt`` for text-only inputs and
-    ``multimodal_prompt`` for image + text.
+    ``multimodal_prompt`` for image + text. Each text is cut to ``settings.max_text_chars``
+    characters here, in the template, so that every path that renders with it (training,
+    ``encode``, sentence-transformers) embeds the same text.
     """
+    # Why in the template: sentence-transformers renders with this template and can only cut
+    # the *rendered* prompt, from the right, which would drop the pooled token.
+    cut = "" if settings.max_text_chars is None else f"[:{int(settings.max_text_chars)}]"
     return (
         "{%- set ns = namespace(images='', instruction='', text='', has_image=false, has_text=false) -%}"
         "{%- for message in messages -%}"
@@ -56,7 +61,7 @@ def build_embedding_chat_template(settings: CafeSettings, image_placeholder: str
         f"{{%- set ns.images = ns.images + {_literal(image_placeholder)} -%}}"
         "{%- set ns.has_image = true -%}"
         "{%- elif part['type'] == 'text' -%}"
-        "{%- set ns.text = ns.text + part['text'] -%}{%- set ns.has_text = true -%}"
+        f"{{%- set ns.text = ns.text + part['text']{cut} -%}}{{%- set ns.has_text = true -%}}"
         "{%- endif -%}"
         "{%- endfor -%}"
         "{%- endfor -%}"

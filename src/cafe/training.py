@@ -42,7 +42,6 @@ class DataArguments:
     max_length: int | None = field(
         default=None, metadata={"help": "Longest LM sequence (default: the model's context length)."}
     )
-    max_text_tokens: int = 512
     caption_prompt: str | None = "Describe the image."
     missing_images: str = field(default="raise", metadata={"help": "raise | skip (counted and logged)."})
 
@@ -96,7 +95,6 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
         model=model,
         image_folder=data_args.image_folder,
         max_length=data_args.max_length,
-        max_text_tokens=data_args.max_text_tokens,
         multimodal_input=data_args.multimodal_input,
         compute_language_loss=training_args.compute_language_loss,
         compute_contrastive_loss=training_args.compute_contrastive_loss,
