@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -92,9 +92,11 @@ class CafeCollator:
             )
         if settings.lm_chat_template is None:
             settings = dataclasses.replace(settings, lm_chat_template=build_lm_chat_template(settings, placeholder))
+        # Filled above: the templates this collator renders with.
+        assert settings.embedding_chat_template is not None and settings.lm_chat_template is not None
         self.settings = settings
-        self.embedding_chat_template = settings.embedding_chat_template
-        self.lm_chat_template = settings.lm_chat_template
+        self.embedding_chat_template: str = settings.embedding_chat_template
+        self.lm_chat_template: str = settings.lm_chat_template
         self.assistant_header = assistant_header
         self.max_length = max_length if max_length is not None else _context_length(model, self.tokenizer)
         self._warned: set[str] = set()
@@ -127,8 +129,8 @@ class CafeCollator:
         images = _UniqueImages()
         batch = CafeBatch(counts=counts)
         if self.compute_contrastive_loss:
-            queries = [example.query for example in examples]
-            docs = [example.positive for example in examples]
+            queries = [_pair_side(example.query) for example in examples]
+            docs = [_pair_side(example.positive) for example in examples]
             batch.query = self._embedding_side(queries, images, counts)
             batch.doc = self._embedding_side(docs, images, counts)
             negatives = [negative for example in examples for negative in example.negatives]
@@ -275,7 +277,7 @@ class MiniBatchCollator:
     `CafeTrainer` wraps its collator in this when its loss has a ``mini_batch_size``.
     """
 
-    def __init__(self, collator: CafeCollator, mini_batch_size: int):
+    def __init__(self, collator: Callable[[list[dict[str, Any]]], CafeBatch], mini_batch_size: int):
         if mini_batch_size < 1:
             raise ValueError(f"mini_batch_size must be >= 1, got {mini_batch_size}.")
         self.collator = collator
@@ -289,13 +291,15 @@ class MiniBatchCollator:
 class _UniqueImages:
     """Collects the distinct images of a batch (by content key) so each is encoded once."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.images: list = []
         self._index: dict[str, int] = {}
 
     def indices(self, sides: list[Side]) -> torch.Tensor:
         result = []
         for side in sides:
+            if side.image_key is None:
+                raise ValueError("An image side without a content key: build examples with RecordParser(hash_images=True).")
             if side.image_key not in self._index:
                 self._index[side.image_key] = len(self.images)
                 self.images.append(side.image)
@@ -327,6 +331,12 @@ def _context_length(model, tokenizer) -> int:
     return int(length)
 
 
+def _pair_side(side: Side | None) -> Side:
+    if side is None:  # RecordParser fills both sides of every pair it returns
+        raise RecordError("A training example without both sides of its pair; build examples with RecordParser.")
+    return side
+
+
 def _query_lm_index(examples: list[TrainingExample], lm_examples: list[TrainingExample]) -> torch.Tensor:
     """For each query row, the LM row of the same record when both open with the same image, else -1.
 
@@ -338,8 +348,13 @@ def _query_lm_index(examples: list[TrainingExample], lm_examples: list[TrainingE
     for example in examples:
         row = lm_row.get(id(example), -1)
         first_image = example.conversation_images[0] if example.conversation_images else None
-        same_image = example.query.image is not None and first_image is not None
-        same_image = same_image and first_image.image_key == example.query.image_key
+        query = example.query
+        same_image = (
+            query is not None
+            and query.image is not None
+            and first_image is not None
+            and first_image.image_key == query.image_key
+        )
         index.append(row if same_image else -1)
     return torch.tensor(index, dtype=torch.long)
 

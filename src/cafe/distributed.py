@@ -41,10 +41,10 @@ def check_same_batch_size(tensor: torch.Tensor) -> None:
     sizes = torch.tensor([tensor.shape[0]], device=tensor.device)
     all_sizes = [torch.empty_like(sizes) for _ in range(dist.get_world_size())]
     dist.all_gather(all_sizes, sizes)
-    all_sizes = [int(s) for s in all_sizes]
-    if len(set(all_sizes)) > 1:
+    counts = [int(s) for s in all_sizes]
+    if len(set(counts)) > 1:
         raise ValueError(
-            f"Contrastive batch sizes differ across processes {all_sizes}; gathering negatives needs equal sizes. "
+            f"Contrastive batch sizes differ across processes {counts}; gathering negatives needs equal sizes. "
             "Keep dataloader_drop_last=True (CafeTrainingArguments' default) so the uneven last batch is dropped."
         )
 

@@ -214,6 +214,8 @@ def build_model_card(config: dict[str, Any], *, model_id: str, card_data: CafeMo
     cafe = config.get("cafe") or {}
     model_type = config.get("model_type")
     architecture = (config.get("architectures") or ["AutoModelForImageTextToText"])[0]
+    # Training settings ride in the card's metadata under their own key (ModelCardData keeps extras).
+    extra: dict[str, Any] = {TRAINING_METADATA_KEY: card_data.training} if card_data.training else {}
     metadata = ModelCardData(
         base_model=card_data.base_model,
         datasets=card_data.datasets or None,
@@ -222,7 +224,7 @@ def build_model_card(config: dict[str, Any], *, model_id: str, card_data: CafeMo
         license=card_data.license,
         pipeline_tag=PIPELINE_TAG,
         tags=_unique([*CARD_TAGS, *([model_type] if model_type else []), *card_data.tags]),
-        **({TRAINING_METADATA_KEY: card_data.training} if card_data.training else {}),
+        **extra,
     )
     name = card_data.model_name or Path(str(model_id).rstrip("/")).name or "CAFe model"
     # The Hub accepts one base model or a list (merges); the text names the first.

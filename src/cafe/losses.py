@@ -432,7 +432,9 @@ class CachedCafeLoss(CafeLoss):
             raise ValueError(f"mini_batch_size must be >= 1, got {mini_batch_size}.")
         self.mini_batch_size = mini_batch_size
 
-    def forward(self, model: nn.Module, batch: MiniBatches) -> CafeLossOutput:
+    # A cached loss consumes `MiniBatches` (the trainer collates them for a loss with a
+    # `mini_batch_size`), or one `CafeBatch` as a single mini-batch.
+    def forward(self, model: nn.Module, batch: MiniBatches | CafeBatch) -> CafeLossOutput:  # type: ignore[override]
         from .batch import CafeBatch
 
         mini_batches = [batch] if isinstance(batch, CafeBatch) else list(batch)

@@ -129,7 +129,7 @@ class CafeForConditionalGeneration(PreTrainedModel):
         return get_cafe_class(config.model_type)
 
     @classmethod
-    def from_pretrained(
+    def from_pretrained(  # type: ignore[override]  # adds CAFe keywords; the rest go to transformers
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
         *model_args,
@@ -246,7 +246,7 @@ class CafeForConditionalGeneration(PreTrainedModel):
             )
         return result
 
-    def push_to_hub(self, repo_id: str, **kwargs):
+    def push_to_hub(self, repo_id: str, **kwargs):  # type: ignore[override]  # cafe's upload, same keywords
         """Upload what `save_pretrained` writes (checkpoint, processor, sentence-transformers files,
         model card) through huggingface_hub's ``create_repo`` / ``upload_folder``.
 
@@ -274,7 +274,10 @@ class CafeForConditionalGeneration(PreTrainedModel):
 
     @property
     def embedding_chat_template(self) -> str:
-        return self.cafe_settings.embedding_chat_template
+        template = self.cafe_settings.embedding_chat_template
+        if template is None:  # `__init__` fills it in; only a hand-edited config.cafe lacks it
+            raise ValueError("config.cafe has no embedding_chat_template; reload the model with from_pretrained.")
+        return template
 
     def freeze_unused_parameters(self) -> list[str]:
         """Set ``requires_grad=False`` on `cafe_unused_modules`' parameters; returns their names."""
@@ -297,7 +300,7 @@ class CafeForConditionalGeneration(PreTrainedModel):
             return "vision"
         return "llm"
 
-    def get_vision_features(self, **vision_inputs) -> dict[str, Any]:
+    def get_vision_features(self, *args: Any, **vision_inputs: Any) -> dict[str, Any]:
         """Run the vision tower + projector once; returns ``mm_encoder_outputs`` for `forward`.
 
         The result can be passed to several forward passes over sequences that hold the same
@@ -306,9 +309,9 @@ class CafeForConditionalGeneration(PreTrainedModel):
         raise NotImplementedError
 
     def embedding_position_ids(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **vision_inputs
-    ) -> torch.Tensor | None:
-        """Position ids for an embedding (or training LM) pass; ``None`` lets the backbone compute them.
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **vision_inputs: Any
+    ) -> torch.Tensor:
+        """Position ids for an embedding (or training LM) pass.
 
         ``vision_inputs`` are the vision keyword arguments the pass gives the backbone (the
         processor's tensors, or ``mm_encoder_outputs``), for position schemes that depend on the
@@ -339,6 +342,8 @@ class CafeForConditionalGeneration(PreTrainedModel):
         def vision_for(index: torch.Tensor | None):
             if index is None or index.numel() == 0:
                 return None
+            if features is None:
+                raise ValueError("The batch's sequences show images but batch.vision has no pixel_values.")
             return self.select_vision_features(features, index)
 
         output = CafeForwardOutput()
@@ -400,7 +405,7 @@ class CafeForConditionalGeneration(PreTrainedModel):
             return None
         has_image = images_per_row == 1
         per_row = torch.full_like(images_per_row, -1)
-        if n_images:
+        if image_index is not None and n_images:
             per_row[has_image] = image_index.to(per_row.device)
         return per_row
 
@@ -425,7 +430,7 @@ class CafeForConditionalGeneration(PreTrainedModel):
         """
         pair_index, query, lm = batch.query_lm_index, batch.query, batch.lm
         attention = self.model.language_model.config._attn_implementation
-        if pair_index is None or query is None:
+        if pair_index is None or query is None or lm is None:
             return None
         if attention not in SUPPORTED_ATTENTION:
             if getattr(self, "_said_sharing_is_off", False):

@@ -214,8 +214,8 @@ def check_sequence(value: Any, name: str, what: str = "items") -> None:
     from PIL import Image
 
     if isinstance(value, (str, bytes)):
-        shown = value if len(value) <= 40 else value[:37] + "..."
-        raise TypeError(f"{name} must be a list of {what}, got a single string; pass {name}=[{shown!r}].")
+        shown = repr(value) if len(value) <= 40 else repr(value[:37])[:-1] + "...'"
+        raise TypeError(f"{name} must be a list of {what}, got a single string; pass {name}=[{shown}].")
     if isinstance(value, Image.Image):
         raise TypeError(f"{name} must be a list of {what}, got a single PIL image; pass {name}=[image].")
     if isinstance(value, dict):
@@ -261,8 +261,10 @@ def to_embedding_inputs(
                     "Pass lists of equal length, or embed them in two separate calls."
                 )
             inputs = [{"image": image, "text": text} for image, text in zip(images, texts)]
+        elif images is not None:
+            inputs = [{"image": image} for image in images]
         else:
-            inputs = [{"image": image} for image in images] if images is not None else [{"text": t} for t in texts]
+            inputs = [{"text": text} for text in texts or []]
     if isinstance(inputs, (str, dict, Image.Image)):
         inputs = [inputs]
     inputs = list(inputs)

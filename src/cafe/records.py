@@ -295,7 +295,10 @@ class RecordParser:
         image = None
         if record.get("image") is not None:
             image = self.side(record["image"], None, where, "conversation")
-        messages, answers, questions, n_images = [], [], [], 0
+        messages: list[dict[str, Any]] = []
+        answers: list[str] = []
+        questions: list[str] = []
+        n_images = 0
         for t, turn in enumerate(turns):
             role = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}.get(turn.get("from"))
             if role is None:

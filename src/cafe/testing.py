@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -146,8 +147,8 @@ def tiny_llava_onevision_config(tokenizer, image_size: int = 32, hidden_size: in
     return LlavaOnevisionConfig(
         vision_config=vision,
         text_config=text,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
         image_grid_pinpoints=[[image_size, image_size]],
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,
@@ -231,7 +232,7 @@ def tiny_qwen2_vl_processor(tokenizer=None, min_pixels: int = 32 * 32, max_pixel
 
     tokenizer = tokenizer if tokenizer is not None else train_tiny_qwen2_vl_tokenizer()
     size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
-    common = dict(size=size, patch_size=_QWEN_PATCH, merge_size=_QWEN_MERGE, temporal_patch_size=2)
+    common: dict[str, Any] = dict(size=size, patch_size=_QWEN_PATCH, merge_size=_QWEN_MERGE, temporal_patch_size=2)
     return Qwen2VLProcessor(
         image_processor=Qwen2VLImageProcessor(**common),
         tokenizer=tokenizer,
@@ -240,7 +241,7 @@ def tiny_qwen2_vl_processor(tokenizer=None, min_pixels: int = 32 * 32, max_pixel
     )
 
 
-def _tiny_qwen_text_kwargs(tokenizer, hidden_size: int, num_layers: int) -> dict:
+def _tiny_qwen_text_kwargs(tokenizer, hidden_size: int, num_layers: int, tie_word_embeddings: bool) -> dict[str, Any]:
     return dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -254,6 +255,7 @@ def _tiny_qwen_text_kwargs(tokenizer, hidden_size: int, num_layers: int) -> dict
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
+        tie_word_embeddings=tie_word_embeddings,
     )
 
 
@@ -284,7 +286,7 @@ def tiny_qwen2_vl_config(tokenizer, hidden_size: int = 64, num_layers: int = 2, 
         spatial_merge_size=_QWEN_MERGE,
         temporal_patch_size=2,
     )
-    text = Qwen2VLTextConfig(**_tiny_qwen_text_kwargs(tokenizer, hidden_size, num_layers), tie_word_embeddings=tie_word_embeddings)
+    text = Qwen2VLTextConfig(**_tiny_qwen_text_kwargs(tokenizer, hidden_size, num_layers, tie_word_embeddings))
     return Qwen2VLConfig(
         vision_config=vision, text_config=text, tie_word_embeddings=tie_word_embeddings, **_tiny_qwen_token_ids(tokenizer)
     )
@@ -308,9 +310,7 @@ def tiny_qwen2_5_vl_config(tokenizer, hidden_size: int = 64, num_layers: int = 2
         window_size=2 * _QWEN_MERGE * _QWEN_PATCH,
         fullatt_block_indexes=[1],
     )
-    text = Qwen2_5_VLTextConfig(
-        **_tiny_qwen_text_kwargs(tokenizer, hidden_size, num_layers), tie_word_embeddings=tie_word_embeddings
-    )
+    text = Qwen2_5_VLTextConfig(**_tiny_qwen_text_kwargs(tokenizer, hidden_size, num_layers, tie_word_embeddings))
     return Qwen2_5_VLConfig(
         vision_config=vision, text_config=text, tie_word_embeddings=tie_word_embeddings, **_tiny_qwen_token_ids(tokenizer)
     )
@@ -504,8 +504,8 @@ def llava_hf_llava_onevision_config(tokenizer, hidden_size: int = 64, num_layers
     return LlavaOnevisionConfig(
         vision_config=vision,
         text_config=text,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
         image_grid_pinpoints=LLAVA_ONEVISION_IMAGE_GRID_PINPOINTS,
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,
@@ -584,7 +584,7 @@ def released_qwen2_vl_processor(
             special_tokens=QWEN2_VL_SPECIAL_TOKENS, extra_special_tokens={}, chat_template=template
         )
         tokenizer.model_max_length = context  # see llava_hf_llava_onevision_processor
-    patching = dict(
+    patching: dict[str, Any] = dict(
         patch_size=QWEN2_VL_PATCH_SIZE, merge_size=QWEN2_VL_MERGE_SIZE, temporal_patch_size=QWEN2_VL_TEMPORAL_PATCH_SIZE
     )
     return getattr(transformers, processor_class)(
@@ -595,8 +595,8 @@ def released_qwen2_vl_processor(
     )
 
 
-def _released_qwen_text_kwargs(tokenizer, family: str, hidden_size: int, num_layers: int) -> dict:
-    kwargs = _tiny_qwen_text_kwargs(tokenizer, hidden_size, num_layers)
+def _released_qwen_text_kwargs(tokenizer, family: str, hidden_size: int, num_layers: int) -> dict[str, Any]:
+    kwargs = _tiny_qwen_text_kwargs(tokenizer, hidden_size, num_layers, tie_word_embeddings=False)
     # The released context and RoPE base; M-RoPE sections stay scaled to the tiny head_dim (16).
     kwargs["max_position_embeddings"] = _RELEASED_QWEN[family][2]
     kwargs["rope_parameters"] = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]}
@@ -615,11 +615,12 @@ def released_qwen2_vl_config(tokenizer, family: str = "qwen2_vl", hidden_size: i
     import transformers
 
     prefix = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL"}[family]
-    patching = dict(
+    patching: dict[str, Any] = dict(
         patch_size=QWEN2_VL_PATCH_SIZE,
         spatial_merge_size=QWEN2_VL_MERGE_SIZE,
         temporal_patch_size=QWEN2_VL_TEMPORAL_PATCH_SIZE,
     )
+    vision: transformers.PreTrainedConfig
     if family == "qwen2_vl":
         vision = transformers.Qwen2VLVisionConfig(
             depth=2, embed_dim=32, hidden_size=hidden_size, mlp_ratio=2, num_heads=2, **patching
@@ -638,7 +639,7 @@ def released_qwen2_vl_config(tokenizer, family: str = "qwen2_vl", hidden_size: i
             **patching,
         )
     text = getattr(transformers, f"{prefix}TextConfig")(
-        **_released_qwen_text_kwargs(tokenizer, family, hidden_size, num_layers), tie_word_embeddings=False
+        **_released_qwen_text_kwargs(tokenizer, family, hidden_size, num_layers)
     )
     return getattr(transformers, f"{prefix}Config")(
         vision_config=vision, text_config=text, tie_word_embeddings=False, **_tiny_qwen_token_ids(tokenizer)

@@ -7,6 +7,7 @@ import os
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -137,15 +138,16 @@ class CafeTrainer(Trainer):
     own (or, with several processes, its global) batch.
     """
 
+    args: CafeTrainingArguments
+
     def __init__(self, *args, loss: CafeLoss | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        args = self.args
-        if not isinstance(args, CafeTrainingArguments):
+        if not isinstance(self.args, CafeTrainingArguments):
             raise TypeError("CafeTrainer needs CafeTrainingArguments (got TrainingArguments).")
         frozen = self._cafe_model().freeze_unused_parameters()
         if frozen:
             logger.info("Froze %d parameters the forward pass never uses: %s", len(frozen), frozen)
-        self.loss = (loss if loss is not None else self.default_loss()).to(args.device)
+        self.loss = (loss if loss is not None else self.default_loss()).to(self.args.device)
         # Our losses are means over their own batch; let Trainer divide by the accumulation steps.
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
@@ -157,7 +159,8 @@ class CafeTrainer(Trainer):
         self._adopt_collator_prompts()
         mini_batch_size = getattr(self.loss, "mini_batch_size", None)
         if mini_batch_size is not None and not isinstance(self.data_collator, MiniBatchCollator):
-            self.data_collator = MiniBatchCollator(self.data_collator, mini_batch_size)
+            # Trainer types `data_collator` as returning a dict; cafe's return `CafeBatch` / `MiniBatches`.
+            self.data_collator = MiniBatchCollator(self.data_collator, mini_batch_size)  # type: ignore[assignment,arg-type]
 
     def _adopt_collator_prompts(self) -> None:
         """The prompts a model is trained with are the prompts it embeds with afterwards.
@@ -188,7 +191,7 @@ class CafeTrainer(Trainer):
         """The loss `CafeTrainingArguments` describe, temperature defaulting to the model's setting."""
         args = self.args
         settings = self._cafe_model().cafe_settings
-        kwargs = dict(
+        kwargs: dict[str, Any] = dict(
             contrastive_weight=args.contrastive_weight if args.compute_contrastive_loss else 0.0,
             lm_weight=args.lm_weight if args.compute_language_loss else 0.0,
             temperature=args.contrastive_temperature or settings.contrastive_temperature,
@@ -335,7 +338,7 @@ class CafeTrainer(Trainer):
         # Trainer pickles its arguments next to the weights; a published folder should hold no
         # pickle (loading one runs code). Write them as JSON instead.
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if self.args.should_save:
+        if self.args.should_save and output_dir is not None:
             pickled = os.path.join(output_dir, "training_args.bin")
             if os.path.isfile(pickled):
                 os.remove(pickled)
@@ -352,9 +355,10 @@ class CafeTrainer(Trainer):
         if not self.is_world_process_zero():
             return None
         model = self._cafe_model()
-        repo_id = self.args.hub_model_id or os.path.basename(os.path.normpath(self.args.output_dir))
+        output_dir = str(self.args.output_dir)
+        repo_id = self.args.hub_model_id or os.path.basename(os.path.normpath(output_dir))
         return push_folder_to_hub(
-            self.args.output_dir, repo_id, commit_message=commit_message, token=token or self.args.hub_token,
+            output_dir, repo_id, commit_message=commit_message, token=token or self.args.hub_token,
             revision=revision, private=self.args.hub_private_repo if private is None else private,
             card_data=getattr(model, "model_card_data", None),
         )

@@ -72,11 +72,11 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
     from .modeling import CafeForConditionalGeneration
     from .trainer import CafeTrainer
 
-    path = model_args.model_name_or_path
+    path: str | Path = model_args.model_name_or_path
     if path == "tiny":
         from .testing import build_tiny_checkpoint
 
-        path = build_tiny_checkpoint(Path(training_args.output_dir) / "base-tiny")
+        path = build_tiny_checkpoint(Path(str(training_args.output_dir)) / "base-tiny")
     kwargs = {}
     if model_args.torch_dtype:
         kwargs["dtype"] = getattr(torch, model_args.torch_dtype)
@@ -195,7 +195,8 @@ def parse_arguments(parser, argv: list[str] | None):
 def train_main(argv: list[str] | None = None) -> str:
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser((ModelArguments, DataArguments, CafeTrainingArguments))
+    # transformers types the dataclass tuple as DataClassType, which dataclass types satisfy at run time.
+    parser = HfArgumentParser((ModelArguments, DataArguments, CafeTrainingArguments))  # type: ignore[arg-type]
     model_args, data_args, training_args = parse_arguments(parser, argv)
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
     trainer = build_trainer(model_args, data_args, training_args)

@@ -35,7 +35,9 @@ class CafeLlavaOnevisionForConditionalGeneration(CafeForConditionalGeneration, L
     def select_vision_features(self, features: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
         # LLaVA-OneVision keeps one packed feature tensor per image in `pooler_output` (a list).
         pooled = features["image"].pooler_output
-        return {"image": BaseModelOutputWithPooling(pooler_output=[pooled[i] for i in index.tolist()])}
+        # transformers annotates pooler_output as one tensor; multimodal features hold one per image.
+        selected = [pooled[i] for i in index.tolist()]
+        return {"image": BaseModelOutputWithPooling(pooler_output=selected)}  # type: ignore[arg-type]
 
 
 inherit_checkpoint_conversion(

@@ -44,16 +44,22 @@ class QwenImageFeatures(BaseModelOutputWithPooling):
 class _QwenVLMixin:
     """CAFe hooks shared by Qwen2-VL and Qwen2.5-VL; combine before the transformers class."""
 
-    cafe_image_placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
-    cafe_vision_modules = ("visual",)
+    cafe_image_placeholder: str = "<|vision_start|><|image_pad|><|vision_end|>"
+    cafe_vision_modules: tuple[str, ...] = ("visual",)
     # The projector (patch merger) lives inside the vision module: `visual.merger`.
-    cafe_projector_modules = ("merger",)
+    cafe_projector_modules: tuple[str, ...] = ("merger",)
+    # Provided by the model class this mixin is combined with.
+    model: Any
+    config: Any
+    dtype: torch.dtype
 
-    def get_vision_features(
+    def get_vision_features(  # type: ignore[override]  # the family's named vision inputs
         self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor, **unused: Any
     ) -> dict[str, Any]:
         outputs = self.model.get_image_features(pixel_values.to(self.dtype), image_grid_thw, return_dict=True)
-        return {"image": QwenImageFeatures(pooler_output=tuple(outputs.pooler_output), image_grid_thw=image_grid_thw)}
+        # transformers annotates pooler_output as one tensor; image features hold one chunk per image.
+        chunks = tuple(outputs.pooler_output)
+        return {"image": QwenImageFeatures(pooler_output=chunks, image_grid_thw=image_grid_thw)}  # type: ignore[arg-type]
 
     def select_vision_features(self, features: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
         image = features["image"]
@@ -63,7 +69,8 @@ class _QwenVLMixin:
         index = index.to(image.image_grid_thw.device)
         return {
             "image": QwenImageFeatures(
-                pooler_output=[chunks[i] for i in index.tolist()], image_grid_thw=image.image_grid_thw[index]
+                pooler_output=[chunks[i] for i in index.tolist()],  # type: ignore[arg-type]  # one chunk per image
+                image_grid_thw=image.image_grid_thw[index],
             )
         }
 

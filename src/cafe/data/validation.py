@@ -104,7 +104,7 @@ def validate_records(
     if len(dataset) == 0:
         raise ValueError("The data set has no records.")
 
-    settings = {
+    settings: dict[str, Any] = {
         "image_folder": None if image_folder is None else str(image_folder),
         "multimodal_input": multimodal_input,
         "caption_prompt": caption_prompt,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence, Sized
 
 import torch
 
@@ -40,7 +40,7 @@ def check_scores(scores: Any, name: str = "scores", ndim: int = 2) -> torch.Tens
     return scores
 
 
-def check_same_length(a: Sequence, b: Sequence, name_a: str, name_b: str) -> None:
+def check_same_length(a: Sized, b: Sized, name_a: str, name_b: str) -> None:
     if len(a) != len(b):
         raise ValueError(f"{name_a} and {name_b} must have the same length, got {len(a)} and {len(b)}.")
 
