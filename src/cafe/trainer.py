@@ -217,6 +217,8 @@ class CafeTrainer(Trainer):
         if self.optimizer is not None:
             return self.optimizer
         opt_model = self.model if model is None else model
+        if opt_model is None:
+            raise ValueError("CafeTrainer has no model to optimise: pass model= to the trainer.")
         decay = set(self.get_decay_parameter_names(opt_model))
         cafe_model = self._cafe_model()
         lrs = {
@@ -235,7 +237,8 @@ class CafeTrainer(Trainer):
         loss_params = [p for p in self.loss.parameters() if p.requires_grad]
         if loss_params:
             param_groups.append({"params": loss_params, "lr": self.args.learning_rate, "weight_decay": 0.0})
-        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        # transformers annotates the model as PreTrainedModel; a PEFT / DDP wrapper is what Trainer passes too.
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)  # type: ignore[arg-type]
         optimizer_kwargs.pop("lr", None)
         self.optimizer = optimizer_cls(param_groups, lr=self.args.learning_rate, **optimizer_kwargs)
         return self.optimizer
@@ -278,7 +281,7 @@ class CafeTrainer(Trainer):
 
         if self.is_world_process_zero():
             model = self._cafe_model()
-            write_model_card(self.args.output_dir, card_data=getattr(model, "model_card_data", None),
+            write_model_card(str(self.args.output_dir), card_data=getattr(model, "model_card_data", None),
                              source=model.name_or_path, tags=getattr(model, "model_tags", None))
 
     def write_learned_settings(self) -> None:
