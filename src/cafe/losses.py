@@ -434,7 +434,7 @@ class CachedCafeLoss(CafeLoss):
 
     # A cached loss consumes `MiniBatches` (the trainer collates them for a loss with a
     # `mini_batch_size`), or one `CafeBatch` as a single mini-batch.
-    def forward(self, model: nn.Module, batch: MiniBatches | CafeBatch) -> CafeLossOutput:  # type: ignore[override]
+    def forward(self, model: nn.Module, batch: MiniBatches | CafeBatch) -> CafeLossOutput:
         from .batch import CafeBatch
 
         mini_batches = [batch] if isinstance(batch, CafeBatch) else list(batch)

@@ -53,7 +53,7 @@ class _QwenVLMixin:
     config: Any
     dtype: torch.dtype
 
-    def get_vision_features(  # type: ignore[override]  # the family's named vision inputs
+    def get_vision_features(  # the family's named vision inputs
         self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor, **unused: Any
     ) -> dict[str, Any]:
         outputs = self.model.get_image_features(pixel_values.to(self.dtype), image_grid_thw, return_dict=True)
