@@ -65,12 +65,13 @@ def test_cached_prefix_equals_the_uncached_path(cafe_model, images, padding_side
     items = to_embedding_inputs(_inputs(images))
     with padding(cafe_model, padding_side):
         batch = build_embedding_batch(cafe_model.processor, items, cafe_model.embedding_chat_template)
-    cache = cafe_model.prefix_cache_for()
+    # Forced on every batch (released-format images are ~1.5k tokens, where encode skips it).
+    cache = EmbeddingPrefixCache(cafe_model.prefix_cache_for().prefix_ids, min_prefix_fraction=0)
     seen, handle = _suffix_lengths(cafe_model)
     try:
         with torch.inference_mode(), warnings_captured(caplog):
             plain = cafe_model.get_embeddings(**batch)
-            cached = cafe_model.get_embeddings(**batch, prefix_cache=True)
+            cached = cafe_model.get_embeddings(**batch, prefix_cache=cache)
     finally:
         handle.remove()
     assert not [r for r in caplog.records if "prefix cache" in r.getMessage()]
@@ -78,6 +79,32 @@ def test_cached_prefix_equals_the_uncached_path(cafe_model, images, padding_side
     assert seen[0] == batch["input_ids"].shape[1]
     assert seen[-1] == batch["input_ids"].shape[1] - len(cache)
     assert (plain - cached).abs().max().item() <= 1e-5
+
+
+def test_long_inputs_skip_the_cache_by_design(cafe_model, caplog):
+    """Below min_prefix_fraction of a batch's tokens the cache would cost more than it saves."""
+    long_text = " ".join(["red square"] * 200)
+    batch = build_embedding_batch(
+        cafe_model.processor, to_embedding_inputs([long_text]), cafe_model.embedding_chat_template
+    )
+    seen, handle = _suffix_lengths(cafe_model)
+    try:
+        with torch.inference_mode(), caplog.at_level(logging.INFO):
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.enable_propagation()
+            try:
+                skipped = cafe_model.get_embeddings(**batch, prefix_cache=True)
+            finally:
+                hf_logging.disable_propagation()
+            forced = EmbeddingPrefixCache(cafe_model.prefix_cache_for().prefix_ids, min_prefix_fraction=0)
+            cached = cafe_model.get_embeddings(**batch, prefix_cache=forced)
+    finally:
+        handle.remove()
+    assert seen[0] == batch["input_ids"].shape[1]  # no cache
+    assert seen[-1] == batch["input_ids"].shape[1] - len(forced)
+    assert any("Long inputs embed without the shared-prefix cache" in r.getMessage() for r in caplog.records)
+    assert (skipped - cached).abs().max().item() <= 1e-5
 
 
 def test_encode_uses_the_cache_by_default_and_matches(cafe_model, images):
@@ -102,15 +129,18 @@ def test_bf16_cached_prefix_within_the_stated_tolerance(tiny_checkpoint, images)
     from cafe import CafeForConditionalGeneration
 
     model = CafeForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16).eval()
-    inputs = _inputs(images)
-    plain = model.encode(inputs, use_prefix_cache=False)
-    cached = model.encode(inputs)
+    batch = build_embedding_batch(model.processor, to_embedding_inputs(_inputs(images)), model.embedding_chat_template)
+    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    forced = EmbeddingPrefixCache(model.prefix_cache_for().prefix_ids, min_prefix_fraction=0)
+    with torch.inference_mode():
+        plain = model.get_embeddings(**batch)
+        cached = model.get_embeddings(**batch, prefix_cache=forced)
     assert (plain - cached).abs().max().item() <= 1e-2
     assert (plain * cached).sum(-1).min().item() >= 0.999
 
 
 def test_weight_change_recomputes_the_prefix(cafe_model, images):
-    inputs = _inputs(images)[:3]
+    inputs = ["a short text", "a much longer text about a red square", "hi"]
     before = cafe_model.encode(inputs)
     cache = cafe_model.prefix_cache_for()
     layer = cafe_model.model.language_model.layers[0]
@@ -228,3 +258,33 @@ def test_images_of_several_sizes(cafe_model):
     sorted_ = cafe_model.encode(images, batch_size=2)
     plain = cafe_model.encode(images, batch_size=2, sort_by_length=False, use_prefix_cache=False)
     assert (sorted_ - plain).abs().max().item() <= 1e-5
+
+
+# ----------------------------------------------------------------------------- embed, then generate
+def test_generation_continues_from_the_embedded_prompt(cafe_model, images, caplog):
+    """GritLM-style reuse: the answer prompt opens like the embedding prompt (system turn, header,
+    image, question); greedy tokens are those of plain generate. M-RoPE families say they cannot."""
+    from cafe.inference import embed_keeping_cache, generate_reusing_prefix, reuse_unsupported_reason
+
+    question = {"image": images[0], "text": "what colour is it?"}
+    with torch.inference_mode():
+        embedded = embed_keeping_cache(cafe_model, question)
+    torch.testing.assert_close(embedded.embedding, cafe_model.encode([question], use_prefix_cache=False)[0])
+    content = [{"type": "image"}, {"type": "text", "text": question["text"]},
+               {"type": "text", "text": "\nAnswer the question briefly."}]
+    prompt = cafe_model.processor.apply_chat_template(
+        [{"role": "user", "content": content}], chat_template=cafe_model.cafe_settings.lm_chat_template,
+        add_generation_prompt=True,
+    )
+    batch = cafe_model.processor(images=[images[0]], text=prompt, return_tensors="pt")
+    with torch.inference_mode(), warnings_captured(caplog):
+        reused_out, reused = generate_reusing_prefix(cafe_model, embedded, batch, max_new_tokens=6, do_sample=False)
+        plain = cafe_model.generate(**batch, max_new_tokens=6, do_sample=False)
+    assert reused_out.tolist() == plain.tolist()
+    if reuse_unsupported_reason(cafe_model) is None:
+        image_tokens = int((batch["input_ids"] == cafe_model.config.image_token_id).sum())
+        assert reused > image_tokens  # system turn, header, the image and the question came from the cache
+        assert embedded.cache.get_seq_length() == embedded.input_ids.shape[1]  # the kept cache is untouched
+    else:
+        assert reused == 0
+        assert any("image-dependent position ids" in r.getMessage() for r in caplog.records)

@@ -24,8 +24,16 @@ family (tests/test_inference.py); in bfloat16 the two paths differ by rounding o
 kernel shapes accumulate in a different order): max abs difference of the unit-norm embeddings
 <= 2e-2 (tiny fixtures) and cosine >= 0.999 between the two paths (0.5B shape, benchmarks row 7).
 
-When the cache is *not* used, the reason is logged once per model and the batch runs uncached
-(never silently): gradients are enabled or the model is in train mode (the prefix would get no
+When it pays. What the cache saves is the prefix's share of the batch's tokens: a third of a
+short text input's, 1 % of an image input's (1.5k tokens). What it costs is the attention kernel's
+causal fast path: behind a cached prefix the queries are fewer than the keys, so sdpa needs an
+explicit mask and computes the whole score matrix, where an unpadded batch without the cache skips
+the upper triangle. On long inputs that outweighs 1 %, so by default a batch whose prefix is under
+``min_prefix_fraction`` (5 %) of its real tokens runs uncached, by design (logged once per model at
+INFO level); ``EmbeddingPrefixCache(..., min_prefix_fraction=0)`` forces the cache.
+
+When the cache cannot be used, the reason is logged once per model as a warning and the batch
+runs uncached (never silently): gradients are enabled or the model is in train mode (the prefix would get no
 gradient and dropout would differ), the attention kernel is not ``sdpa`` / ``eager`` (the only
 ones verified with a cache behind a padded suffix), or a row does not start with the prefix's
 tokens (a text whose first characters merge with the header's last token, e.g. one starting with
@@ -178,12 +186,18 @@ class EmbeddingPrefixCache:
 
     Args:
         prefix_ids: ``[prefix]`` token ids (`embedding_prompt_prefix_ids`).
+        min_prefix_fraction: Use the cache on a batch only if the prefix is at least this share of
+            its real tokens (see the module docstring: on long inputs the lost causal fast path
+            of attention costs more than the prefix). 0 uses it on every batch.
     """
 
-    def __init__(self, prefix_ids: torch.Tensor | Sequence[int]):
+    def __init__(self, prefix_ids: torch.Tensor | Sequence[int], min_prefix_fraction: float = 0.05):
         self.prefix_ids = torch.as_tensor(prefix_ids, dtype=torch.long).flatten().cpu()
         if self.prefix_ids.numel() == 0:
             raise ValueError("An empty prefix has nothing to cache; the embedding prompts share no leading tokens.")
+        if not 0 <= min_prefix_fraction <= 1:
+            raise ValueError(f"min_prefix_fraction must be between 0 and 1, got {min_prefix_fraction}.")
+        self.min_prefix_fraction = min_prefix_fraction
         self._entries: dict[tuple[torch.device, torch.dtype], _Entry] = {}
         self.builds = 0  # prefix computations so far (each weight change costs one)
 
@@ -255,6 +269,17 @@ class EmbeddingPrefixCache:
         """Last-token hidden states ``[batch, hidden]`` of a processed embedding batch, the prefix
         read from the cache; ``None`` (after a warning, once per model and reason) when the batch
         must run uncached."""
+        fraction = len(self) * input_ids.shape[0] / max(int(attention_mask.sum()), 1)
+        if fraction < self.min_prefix_fraction:
+            said = model.__dict__.setdefault("_cafe_said", set())
+            if "prefix-cache: long" not in said:
+                said.add("prefix-cache: long")
+                logger.info(
+                    f"Long inputs embed without the shared-prefix cache: its {len(self)} tokens are {fraction:.1%} of "
+                    f"the batch's (< min_prefix_fraction {self.min_prefix_fraction}), less than the attention fast "
+                    "path it would give up."
+                )
+            return None
         reason = self.unusable_reason(model)
         split = split_prefix(input_ids, attention_mask, self.prefix_ids) if reason is None else None
         if isinstance(split, str):
@@ -327,3 +352,133 @@ def length_sorted_order(lengths: Sequence[int]) -> list[int]:
     """Indices that sort ``lengths`` longest first (stable), as sentence-transformers orders a batch
     job: the first batch is the largest, so an out-of-memory error comes at once, not at the end."""
     return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+
+# ----------------------------------------------------------------------------- embed, then generate
+@dataclass
+class EmbeddedPrompt:
+    """One input's embedding plus the keys and values of the prompt that produced it.
+
+    Made by `embed_keeping_cache`; `generate_reusing_prefix` continues a generation prompt that
+    starts with the same tokens from this cache instead of recomputing them (GritLM's query
+    caching, here multimodal: the prefix includes the input's image, so its vision pass is saved
+    too).
+
+    Attributes:
+        embedding: ``[hidden]`` float32, as `CafeForConditionalGeneration.encode` returns it.
+        input_ids: ``[1, seq]``: the embedding prompt's tokens (images expanded).
+        cache: ``DynamicCache`` over those ``seq`` tokens.
+    """
+
+    embedding: torch.Tensor
+    input_ids: torch.Tensor
+    cache: Any
+
+
+def reuse_unsupported_reason(model) -> str | None:
+    """Why `generate_reusing_prefix` cannot continue from a cache for this model, or ``None``.
+
+    A family whose positions depend on the images (Qwen2-VL's M-RoPE) computes its generation
+    positions from the whole prompt at prefill, which a prefilled cache hides from it; only 1-D
+    RoPE families (the default `embedding_position_ids`) are verified.
+    """
+    from .modeling import CafeForConditionalGeneration
+
+    if type(model).embedding_position_ids is not CafeForConditionalGeneration.embedding_position_ids:
+        return f"{type(model).__name__} uses image-dependent position ids (M-RoPE)"
+    attention = model.model.language_model.config._attn_implementation
+    if attention not in SUPPORTED_ATTENTION:
+        return f"the {attention!r} attention kernel is not verified behind a cached prefix"
+    return None
+
+
+def embed_keeping_cache(model, item, instruction: str | None = None, processor=None) -> EmbeddedPrompt:
+    """Embed one input (a string, an image, an ``(image, text)`` pair or a dict) and keep its KV cache.
+
+    Same vector as ``model.encode([item], use_prefix_cache=False)[0]``; the cache costs
+    ``2 * layers * kv_heads * head_dim * seq`` values (0.5B shape: 12 KiB per token in bf16).
+    """
+    from transformers import DynamicCache
+
+    from .prompting import build_embedding_batch, to_embedding_inputs
+
+    processor = processor if processor is not None else model.processor
+    items = to_embedding_inputs([item] if not isinstance(item, list) else item)
+    if len(items) != 1:
+        raise ValueError(f"embed_keeping_cache embeds one input, got {len(items)}; call it once per input.")
+    batch = build_embedding_batch(processor, items, model.embedding_chat_template, instruction).to(model.device)
+    if "pixel_values" in batch:
+        batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+    input_ids, attention_mask = batch.pop("input_ids"), batch.pop("attention_mask")
+    vision = {k: v for k, v in batch.items() if v is not None}
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode(False), torch.no_grad():
+        hidden = model.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=model.embedding_position_ids(input_ids, attention_mask, **vision),
+            cache=cache,
+            use_cache=True,
+            **vision,
+        ).last_hidden_state
+    embedding = model._finish_embedding(hidden[:, -1])[0].cpu()
+    return EmbeddedPrompt(embedding, input_ids, cache)
+
+
+def generate_reusing_prefix(model, embedded: EmbeddedPrompt, inputs: dict[str, Any], **generate_kwargs):
+    """``model.generate`` on a one-prompt processor batch, its leading tokens read from ``embedded``.
+
+    The generation prompt must start like the embedding prompt (same system turn, user header,
+    image and text: see examples/rag.py, which renders both from the same conversation). The
+    tokens the two prompts share are taken from ``embedded.cache`` (a copy: it can serve again),
+    and the images inside them are not passed to the vision tower again. Greedy decoding then
+    gives the tokens plain ``generate`` gives (tests/test_inference.py).
+
+    Falls back to plain ``generate``, with a warning, where a cache cannot be reused
+    (`reuse_unsupported_reason`).
+
+    Args:
+        embedded: From `embed_keeping_cache` on the same model.
+        inputs: The processor's output for the generation prompt: ``input_ids`` ``[1, seq]``,
+            ``attention_mask`` and per-image tensors (``pixel_values``, ``image_sizes``).
+        **generate_kwargs: For ``generate`` (``max_new_tokens``, ``do_sample``, ...).
+
+    Returns:
+        ``(output_ids, reused_tokens)``: ``generate``'s output and how many prompt tokens came
+        from the cache (0 when nothing was reused).
+    """
+    import copy
+
+    inputs = dict(inputs)
+    input_ids = inputs["input_ids"]
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"generate_reusing_prefix continues one prompt, got a batch of {input_ids.shape[0]}.")
+    reason = reuse_unsupported_reason(model)
+    shared = 0 if reason else common_prefix_length(embedded.input_ids[0].to(input_ids.device), input_ids[0])
+    # At least one prompt token must run to produce the first next-token logits.
+    shared = min(shared, input_ids.shape[1] - 1)
+    image = (input_ids[0] == model.config.image_token_id).tolist()
+    # Never split an image's token run: its features are scattered as a whole.
+    while 0 < shared < len(image) and image[shared] and image[shared - 1]:
+        shared -= 1
+    if reason or shared == 0:
+        warn_once(model, f"reuse: {reason or 'no shared tokens'}", "Generating without reusing the embedded prompt's "
+                  f"cache: {reason or 'the generation prompt shares no leading tokens with it'}.")
+        return model.generate(**inputs, **generate_kwargs), 0
+    cached_images = sum(1 for i in range(shared) if image[i] and (i == 0 or not image[i - 1]))
+    total_images = sum(1 for i in range(len(image)) if image[i] and (i == 0 or not image[i - 1]))
+    # The images the cache holds are not encoded again: drop them from the per-image inputs
+    # (LLaVA-OneVision: pixel_values, image_sizes and batch_num_images, one entry per image when
+    # the images are passed as a flat list, which is how a one-prompt batch comes).
+    for key in ("pixel_values", "image_sizes", "batch_num_images"):
+        if inputs.get(key) is not None:
+            if inputs[key].shape[0] != total_images:
+                raise ValueError(
+                    f"{key} has {inputs[key].shape[0]} entries for the prompt's {total_images} images: pass the "
+                    "images as one flat list (processor(images=[...], text=prompt))."
+                )
+            inputs[key] = inputs[key][cached_images:] if cached_images < total_images else None
+    inputs = {k: v for k, v in inputs.items() if v is not None}
+    cache = copy.deepcopy(embedded.cache)
+    cache.crop(shared - cache.get_seq_length())
+    return model.generate(**inputs, cache=cache, **generate_kwargs), shared
