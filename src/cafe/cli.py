@@ -8,6 +8,7 @@ COMMANDS = {
     "demo": ("cafe.demo", "demo_main", "Offline end-to-end CAFe run on a tiny model and the built-in data."),
     "train": ("cafe.training", "train_main", "CAFe fine-tuning (HfArgumentParser flags; see `cafe train --help`)."),
     "convert": ("cafe.data.convert", "convert_main", "LLaVA-OneVision-Data subset -> JSON + image folder."),
+    "embed": ("cafe.embedding_job", "embed_main", "Embed a data set into a Parquet file of vectors (resumable)."),
 }
 
 
