@@ -188,6 +188,15 @@ def _prefix_cache(r: dict) -> list[str]:
     return lines
 
 
+def _rag_reuse(r: dict) -> list[str]:
+    return [
+        f"| 8 | RAG answer, {kind} ({k['reused_tokens']} of {k['prompt_tokens']} prompt tokens reused, "
+        f"{k['new_tokens']} new; identical answer: {k['identical_answer']}) (s) | {fmt(k['reuse_s'])} | "
+        f"{fmt(k['anew_s'])} (anew) | {spread(k['latency_ratio_spread'])} | - | - |"
+        for kind, k in r["result"].items()
+    ]
+
+
 # Row id -> (what the table calls it when not measured, its table lines when measured).
 _TABLE = {
     1: ("training step", _training_step),
@@ -197,6 +206,7 @@ _TABLE = {
     5: ("embedding FLOP/s vs matmul", _mfu),
     6: ("GPU mode", _gpu),
     7: ("shared-prefix cache", _prefix_cache),
+    8: ("RAG answer reuse", _rag_reuse),
 }
 
 
