@@ -166,6 +166,37 @@ def _gpu(r: dict) -> list[str]:
     ]
 
 
+def _prefix_cache(r: dict) -> list[str]:
+    res = r["result"]
+    lines = []
+    for kind in ("texts", "images"):
+        k = res[kind]
+        lines.append(
+            f"| 7 | {kind}/s, shared-prefix cache ({k['count']} {kind}, ~{k['tokens_per_input']:.0f} tokens, prefix "
+            f"{k['prefix_tokens']} = {k['token_fraction_saved']:.1%}, ceiling {k['ceiling']:.2f}x) | "
+            f"{fmt(k['cached_per_s'])} | {fmt(k['uncached_per_s'])} (uncached) | {spread(k['throughput_ratio_spread'])} | "
+            f"{_goal(7) if kind == 'texts' else ''} | {_met(r) if kind == 'texts' else ''} |"
+        )
+    b = res.get("length_buckets")
+    if b:
+        lines.append(
+            f"| 7 | texts/s, length buckets ({b['count']} texts of {b['text_tokens_range'][0]}-{b['text_tokens_range'][1]} "
+            f"text tokens, batch {b['batch_size']}; padded tokens {b['padded_tokens_length_buckets']:,} vs "
+            f"{b['padded_tokens_input_order']:,}, real {b['real_tokens']:,}) | {fmt(b['sorted_per_s'])} | "
+            f"{fmt(b['unsorted_per_s'])} (input order) | {spread(b['throughput_ratio_spread'])} | | |"
+        )
+    return lines
+
+
+def _rag_reuse(r: dict) -> list[str]:
+    return [
+        f"| 8 | RAG answer, {kind} ({k['reused_tokens']} of {k['prompt_tokens']} prompt tokens reused, "
+        f"{k['new_tokens']} new; identical answer: {k['identical_answer']}) (s) | {fmt(k['reuse_s'])} | "
+        f"{fmt(k['anew_s'])} (anew) | {spread(k['latency_ratio_spread'])} | - | - |"
+        for kind, k in r["result"].items()
+    ]
+
+
 # Row id -> (what the table calls it when not measured, its table lines when measured).
 _TABLE = {
     1: ("training step", _training_step),
@@ -174,6 +205,8 @@ _TABLE = {
     4: ("GradCache peak memory vs batch size", _gradcache),
     5: ("embedding FLOP/s vs matmul", _mfu),
     6: ("GPU mode", _gpu),
+    7: ("shared-prefix cache", _prefix_cache),
+    8: ("RAG answer reuse", _rag_reuse),
 }
 
 

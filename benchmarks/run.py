@@ -15,6 +15,9 @@ Rows (one module each in rows/; report.py renders results.md, environment.py rec
  4. gradcache:      peak memory vs contrastive batch size with GradCache                 goal peak(64) <= 1.3 x peak(8)
  5. mfu:            achieved FLOP/s of the embedding forward / measured matmul FLOP/s    goal >= 50 % (CPU)
  6. gpu:            GPU mode: step time, samples/s, MFU                                  (needs --device cuda)
+ 7. prefix_cache:   embedding throughput, shared-prefix cache / none (texts, images);    goal >= 1.4x (texts)
+                    length buckets / input order on mixed-length texts (information)
+ 8. rag_reuse:      RAG answer latency, reusing the question's embedding pass / anew     (reported)
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ from rows import (
     lm_loss_memory,
     log,
     mfu,
+    prefix_cache,
+    rag_reuse,
     set_full_gc,
     training_step,
 )
@@ -62,6 +67,10 @@ DEFAULTS = {
     "embed_texts": {"cpu": 32, "quick": 8, "cuda": 256},
     "embed_batch": {"cpu": 16, "quick": 4, "cuda": 32},
     "text_tokens": {"cpu": 14, "quick": 8, "cuda": 14},
+    "bucket_texts": {"cpu": 32, "quick": 8, "cuda": 256},
+    "bucket_batch": {"cpu": 8, "quick": 4, "cuda": 32},
+    "bucket_max_tokens": {"cpu": 500, "quick": 100, "cuda": 500},
+    "answer_tokens": {"cpu": 8, "quick": 4, "cuda": 32},
     "lm_seq": {"cpu": 2048, "quick": 256, "cuda": 2048},
     "lm_supervised": {"cpu": 256, "quick": 32, "cuda": 256},
     "lm_batch": {"cpu": 1, "quick": 1, "cuda": 4},
@@ -203,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         probe["chosen"] = threads
         log(f"threads: probe {probe['matmul_tflops_by_threads']} TFLOP/s -> using {threads}")
     cpu_headline = not args.quick and not args.device.startswith("cuda")
-    rows_arg = args.rows or ("1,2,3,5,6" if cpu_headline else "1,2,3,4,5,6")
+    rows_arg = args.rows or ("1,2,3,5,6,7,8" if cpu_headline else "1,2,3,4,5,6,7,8")
     wanted = {int(x) for x in rows_arg.split(",") if x.strip()}
     out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / (
         args.device.split(":")[0] + ("-quick" if args.quick else ""))
@@ -241,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     # Cheap rows first: their results are written (after every row) before the long training row.
     run_row(3, lm_loss_memory.run, bench)
     run_row(2, embedding.run, bench)
+    run_row(7, prefix_cache.run, bench)
+    run_row(8, rag_reuse.run, bench)
     run_row(5, mfu.run, bench, done.get(2))
     run_row(1, training_step.run, bench)
     run_row(6, gpu.run, bench, done.get(1))

@@ -43,14 +43,14 @@ def test_meta_states_the_setup(quick_report):
 def test_every_row_is_reported_with_its_goal(quick_report):
     report, markdown = quick_report
     rows = {row["id"]: row for row in report["rows"]}
-    assert sorted(rows) == [1, 2, 3, 4, 5, 6]
+    assert sorted(rows) == [1, 2, 3, 4, 5, 6, 7, 8]
     for row in rows.values():
         assert row["status"] in STATUSES, row
         assert row["status"] != "error", row.get("error")
         assert row["goal_met"] in (True, False, None)
         assert {"metric", "op", "value"} <= set(row["goal"])
         assert isinstance(row["note"], str) and row["note"]
-    for i in (1, 2, 3, 5):
+    for i in (1, 2, 3, 5, 7, 8):
         assert rows[i]["status"] == "measured"
     assert rows[6]["status"] == "skipped"  # no --device cuda
     assert rows[4]["status"] in ("measured", "not available")
@@ -84,5 +84,19 @@ def test_row_results_have_the_documented_fields(quick_report):
     for key in ("peak_memory_ratio", "peak_memory_ratio_vs_bf16_full_logits", "sides", "analytic_sizes"):
         assert key in three
     assert "fraction_of_matmul_peak" in rows[5]["result"]
+    seven = rows[7]["result"]
+    for kind in ("texts", "images"):
+        for key in ("cached_per_s", "uncached_per_s", "throughput_ratio", "token_fraction_saved", "ceiling"):
+            assert key in seven[kind]
+        # The cached prefix gives the uncached vectors (bf16 rounding aside).
+        assert seven[kind]["min_cosine_cached_vs_uncached"] > 0.999
+        # It runs on fewer tokens: fewer counted FLOPs.
+        assert seven[kind]["flop_ratio"] > 1
+    buckets = seven["length_buckets"]
+    assert buckets["padded_tokens_length_buckets"] < buckets["padded_tokens_input_order"]
+    for kind, eight in rows[8]["result"].items():
+        assert 0 < eight["reused_tokens"] < eight["prompt_tokens"], kind
+        for key in ("reuse_s", "anew_s", "latency_ratio", "identical_answer"):
+            assert key in eight
     if rows[4]["status"] == "measured":
         assert "gradcache" in rows[4]["result"]["series"]

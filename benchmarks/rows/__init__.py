@@ -17,6 +17,8 @@ ROW_NAMES = {
     4: "Peak memory vs contrastive batch size with GradCache",
     5: "Achieved FLOP/s of the embedding forward / measured matmul FLOP/s",
     6: "GPU mode: step time, samples/s, MFU (bf16, sdpa, CUDA events)",
+    7: "Embedding throughput with the shared-prefix cache / without (and length buckets on mixed lengths)",
+    8: "RAG answer latency, reusing the question's embedding pass / computing the prompt anew",
 }
 GOALS = {
     1: {"metric": "step_time_ratio", "op": "<=", "value": 0.5},
@@ -25,6 +27,8 @@ GOALS = {
     4: {"metric": "peak64_over_peak8", "op": "<=", "value": 1.3},
     5: {"metric": "fraction_of_matmul_peak", "op": ">=", "value": 0.5},
     6: {"metric": "reported", "op": "n/a", "value": None},
+    7: {"metric": "throughput_ratio (texts)", "op": ">=", "value": 1.4},
+    8: {"metric": "reported", "op": "n/a", "value": None},
 }
 
 

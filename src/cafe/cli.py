@@ -9,6 +9,7 @@ COMMANDS = {
     "train": ("cafe.training", "train_main", "CAFe fine-tuning (HfArgumentParser flags; see `cafe train --help`)."),
     "convert": ("cafe.data.convert", "convert_main", "LLaVA-OneVision-Data subset -> JSON + image folder."),
     "validate": ("cafe.data.validation", "validate_main", "Check every record of a training data set before training."),
+    "embed": ("cafe.embedding_job", "embed_main", "Embed a data set into a Parquet file of vectors (resumable)."),
 }
 
 

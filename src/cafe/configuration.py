@@ -53,6 +53,11 @@ class CafeSettings:
             ships (see `cafe.prompting.build_lm_chat_template`). ``None`` means the family's
             default; written out in full like ``embedding_chat_template``, so a checkpoint states
             what it was trained on.
+        matryoshka_dims: The embedding sizes the model was trained to embed at (Matryoshka
+            training, `cafe.losses.CafeLoss`'s ``matryoshka_dims``), largest first; ``None``: the
+            full size only. Written by `CafeTrainer` when the loss trains them and exported to the
+            sentence-transformers config; use a size with ``encode(..., truncate_dim=d)`` or
+            ``SentenceTransformer(path, truncate_dim=d)``.
     """
 
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
@@ -66,6 +71,7 @@ class CafeSettings:
     learnable_logit_scale: bool = False
     embedding_chat_template: str | None = field(default=None, repr=False)
     lm_chat_template: str | None = field(default=None, repr=False)
+    matryoshka_dims: list[int] | None = None
 
     def __post_init__(self):
         if self.pooling not in POOLING_MODES:
@@ -76,6 +82,11 @@ class CafeSettings:
             raise ValueError(
                 f"contrastive_temperature must be > 0 (got {self.contrastive_temperature}); the reference uses 0.05."
             )
+        if self.matryoshka_dims is not None:
+            dims = [int(d) for d in self.matryoshka_dims]
+            if not dims or any(d < 1 for d in dims) or len(set(dims)) != len(dims):
+                raise ValueError(f"matryoshka_dims must be distinct positive sizes or None, got {self.matryoshka_dims}.")
+            self.matryoshka_dims = sorted(dims, reverse=True)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -17,6 +17,14 @@ the whole CAFe embedding recipe is expressible with three stock modules,
 ``Normalize``
     L2 normalisation, present when ``config.cafe["normalize"]`` is set.
 
+A model trained with Matryoshka sizes (``config.cafe["matryoshka_dims"]``) embeds at each of them
+on its own: ``SentenceTransformer(folder, truncate_dim=128)`` (or ``encode(..., truncate_dim=128)``)
+keeps the first 128 dimensions. The sizes are recorded as ``matryoshka_dims`` in
+``config_sentence_transformers.json`` (sentence-transformers ignores the key; it documents which
+truncations were trained). No default ``truncate_dim`` is written: the full size stays the default.
+Quantised vectors need nothing from the folder either: ``encode(..., precision="int8" | "uint8" |
+"binary" | "ubinary")`` or ``sentence_transformers.quantization.quantize_embeddings``.
+
 The ``Transformer`` module is stored "in root": it reads ``config.json``, the weights and the
 processor files of the folder itself. The weights are stored once, and the folder remains a full
 generation checkpoint (LM head included) that stock transformers loads.
@@ -184,6 +192,7 @@ def write_sentence_transformers_files(
             "default_prompt_name": default_prompt_name,
             # CAFe embeddings are compared by cosine (the contrastive loss uses normalised vectors).
             "similarity_fn_name": "cosine",
+            **({"matryoshka_dims": list(cafe["matryoshka_dims"])} if cafe.get("matryoshka_dims") else {}),
         },
     )
     return written

@@ -26,11 +26,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from transformers.utils import logging
+
 from .distributed import gather_no_grad, gather_with_grad, is_distributed
 
 if TYPE_CHECKING:
     from .batch import CafeBatch, MiniBatches
     from .modeling import CafeForwardOutput
+
+logger = logging.get_logger(__name__)
 
 IGNORE_INDEX = -100
 
@@ -43,6 +47,8 @@ class ContrastiveOutput:
     accuracy_query_to_doc: torch.Tensor
     accuracy_doc_to_query: torch.Tensor
     logit_scale: torch.Tensor
+    # Matryoshka: the unweighted InfoNCE at each truncated size, detached (``{dim: loss}``).
+    loss_by_dim: dict[int, torch.Tensor] | None = None
 
 
 class ContrastiveLoss(nn.Module):
@@ -211,6 +217,8 @@ class CafeLossOutput:
             metrics["acc_q2d"] = self.contrastive.accuracy_query_to_doc.item()
             metrics["acc_d2q"] = self.contrastive.accuracy_doc_to_query.item()
             metrics["logit_scale"] = self.contrastive.logit_scale.item()
+            for dim, value in (self.contrastive.loss_by_dim or {}).items():
+                metrics[f"loss_con@{dim}"] = value.item()
         return metrics
 
 
@@ -258,6 +266,18 @@ class CafeLoss(nn.Module):
             processes (so DDP's gradient average is the global token mean), not per process.
         share_prefix: Let the model compute the prefix an image-embedding sequence shares with its
             LM sequence once (`cafe.shared_prefix`).
+        matryoshka_dims: Matryoshka representation learning (Kusupati et al. 2022), as
+            sentence-transformers' ``MatryoshkaLoss``: the contrastive term becomes
+            ``sum_k w_k * InfoNCE(q[:, :d_k], d[:, :d_k])`` over these sizes, each truncated prefix
+            re-normalised, so the first ``d_k`` dimensions embed on their own (``truncate_dim``).
+            List the full embedding size too (e.g. ``[896, 512, 256, 128, 64]``), or the full
+            vectors get no loss of their own. Applied after negatives are gathered and inside
+            `contrastive_term`, so `CachedCafeLoss` caches the gradient of the whole sum. Written
+            into the saved ``config.cafe`` (`learned_settings`) and the sentence-transformers
+            config. Default: off (the full size only).
+        matryoshka_weights: ``w_k`` per size (default 1 each; as sentence-transformers, the terms are
+            summed, so the contrastive term's scale grows with the number of sizes: lower
+            ``contrastive_weight`` or pass weights summing to 1 to keep the paper's balance).
     """
 
     def __init__(
@@ -272,6 +292,8 @@ class CafeLoss(nn.Module):
         contrastive_gradient: str = "exact",
         average_tokens_across_processes: bool = True,
         share_prefix: bool = True,
+        matryoshka_dims: list[int] | tuple[int, ...] | None = None,
+        matryoshka_weights: list[float] | tuple[float, ...] | None = None,
     ):
         super().__init__()
         if contrastive_weight < 0 or lm_weight < 0:
@@ -288,6 +310,7 @@ class CafeLoss(nn.Module):
         self.contrastive_gradient = contrastive_gradient
         self.average_tokens_across_processes = average_tokens_across_processes
         self.share_prefix = share_prefix
+        self.matryoshka_dims, self.matryoshka_weights = _check_matryoshka(matryoshka_dims, matryoshka_weights)
 
     @property
     def uses_lm(self) -> bool:
@@ -299,10 +322,14 @@ class CafeLoss(nn.Module):
 
     @property
     def learned_settings(self) -> dict[str, Any]:
-        """CAFe settings this loss learned, for the saved ``config.cafe`` (the temperature, if learnable)."""
+        """CAFe settings this loss gives the model, for the saved ``config.cafe``: the temperature, if
+        learnable, and the Matryoshka sizes it trained (which truncations embed on their own)."""
+        settings: dict[str, Any] = {}
         if self.uses_contrastive and self.contrastive.log_logit_scale.requires_grad:
-            return {"contrastive_temperature": self.contrastive.temperature, "learnable_logit_scale": True}
-        return {}
+            settings.update(contrastive_temperature=self.contrastive.temperature, learnable_logit_scale=True)
+        if self.uses_contrastive and self.matryoshka_dims:
+            settings["matryoshka_dims"] = list(self.matryoshka_dims)
+        return settings
 
     def forward(self, model: nn.Module, batch: CafeBatch) -> CafeLossOutput:
         """Eq. 3 on ``batch``, with gradients to the model and the loss's own parameters."""
@@ -378,7 +405,70 @@ class CafeLoss(nn.Module):
                 negatives = gather_with_grad(negatives)
             query_groups = None if query_groups is None else gather_no_grad(query_groups)
             doc_groups = None if doc_groups is None else gather_no_grad(doc_groups)
+        if self.matryoshka_dims:
+            return self.matryoshka_term(query, doc, negatives, query_groups, doc_groups)
         return self.contrastive(query, doc, negatives, query_groups, doc_groups)
+
+    def matryoshka_term(
+        self,
+        query: torch.Tensor,
+        doc: torch.Tensor,
+        negatives: torch.Tensor | None,
+        query_groups: torch.Tensor | None,
+        doc_groups: torch.Tensor | None,
+    ) -> ContrastiveOutput:
+        """``sum_k w_k * InfoNCE`` over the truncated prefixes ``[:, :d_k]`` of ``[N, D]`` embeddings.
+
+        `ContrastiveLoss` L2-normalises its inputs, so each prefix is re-normalised. Accuracies are
+        those of the largest size; ``loss_by_dim`` holds each size's unweighted loss.
+        """
+        size = query.shape[-1]
+        too_large = [dim for dim in self.matryoshka_dims if dim > size]
+        if too_large:
+            raise ValueError(
+                f"matryoshka_dims {too_large} exceed the embedding size {size}: use sizes <= {size} "
+                f"(e.g. [{size}, {size // 2}, {size // 4}])."
+            )
+        if size not in self.matryoshka_dims and not getattr(self, "_said_full_size_missing", False):
+            self._said_full_size_missing = True
+            logger.warning(
+                f"matryoshka_dims {list(self.matryoshka_dims)} leave out the full embedding size {size}: the full "
+                f"vectors get no loss of their own. Add {size} to train them too."
+            )
+        total, by_dim, largest = None, {}, None
+        for dim, weight in zip(self.matryoshka_dims, self.matryoshka_weights):
+            out = self.contrastive(
+                query[..., :dim], doc[..., :dim], None if negatives is None else negatives[..., :dim],
+                query_groups, doc_groups,
+            )
+            by_dim[dim] = out.loss.detach()
+            term = weight * out.loss
+            total = term if total is None else total + term
+            if largest is None or dim > largest[0]:
+                largest = (dim, out)
+        best = largest[1]
+        return ContrastiveOutput(
+            total, best.accuracy_query_to_doc, best.accuracy_doc_to_query, best.logit_scale, loss_by_dim=by_dim
+        )
+
+
+def _check_matryoshka(dims, weights) -> tuple[tuple[int, ...] | None, tuple[float, ...] | None]:
+    """Validated ``(dims, weights)``; ``(None, None)`` when Matryoshka is off."""
+    if not dims:
+        if weights:
+            raise ValueError("matryoshka_weights is set but matryoshka_dims is not: give the sizes the weights are for.")
+        return None, None
+    dims = tuple(int(d) for d in dims)
+    if any(d < 1 for d in dims) or len(set(dims)) != len(dims):
+        raise ValueError(f"matryoshka_dims must be distinct positive sizes, got {list(dims)}.")
+    weights = tuple(float(w) for w in weights) if weights else (1.0,) * len(dims)
+    if len(weights) != len(dims):
+        raise ValueError(
+            f"matryoshka_weights has {len(weights)} entries for {len(dims)} matryoshka_dims: give one weight per size."
+        )
+    if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
+        raise ValueError(f"matryoshka_weights must be >= 0 with at least one > 0, got {list(weights)}.")
+    return dims, weights
 
 
 # ----------------------------------------------------------------------------- GradCache

@@ -74,6 +74,15 @@ class CafeTrainingArguments(TrainingArguments):
     data_validation_num_proc: int | None = field(
         default=None, metadata={"help": "Processes for the pre-flight data check (datasets.map num_proc)."}
     )
+    matryoshka_dims: list[int] | None = field(
+        default=None,
+        metadata={"help": "Matryoshka training: InfoNCE also at these truncated, re-normalised embedding sizes (e.g. "
+                          "896 512 256 128 64; list the full size too). Saved in config.cafe and the "
+                          "sentence-transformers config, for truncate_dim. See CafeLoss."},
+    )
+    matryoshka_weights: list[float] | None = field(
+        default=None, metadata={"help": "Weight of each matryoshka_dims term (default 1 each, summed)."}
+    )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep raw record columns: CafeCollator reads them."}
     )
@@ -201,6 +210,8 @@ class CafeTrainer(Trainer):
             contrastive_gradient=args.contrastive_gradient,
             average_tokens_across_processes=args.average_tokens_across_devices,
             share_prefix=args.share_prefix,
+            matryoshka_dims=args.matryoshka_dims,
+            matryoshka_weights=args.matryoshka_weights,
         )
         if args.gradient_cache:
             return CachedCafeLoss(mini_batch_size=args.gradient_cache_mini_batch_size, **kwargs)
