@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .losses import IGNORE_INDEX
 
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
-def _move(value: Any, device, non_blocking: bool) -> Any:
+
+def _move(value: Any, device: torch.device | str | int, non_blocking: bool) -> Any:
     if isinstance(value, torch.Tensor):
         return value.to(device, non_blocking=non_blocking)
     if isinstance(value, dict):
@@ -48,10 +51,10 @@ def _pin(value: Any) -> Any:
 class _Movable:
     """``.to(device)`` and ``.pin_memory()`` over every tensor field (recursively)."""
 
-    def to(self, device, non_blocking: bool = False):
+    def to(self, device: torch.device | str | int, non_blocking: bool = False) -> Self:
         return _move(self, device, non_blocking)
 
-    def pin_memory(self):
+    def pin_memory(self) -> Self:
         # torch's DataLoader calls this on custom batch types when pin_memory=True.
         return _pin(self)
 
@@ -158,7 +161,7 @@ class MiniBatches(list):
     given ``mini_batch_size``.
     """
 
-    def to(self, device, non_blocking: bool = False) -> MiniBatches:
+    def to(self, device: torch.device | str | int, non_blocking: bool = False) -> MiniBatches:
         return MiniBatches(chunk.to(device, non_blocking=non_blocking) for chunk in self)
 
     def pin_memory(self) -> MiniBatches:

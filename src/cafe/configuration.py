@@ -73,7 +73,7 @@ class CafeSettings:
     lm_chat_template: str | None = field(default=None, repr=False)
     matryoshka_dims: list[int] | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.pooling not in POOLING_MODES:
             raise ValueError(f"Unknown pooling {self.pooling!r}; supported: {POOLING_MODES}.")
         if self.max_text_chars is not None and self.max_text_chars < 1:

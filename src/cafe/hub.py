@@ -22,7 +22,12 @@ import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterable
+
+if TYPE_CHECKING:
+    from huggingface_hub import CommitInfo, ModelCard
+
+    from .modeling import CafeForConditionalGeneration
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +103,7 @@ TRAINING_CARD_FIELDS = (
 )
 
 
-def training_settings_from_args(args, **extra: Any) -> dict[str, Any]:
+def training_settings_from_args(args: object, **extra: Any) -> dict[str, Any]:
     """The publishable training settings of a ``CafeTrainingArguments`` (or any object with those
     attribute names), plus `extra` ones (e.g. ``datasets_size=248_000``).
 
@@ -201,7 +206,7 @@ def resolve_card_data(
 
 
 # ----------------------------------------------------------------------------- the card
-def build_model_card(config: dict[str, Any], *, model_id: str, card_data: CafeModelCardData):
+def build_model_card(config: dict[str, Any], *, model_id: str, card_data: CafeModelCardData) -> ModelCard:
     """Render the ``README.md`` of a CAFe checkpoint as a ``huggingface_hub.ModelCard``.
 
     Args:
@@ -294,7 +299,7 @@ def push_folder_to_hub(
     create_pr: bool = False,
     card_data: CafeModelCardData | None = None,
     tags: list[str] | None = None,
-):
+) -> CommitInfo:
     """Upload a saved CAFe checkpoint folder to the Hub; returns huggingface_hub's ``CommitInfo``.
 
     The repository is created if needed, the card is rewritten with the final repo id in its
@@ -373,7 +378,9 @@ def _is_pickle(path: Path) -> bool:
     return False
 
 
-def push_to_hub(model, repo_id: str, *, max_shard_size: int | str = "50GB", **kwargs):
+def push_to_hub(
+    model: CafeForConditionalGeneration, repo_id: str, *, max_shard_size: int | str = "50GB", **kwargs: Any
+) -> CommitInfo:
     """Save `model` (weights, processor, sentence-transformers files, card) and upload that folder.
 
     Args:
@@ -508,7 +515,7 @@ def _training_section(training: dict[str, Any]) -> str:
     return "## Training\n\n" + _table(("setting", "value"), sorted(training.items()))
 
 
-def _table(header: tuple[str, str], rows) -> str:
+def _table(header: tuple[str, str], rows: Iterable[tuple[str, Any]]) -> str:
     def cell(value: Any) -> str:
         text = json.dumps(value) if isinstance(value, str) else str(value)
         return text.replace("|", "\\|").replace("\n", "\\n")
@@ -524,5 +531,5 @@ def _as_list(value: Any) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
-def _unique(items) -> list[str]:
+def _unique(items: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(items))

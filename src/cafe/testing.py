@@ -9,9 +9,26 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionProcessor,
+        PreTrainedConfig,
+        PreTrainedModel,
+        PreTrainedTokenizerBase,
+        PreTrainedTokenizerFast,
+        ProcessorMixin,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLProcessor,
+        Qwen2VLConfig,
+        Qwen2VLProcessor,
+    )
+
+    from .batch import CafeBatch
 
 # ChatML, as in Qwen2 / LLaVA-OneVision. Kept small on purpose: this is the *generation* template
 # of the tiny checkpoints; CAFe's embedding template lives in `cafe.prompting`.
@@ -50,7 +67,7 @@ def train_tiny_tokenizer(
     special_tokens: list[str] | None = None,
     extra_special_tokens: dict[str, str] | None = None,
     chat_template: str = CHATML_TEMPLATE,
-):
+) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer with ChatML specials and wrap it for transformers.
 
     Args:
@@ -90,7 +107,9 @@ def train_tiny_tokenizer(
     return tokenizer
 
 
-def tiny_llava_onevision_processor(image_size: int = 32, tokenizer=None):
+def tiny_llava_onevision_processor(
+    image_size: int = 32, tokenizer: PreTrainedTokenizerBase | None = None
+) -> LlavaOnevisionProcessor:
     """The real `LlavaOnevisionProcessor` (image + video processors) at a small image size."""
     from transformers import (
         LlavaOnevisionImageProcessor,
@@ -119,7 +138,9 @@ def tiny_llava_onevision_processor(image_size: int = 32, tokenizer=None):
     )
 
 
-def tiny_llava_onevision_config(tokenizer, image_size: int = 32, hidden_size: int = 64, num_layers: int = 2):
+def tiny_llava_onevision_config(
+    tokenizer: PreTrainedTokenizerBase, image_size: int = 32, hidden_size: int = 64, num_layers: int = 2
+) -> LlavaOnevisionConfig:
     """A `LlavaOnevisionConfig` with a tiny SigLIP vision tower and a tiny Qwen2 language model."""
     from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
 
@@ -147,8 +168,8 @@ def tiny_llava_onevision_config(tokenizer, image_size: int = 32, hidden_size: in
     return LlavaOnevisionConfig(
         vision_config=vision,
         text_config=text,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),  # type: ignore[arg-type]  # one token: an int (typed int | list[int])
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),  # type: ignore[arg-type]  # one token: an int (typed int | list[int])
         image_grid_pinpoints=[[image_size, image_size]],
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,
@@ -208,7 +229,7 @@ _QWEN_PATCH = 8  # vision patch size of the tiny Qwen checkpoints (the real ones
 _QWEN_MERGE = 2  # spatial merge size (as in the real ones): 2x2 patches become one LLM token
 
 
-def train_tiny_qwen2_vl_tokenizer(vocab_size: int = 512):
+def train_tiny_qwen2_vl_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     """A tiny Qwen2-style tokenizer: ChatML, the vision special tokens, the Qwen2-VL chat template.
 
     Like the real Qwen2 tokenizer it names no ``image_token``; `Qwen2VLProcessor` then uses
@@ -222,7 +243,9 @@ def train_tiny_qwen2_vl_tokenizer(vocab_size: int = 512):
     )
 
 
-def tiny_qwen2_vl_processor(tokenizer=None, min_pixels: int = 32 * 32, max_pixels: int = 48 * 48):
+def tiny_qwen2_vl_processor(
+    tokenizer: PreTrainedTokenizerBase | None = None, min_pixels: int = 32 * 32, max_pixels: int = 48 * 48
+) -> Qwen2VLProcessor:
     """The real `Qwen2VLProcessor` (also Qwen2.5-VL's processor class) at a small image size.
 
     Images are resized to multiples of 16 pixels (patch 8 x merge 2) with 1024-2304 pixels, so an
@@ -241,7 +264,9 @@ def tiny_qwen2_vl_processor(tokenizer=None, min_pixels: int = 32 * 32, max_pixel
     )
 
 
-def _tiny_qwen_text_kwargs(tokenizer, hidden_size: int, num_layers: int, tie_word_embeddings: bool) -> dict[str, Any]:
+def _tiny_qwen_text_kwargs(
+    tokenizer: PreTrainedTokenizerBase, hidden_size: int, num_layers: int, tie_word_embeddings: bool
+) -> dict[str, Any]:
     return dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -259,7 +284,7 @@ def _tiny_qwen_text_kwargs(tokenizer, hidden_size: int, num_layers: int, tie_wor
     )
 
 
-def _tiny_qwen_token_ids(tokenizer) -> dict:
+def _tiny_qwen_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict:
     ids = tokenizer.convert_tokens_to_ids
     return dict(
         image_token_id=ids("<|image_pad|>"),
@@ -269,7 +294,9 @@ def _tiny_qwen_token_ids(tokenizer) -> dict:
     )
 
 
-def tiny_qwen2_vl_config(tokenizer, hidden_size: int = 64, num_layers: int = 2, tie_word_embeddings: bool = True):
+def tiny_qwen2_vl_config(
+    tokenizer: PreTrainedTokenizerBase, hidden_size: int = 64, num_layers: int = 2, tie_word_embeddings: bool = True
+) -> Qwen2VLConfig:
     """A `Qwen2VLConfig` with a tiny vision transformer and a tiny Qwen2 language model.
 
     Tied input/output embeddings by default, as in Qwen2-VL-2B (the 7B unties them).
@@ -292,7 +319,9 @@ def tiny_qwen2_vl_config(tokenizer, hidden_size: int = 64, num_layers: int = 2, 
     )
 
 
-def tiny_qwen2_5_vl_config(tokenizer, hidden_size: int = 64, num_layers: int = 2, tie_word_embeddings: bool = False):
+def tiny_qwen2_5_vl_config(
+    tokenizer: PreTrainedTokenizerBase, hidden_size: int = 64, num_layers: int = 2, tie_word_embeddings: bool = False
+) -> Qwen2_5_VLConfig:
     """A `Qwen2_5_VLConfig`: tiny windowed-attention vision transformer (one full-attention block)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLTextConfig, Qwen2_5_VLVisionConfig
 
@@ -316,7 +345,13 @@ def tiny_qwen2_5_vl_config(tokenizer, hidden_size: int = 64, num_layers: int = 2
     )
 
 
-def save_tiny_checkpoint(path, model_class, config, processor, seed: int = 0) -> Path:
+def save_tiny_checkpoint(
+    path: str | os.PathLike,
+    model_class: type[PreTrainedModel],
+    config: PreTrainedConfig,
+    processor: ProcessorMixin,
+    seed: int = 0,
+) -> Path:
     """Initialise `model_class(config)` with `seed` and save it with `processor` and a greedy generation config."""
     from transformers import GenerationConfig
 
@@ -360,7 +395,7 @@ _BUILDERS = {
 TINY_FAMILIES = tuple(_BUILDERS)
 
 
-def batch_image_count(batch) -> int:
+def batch_image_count(batch: Mapping[str, Any] | CafeBatch) -> int:
     """How many images the pixel tensors of a processor batch / `CafeBatch` hold, for any family.
 
     LLaVA-OneVision stacks images (``pixel_values [n, crops, 3, H, W]``); Qwen2-VL concatenates their
@@ -431,7 +466,7 @@ _LLAVA_ONEVISION_PATCH = 14
 _SIGLIP_MEAN_STD = [0.5, 0.5, 0.5]
 
 
-def llava_hf_llava_onevision_processor(tokenizer=None):
+def llava_hf_llava_onevision_processor(tokenizer: PreTrainedTokenizerBase | None = None) -> LlavaOnevisionProcessor:
     """The `LlavaOnevisionProcessor` of the llava-hf checkpoints, with a tiny trained tokenizer.
 
     Real: the chat template (`LLAVA_HF_LLAVA_ONEVISION_CHAT_TEMPLATE`), 384 px crops, the full anyres
@@ -453,7 +488,7 @@ def llava_hf_llava_onevision_processor(tokenizer=None):
         # model's whole context, so the tokenizer does not warn about sequences the model accepts.
         tokenizer.model_max_length = 32768
     size = {"height": _LLAVA_ONEVISION_IMAGE_SIZE, "width": _LLAVA_ONEVISION_IMAGE_SIZE}
-    normalisation = dict(image_mean=_SIGLIP_MEAN_STD, image_std=_SIGLIP_MEAN_STD)
+    normalisation: dict[str, Any] = dict(image_mean=_SIGLIP_MEAN_STD, image_std=_SIGLIP_MEAN_STD)
     return LlavaOnevisionProcessor(
         image_processor=LlavaOnevisionImageProcessor(
             size=size, image_grid_pinpoints=LLAVA_ONEVISION_IMAGE_GRID_PINPOINTS, **normalisation
@@ -467,7 +502,9 @@ def llava_hf_llava_onevision_processor(tokenizer=None):
     )
 
 
-def llava_hf_llava_onevision_config(tokenizer, hidden_size: int = 64, num_layers: int = 2):
+def llava_hf_llava_onevision_config(
+    tokenizer: PreTrainedTokenizerBase, hidden_size: int = 64, num_layers: int = 2
+) -> LlavaOnevisionConfig:
     """A `LlavaOnevisionConfig` laid out like llava-hf's, with tiny widths and depths.
 
     Real: the SigLIP geometry (384 px, patch 14: 729 features per crop, no pooling head), the anyres
@@ -504,8 +541,8 @@ def llava_hf_llava_onevision_config(tokenizer, hidden_size: int = 64, num_layers
     return LlavaOnevisionConfig(
         vision_config=vision,
         text_config=text,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),  # type: ignore[arg-type]  # one token: an int (typed int | list[int])
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),  # type: ignore[arg-type]  # one token: an int (typed int | list[int])
         image_grid_pinpoints=LLAVA_ONEVISION_IMAGE_GRID_PINPOINTS,
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,
@@ -556,10 +593,10 @@ _RELEASED_QWEN = {
 
 def released_qwen2_vl_processor(
     family: str = "qwen2_vl",
-    tokenizer=None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     min_pixels: int = QWEN2_VL_MIN_PIXELS,
     max_pixels: int = QWEN2_VL_MAX_PIXELS,
-):
+) -> Qwen2VLProcessor | Qwen2_5_VLProcessor:
     """The processor of `Qwen/Qwen2-VL-*-Instruct` (``family="qwen2_vl"``) or `Qwen/Qwen2.5-VL-*-Instruct`
     (``"qwen2_5_vl"``), with a tiny trained tokenizer.
 
@@ -595,7 +632,9 @@ def released_qwen2_vl_processor(
     )
 
 
-def _released_qwen_text_kwargs(tokenizer, family: str, hidden_size: int, num_layers: int) -> dict[str, Any]:
+def _released_qwen_text_kwargs(
+    tokenizer: PreTrainedTokenizerBase, family: str, hidden_size: int, num_layers: int
+) -> dict[str, Any]:
     kwargs = _tiny_qwen_text_kwargs(tokenizer, hidden_size, num_layers, tie_word_embeddings=False)
     # The released context and RoPE base; M-RoPE sections stay scaled to the tiny head_dim (16).
     kwargs["max_position_embeddings"] = _RELEASED_QWEN[family][2]
@@ -603,7 +642,9 @@ def _released_qwen_text_kwargs(tokenizer, family: str, hidden_size: int, num_lay
     return kwargs
 
 
-def released_qwen2_vl_config(tokenizer, family: str = "qwen2_vl", hidden_size: int = 64, num_layers: int = 2):
+def released_qwen2_vl_config(
+    tokenizer: PreTrainedTokenizerBase, family: str = "qwen2_vl", hidden_size: int = 64, num_layers: int = 2
+) -> Qwen2VLConfig | Qwen2_5_VLConfig:
     """A `Qwen2VLConfig` / `Qwen2_5_VLConfig` with the released vision geometry and tiny widths.
 
     Real: patch 14, spatial merge 2, temporal patch 2 (so the model consumes the processor's real
@@ -646,7 +687,7 @@ def released_qwen2_vl_config(tokenizer, family: str = "qwen2_vl", hidden_size: i
     )
 
 
-def _build_released_qwen(path, family: str, seed: int) -> Path:
+def _build_released_qwen(path: str | os.PathLike, family: str, seed: int) -> Path:
     import transformers
 
     processor = released_qwen2_vl_processor(family)

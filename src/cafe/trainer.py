@@ -7,7 +7,7 @@ import os
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -16,6 +16,15 @@ from transformers.utils import logging
 from .batch import CafeBatch, MiniBatches
 from .collator import MiniBatchCollator
 from .losses import CONTRASTIVE_GRADIENTS, CachedCafeLoss, CafeLoss
+
+if TYPE_CHECKING:
+    from huggingface_hub import CommitInfo
+    from torch import nn
+    from transformers import TrainerControl, TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    from .losses import CafeLossOutput
+    from .modeling import CafeForConditionalGeneration
 
 logger = logging.get_logger(__name__)
 
@@ -90,7 +99,7 @@ class CafeTrainingArguments(TrainingArguments):
         default=True, metadata={"help": "Drop the last, smaller batch (a contrastive batch needs >= 2 pairs)."}
     )
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         super().__post_init__()
         if self.con_weight is not None:
             self.contrastive_weight = self.con_weight
@@ -123,7 +132,7 @@ class _ZeroLossGradients(TrainerCallback):
     def __init__(self, trainer: CafeTrainer):
         self.trainer = trainer
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self.trainer.loss.zero_grad(set_to_none=True)
 
 
@@ -149,7 +158,7 @@ class CafeTrainer(Trainer):
 
     args: CafeTrainingArguments
 
-    def __init__(self, *args, loss: CafeLoss | None = None, **kwargs):
+    def __init__(self, *args: Any, loss: CafeLoss | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, CafeTrainingArguments):
             raise TypeError("CafeTrainer needs CafeTrainingArguments (got TrainingArguments).")
@@ -217,12 +226,12 @@ class CafeTrainer(Trainer):
             return CachedCafeLoss(mini_batch_size=args.gradient_cache_mini_batch_size, **kwargs)
         return CafeLoss(**kwargs)
 
-    def _cafe_model(self):
+    def _cafe_model(self) -> CafeForConditionalGeneration:
         model = self.accelerator.unwrap_model(self.model)
         return model.get_base_model() if hasattr(model, "get_base_model") else model
 
     # ------------------------------------------------------------------ optimisation
-    def create_optimizer(self, model=None):
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """Separate learning rates for vision tower, projector and LLM (paper: 2e-6 / 1e-5 / 1e-5),
         plus the loss's own parameters (a learnable logit scale) at the LLM's rate, no decay."""
         if self.optimizer is not None:
@@ -255,13 +264,23 @@ class CafeTrainer(Trainer):
         return self.optimizer
 
     # ------------------------------------------------------------------ loss
-    def _prepare_inputs(self, inputs):
+    # Trainer types batches as dicts; cafe's are `CafeBatch` / `MiniBatches` (dicts still pass through).
+    def _prepare_inputs(  # type: ignore[override]
+        self, inputs: CafeBatch | MiniBatches | dict[str, Any]
+    ) -> CafeBatch | MiniBatches | dict[str, Any]:
         # Trainer moves dicts of tensors; CAFe batches are dataclasses that move themselves.
         if isinstance(inputs, (CafeBatch, MiniBatches)):
             return inputs.to(self.args.device)
         return super()._prepare_inputs(inputs)
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    # Trainer types the batch as a dict; cafe's losses take `CafeBatch` / `MiniBatches`.
+    def compute_loss(  # type: ignore[override]
+        self,
+        model: nn.Module,
+        inputs: CafeBatch | MiniBatches,
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, CafeLossOutput]:
         for name, value in getattr(inputs, "counts", {}).items():
             self._metrics[f"data/{name}"].append(float(value))
         output = self.loss(model, inputs)
@@ -283,9 +302,9 @@ class CafeTrainer(Trainer):
         model = self._cafe_model()
         card = getattr(model, "model_card_data", None) or CafeModelCardData()
         card.training = {**training_settings_from_args(self.args), **card.training}
-        model.model_card_data = card
+        model.model_card_data = card  # type: ignore[assignment]  # an instance attribute the class does not declare
 
-    def create_model_card(self, *args, **kwargs):
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         # Trainer.push_to_hub would write its generic training card over ours: keep cafe's card,
         # which holds the CAFe settings and the transformers / cafe / sentence-transformers usage.
         from .hub import write_model_card
@@ -307,14 +326,14 @@ class CafeTrainer(Trainer):
             model = self._cafe_model()
             model.config.cafe = {**model.config.cafe, **learned}
 
-    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> TrainOutput:
         self._check_training_data()
         result = super().train(resume_from_checkpoint, *args, **kwargs)
         self.write_learned_settings()
         return result
 
     # ------------------------------------------------------------------ data checks
-    def _cafe_collator(self):
+    def _cafe_collator(self) -> Any:
         return getattr(self.data_collator, "collator", self.data_collator)
 
     def _check_training_data(self) -> None:
@@ -346,7 +365,7 @@ class CafeTrainer(Trainer):
                 )
 
     # ------------------------------------------------------------------ saving
-    def _save(self, output_dir: str | None = None, state_dict=None):
+    def _save(self, output_dir: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         self.write_learned_settings()
         super()._save(output_dir, state_dict)
         # Trainer pickles its arguments next to the weights; a published folder should hold no
@@ -359,8 +378,11 @@ class CafeTrainer(Trainer):
             with open(os.path.join(output_dir, TRAINING_ARGS_JSON_NAME), "w") as f:
                 f.write(self.args.to_json_string())
 
-    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
-                    token: str | None = None, revision: str | None = None, private: bool | None = None, **kwargs):
+    # Returns None on non-main processes, as Trainer.push_to_hub does (it is annotated CommitInfo only).
+    def push_to_hub(  # type: ignore[override]
+        self, commit_message: str | None = "End of training", blocking: bool = True, token: str | None = None,
+        revision: str | None = None, private: bool | None = None, **kwargs: Any,
+    ) -> CommitInfo | None:
         """Save the model to ``output_dir`` and upload what `save_pretrained` writes through
         `cafe.hub.push_folder_to_hub` (cafe's model card; no pickles, no checkpoints)."""
         from .hub import push_folder_to_hub
@@ -409,7 +431,7 @@ class CafeTrainer(Trainer):
             with open(rng_path) as f:
                 parser.set_rng_state(json.load(f))
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         # Checkpoints are in the backbone's published key layout (e.g. `language_model.lm_head`),
         # which transformers renames on `from_pretrained` only; Trainer's resume path calls a
         # plain non-strict `load_state_dict` that would silently load nothing under those names.

@@ -13,8 +13,15 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .trainer import CafeTrainingArguments
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import HfArgumentParser
+
+    from .trainer import CafeTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +53,7 @@ class DataArguments:
     missing_images: str = field(default="raise", metadata={"help": "raise | skip (counted and logged)."})
 
 
-def load_records(data_path: str):
+def load_records(data_path: str) -> Dataset:
     """A `datasets.Dataset` of raw records with a ``record_index`` column (used in error messages)."""
     from datasets import load_dataset, load_from_disk
 
@@ -65,7 +72,9 @@ def load_records(data_path: str):
     return dataset.add_column("record_index", list(range(len(dataset))))
 
 
-def build_trainer(model_args: ModelArguments, data_args: DataArguments, training_args: CafeTrainingArguments):
+def build_trainer(
+    model_args: ModelArguments, data_args: DataArguments, training_args: CafeTrainingArguments
+) -> CafeTrainer:
     import torch
 
     from .collator import CafeCollator
@@ -124,7 +133,7 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
     )
 
 
-def save_final_model(trainer, model_args: ModelArguments, output_dir: str) -> str:
+def save_final_model(trainer: CafeTrainer, model_args: ModelArguments, output_dir: str) -> str:
     """Save the trained model into `output_dir`, replacing what an earlier run left there.
 
     With LoRA and ``merge_lora`` (default) the adapters are merged first: a vanilla checkpoint.
@@ -139,7 +148,7 @@ def save_final_model(trainer, model_args: ModelArguments, output_dir: str) -> st
 
     model = trainer.model
     if model_args.use_lora and model_args.merge_lora:
-        merged = model.merge_and_unload()
+        merged = model.merge_and_unload()  # type: ignore[union-attr,operator]  # with use_lora: a PeftModel
         merged.save_pretrained(output_dir)  # staged and rank-aware itself
         return _checkpoint_message(output_dir, type(merged).backbone_class().__name__, merged=True)
     rank_local_files = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
@@ -180,7 +189,7 @@ def _adapter_message(output_dir: str, base: str) -> str:
     )
 
 
-def parse_arguments(parser, argv: list[str] | None):
+def parse_arguments(parser: HfArgumentParser, argv: list[str] | None) -> tuple[Any, ...]:
     """Flags, or one JSON / YAML file holding a whole run (keys = flag names; see examples/configs/)."""
     if argv and len(argv) == 1 and Path(argv[0]).suffix in (".json", ".yaml", ".yml"):
         path = Path(argv[0])

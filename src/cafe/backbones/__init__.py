@@ -10,6 +10,10 @@ it a tiny offline checkpoint in `cafe.testing` so the shared test suites run on 
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..modeling import CafeForConditionalGeneration
 
 # model_type -> (module, class name). Imported lazily so that `import cafe` stays cheap.
 _FAMILIES: dict[str, tuple[str, str]] = {
@@ -25,7 +29,7 @@ def supported_model_types() -> list[str]:
     return sorted(_FAMILIES)
 
 
-def get_cafe_class(model_type: str):
+def get_cafe_class(model_type: str) -> type[CafeForConditionalGeneration]:
     """Return the CAFe class for a checkpoint's ``model_type``, or raise a clear error."""
     if model_type not in _FAMILIES:
         raise ValueError(

@@ -22,6 +22,10 @@ import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +49,7 @@ def safe_file_stem(record_id: str) -> str:
 
 
 def convert_llava_onevision_data(
-    dataset,
+    dataset: Dataset | str | Path,
     output_dir: str | Path,
     subset: str,
     split: str = "train",

@@ -11,9 +11,12 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..records import ImageRecordError, RecordError, RecordParser, columns_read_by_parser
+
+if TYPE_CHECKING:
+    from datasets import Dataset, Features
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +47,7 @@ class DataValidationError(RecordError):
 
 
 def validate_records(
-    dataset,
+    dataset: Dataset,
     image_folder: str | os.PathLike | None = None,
     multimodal_input: bool = False,
     caption_prompt: str | None = "Describe the image.",
@@ -52,7 +55,7 @@ def validate_records(
     num_proc: int | None = None,
     max_image_pixels: int | None = None,
     load_from_cache_file: bool | None = None,
-):
+) -> Dataset:
     """Check every record of a training data set as `CafeCollator` will, before training starts.
 
     Each record goes through `cafe.records.RecordParser` with the collator's settings: its layout
@@ -171,7 +174,7 @@ def _check_batch(batch: dict[str, list], indices: list[int], settings: dict[str,
     return out
 
 
-def _problem_features():
+def _problem_features() -> Features:
     from datasets import Features, Value
 
     return Features(
@@ -184,7 +187,7 @@ def _problem_features():
     )
 
 
-def _mtime(folder) -> int | None:
+def _mtime(folder: str | os.PathLike | None) -> int | None:
     try:
         return os.stat(folder).st_mtime_ns if folder is not None else None
     except OSError:

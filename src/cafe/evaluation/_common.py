@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence, Sized
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence, Sized
 
 import torch
 
 from ..prompting import check_batch_size, check_sequence  # noqa: F401  (re-exported for the evaluation modules)
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 
 def check_ks(ks: Iterable[int]) -> tuple[int, ...]:
@@ -56,8 +59,8 @@ def load_any_dataset(
     dataset: Any,
     split: str | None = "test",
     name: str | None = None,
-    **load_kwargs,
-):
+    **load_kwargs: Any,
+) -> Dataset:
     """Turn a `datasets.Dataset`, a `DatasetDict`, a local path or a Hub id into a `Dataset`.
 
     Local ``.json``/``.jsonl``/``.parquet``/``.csv`` files load with the matching builder (their
@@ -85,7 +88,7 @@ def load_any_dataset(
     return datasets.load_dataset(str(dataset), name, split=split, **load_kwargs)
 
 
-def select_rows(dataset, where: Mapping[str, Any] | None = None, limit: int | None = None):
+def select_rows(dataset: Dataset, where: Mapping[str, Any] | None = None, limit: int | None = None) -> Dataset:
     """Rows whose columns equal ``where`` (e.g. ``{"split": "test"}``), then the first ``limit``.
 
     Only the filtered columns are read, so images are not decoded.
@@ -106,7 +109,7 @@ def select_rows(dataset, where: Mapping[str, Any] | None = None, limit: int | No
     return dataset
 
 
-def require_columns(dataset, columns: Iterable[str], hint: str = "") -> None:
+def require_columns(dataset: Dataset, columns: Iterable[str], hint: str = "") -> None:
     missing = [c for c in columns if c not in dataset.column_names]
     if missing:
         raise KeyError(f"Columns {missing} not in the dataset; available: {dataset.column_names}. {hint}".strip())

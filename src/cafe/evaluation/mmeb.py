@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import torch
 
@@ -35,6 +35,9 @@ from ._common import (
     resolve_image,
     select_rows,
 )
+
+if TYPE_CHECKING:
+    from ..modeling import CafeForConditionalGeneration
 
 MMEB_META_TASKS: dict[str, tuple[str, ...]] = {
     "Classification": (
@@ -139,7 +142,7 @@ def summarize_mmeb(
     return summary
 
 
-def mmeb_item(text: str | None, image_path: str | None, image_root: str | os.PathLike | None = None):
+def mmeb_item(text: str | None, image_path: str | None, image_root: str | os.PathLike | None = None) -> dict[str, Any]:
     """The ``model.encode`` input of one MMEB query or candidate (``{"image"?, "text"?}``)."""
     text = PHI3_IMAGE_TOKEN.sub("", text or "").strip()
     item: dict[str, Any] = {}
@@ -165,7 +168,7 @@ def _candidates(row: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 
 def evaluate_mmeb_subset(
-    model,
+    model: CafeForConditionalGeneration,
     rows: Any,
     image_root: str | os.PathLike | None = None,
     batch_size: int = 16,
@@ -202,7 +205,7 @@ def evaluate_mmeb_subset(
 
 
 def evaluate_mmeb(
-    model,
+    model: CafeForConditionalGeneration,
     dataset: Any = "TIGER-Lab/MMEB-eval",
     subsets: Sequence[str] | None = None,
     split: str = "test",

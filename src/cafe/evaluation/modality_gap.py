@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ._common import check_batch_size, check_same_length, check_scores, check_sequence, resolve_image
+
+if TYPE_CHECKING:
+    import PIL.Image
+
+    from ..modeling import CafeForConditionalGeneration
 
 IMAGE_COLOUR = (31, 119, 180)
 TEXT_COLOUR = (255, 127, 14)
@@ -95,7 +100,7 @@ def draw_scatter(
     size: int = 512,
     title: str | None = None,
     connect_pairs: bool = True,
-):
+) -> PIL.Image.Image:
     """Draw 2-D points with PIL: images as blue discs, texts as orange squares; returns the image.
 
     Args:
@@ -183,7 +188,7 @@ def save_embedding_scatter(
 
 
 def evaluate_modality_gap(
-    model,
+    model: CafeForConditionalGeneration,
     images: Sequence[Any],
     texts: Sequence[str],
     batch_size: int = 16,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
 from ._common import (
     check_batch_size,
@@ -24,6 +24,9 @@ from ._common import (
     resolve_image,
     select_rows,
 )
+
+if TYPE_CHECKING:
+    from transformers import ProcessorMixin
 
 YesNo = Literal["yes", "no", "other"]
 
@@ -155,10 +158,10 @@ def pope_metrics_by_category(
 
 
 def generate_answers(
-    model,
+    model: Any,
     images: Sequence[Any],
     questions: Sequence[str],
-    processor=None,
+    processor: Any = None,
     batch_size: int = 8,
     max_new_tokens: int = 16,
     prompt_suffix: str = DEFAULT_POPE_PROMPT_SUFFIX,
@@ -224,12 +227,12 @@ def generate_answers(
 
 
 def evaluate_pope(
-    model,
+    model: Any,
     images: Sequence[Any],
     questions: Sequence[str],
     labels: Sequence[str | bool],
     categories: Sequence[str] | None = None,
-    processor=None,
+    processor: ProcessorMixin | None = None,
     batch_size: int = 8,
     max_new_tokens: int = 16,
     prompt_suffix: str = DEFAULT_POPE_PROMPT_SUFFIX,
@@ -272,7 +275,7 @@ def evaluate_pope(
 
 
 def evaluate_pope_dataset(
-    model,
+    model: Any,
     dataset: Any = "lmms-lab/POPE",
     split: str = "test",
     image_column: str = "image",
@@ -282,7 +285,7 @@ def evaluate_pope_dataset(
     name: str | None = None,
     where: Mapping[str, Any] | None = None,
     max_questions: int | None = None,
-    **kwargs,
+    **kwargs: Any,
 ) -> dict[str, Any]:
     """`evaluate_pope` on a data set in the ``lmms-lab/POPE`` layout (or `cafe.data.make_pope_dataset`).
 

@@ -21,7 +21,7 @@ least the number of candidates, every query is a hit.
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import torch
 
@@ -36,6 +36,9 @@ from ._common import (
     resolve_image,
     select_rows,
 )
+
+if TYPE_CHECKING:
+    from ..modeling import CafeForConditionalGeneration
 
 DEFAULT_KS = (1, 5, 10)
 
@@ -145,7 +148,7 @@ def retrieval_recall(
 
 
 def evaluate_retrieval(
-    model,
+    model: CafeForConditionalGeneration,
     images: Sequence[Any],
     captions_per_image: Sequence[Sequence[str]],
     batch_size: int = 16,
@@ -196,7 +199,7 @@ def load_retrieval_data(
     name: str | None = None,
     where: Mapping[str, Any] | None = None,
     max_images: int | None = None,
-    **load_kwargs,
+    **load_kwargs: Any,
 ) -> tuple[list[Any], list[list[str]]]:
     """Read ``(images, captions_per_image)`` from a retrieval test set.
 
@@ -226,7 +229,7 @@ def load_retrieval_data(
 
 
 def evaluate_retrieval_dataset(
-    model,
+    model: CafeForConditionalGeneration,
     dataset: Any,
     split: str = "test",
     image_column: str = "image",
