@@ -150,7 +150,7 @@ def test_mixed_layouts_make_one_batch(image_folder, cafe_model):
     path.write_text(json.dumps(records))
     collator = CafeCollator(cafe_model.processor, model=cafe_model, image_folder=str(image_folder))
     batch = collator(list(load_records(str(path))))
-    assert batch["query_input_ids"].shape[0] == 3 and batch["input_ids"].shape[0] == 2  # two LM sequences
+    assert len(batch.query) == 3 and len(batch.lm) == 2  # two LM sequences
 
 
 def test_a_collator_given_one_record_instead_of_a_list(image_folder, cafe_model):
