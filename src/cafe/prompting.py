@@ -388,11 +388,18 @@ def process_prompts(processor, prompts: list[str], images: Sequence[Any], videos
         token = getattr(processor, "video_token", None)
         shown = sum(prompt.count(token) for prompt in prompts) if token else len(videos)
         if shown != len(videos):
-            raise ValueError(
-                f"The prompts show {shown} video(s) but {len(videos)} were given: this model's {template_name} has no "
-                "video placeholder (it was written before cafe supported video, or was customised). Rebuild the "
-                "templates from the family's defaults, which show videos: CafeForConditionalGeneration.from_pretrained("
-                "path, cafe_settings={**model.config.cafe, 'embedding_chat_template': None, 'lm_chat_template': None})."
-            )
+            if template_name in ("embedding_chat_template", "lm_chat_template"):
+                fix = (
+                    f"this model's {template_name} has no video placeholder (it was written before cafe supported "
+                    "video, or was customised). Rebuild the templates from the family's defaults, which show videos: "
+                    "CafeForConditionalGeneration.from_pretrained(path, cafe_settings={**model.config.cafe, "
+                    "'embedding_chat_template': None, 'lm_chat_template': None})."
+                )
+            else:
+                fix = (
+                    f"the {template_name} renders no video placeholder for {{'type': 'video'}} parts; use a processor "
+                    "whose chat_template does (the released LLaVA-OneVision and Qwen2-VL templates do)."
+                )
+            raise ValueError(f"The prompts show {shown} video(s) but {len(videos)} were given: {fix}")
         kwargs = {"videos": [video.frames for video in videos], "video_metadata": [video.metadata for video in videos]}
     return processor(text=prompts, images=list(images) or None, padding=True, return_tensors="pt", **kwargs)
