@@ -215,3 +215,39 @@ def test_motion_accuracy():
         motion_accuracy(["x"], ["sideways"])
     with pytest.raises(ValueError, match="same length"):
         motion_accuracy(["x", "y"], ["left"])
+
+
+def test_no_decoder_is_not_a_skippable_record_error(tmp_path, monkeypatch):
+    """missing_images="skip" must not drop every video record because PyAV is not installed."""
+    import transformers.utils
+
+    (tmp_path / "clip.mp4").write_bytes(b"\x00" * 64)
+    monkeypatch.setattr(transformers.utils, "is_av_available", lambda: False)
+    monkeypatch.setattr(transformers.utils, "is_torchcodec_available", lambda: False)
+    with pytest.raises(ImportError, match="pip install av"):
+        RecordParser(str(tmp_path))({"video": "clip.mp4", "text": "x"}, 0)
+
+
+def test_validate_records_checks_video_records(tmp_path):
+    from datasets import Dataset
+
+    from cafe.data import write_clip_records
+    from cafe.data.validation import DataValidationError, validate_records
+
+    import json
+
+    path = write_clip_records(generate_clip_records(3, seed=0), tmp_path)
+    entries = json.loads(path.read_text())
+    rows = [{"video": e["video"], "text": e["caption"]} for e in entries]
+    rows[1]["video"] = rows[1]["video"][:-1] + ["videos/train/missing.png"]
+    with pytest.raises(DataValidationError, match="missing.png"):
+        validate_records(Dataset.from_list(rows), image_folder=str(tmp_path))
+    kept = validate_records(Dataset.from_list(rows), image_folder=str(tmp_path), missing_images="skip")
+    assert len(kept) == 2
+
+
+def test_a_corrupt_frame_file_is_a_skippable_record_error(tmp_path, clips):
+    Image.fromarray(clips[0][0]).save(tmp_path / "0.png")
+    (tmp_path / "1.png").write_bytes(b"not a png")
+    with pytest.raises(ImageRecordError, match=r"record 0 \(pair video\), frame 1"):
+        RecordParser(str(tmp_path))({"video": ["0.png", "1.png"], "text": "x"}, 0)

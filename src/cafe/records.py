@@ -158,11 +158,12 @@ def _open_image(value: Any, image_folder: str | None, where: str, max_pixels: in
 def _open_video(value: Any, folder: str | None, where: str, sampling: FrameSampling | None) -> Video:
     try:
         return load_video(value, sampling, where, folder)
-    except (FileNotFoundError, VideoError, ImportError) as err:
-        # Missing decoder included: skipping (missing_images="skip") then reports it per record.
+    except (FileNotFoundError, VideoError) as err:
         raise ImageRecordError(str(err)) from err
     except TypeError as err:
         raise RecordError(str(err)) from err
+    # An ImportError (no video decoder installed) passes through: it is the environment, not the
+    # record, and missing_images="skip" must not silently skip every video record for it.
 
 
 def _text(value: Any, where: str, what: str) -> str:

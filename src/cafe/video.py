@@ -307,6 +307,8 @@ def _stack_frames(frames, folder, where: str) -> np.ndarray:
                 frame = _resolve(frame, folder)
             try:
                 array = np.asarray(load_image(frame, f"{where}, frame {i}"))
+            except ValueError as err:  # a corrupt frame file: the video is unusable
+                raise VideoError(str(err)) from None
             except TypeError:
                 raise TypeError(
                     f"Frame {i} of the video of {where} is a {type(frame).__name__}; frames must be PIL images, "
