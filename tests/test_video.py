@@ -298,3 +298,25 @@ def test_a_short_training_run_lifts_text_to_video_recall_above_chance(cafe_model
     cafe_model.eval()
     after = evaluate_video_retrieval(cafe_model, videos, captions, ks=(1,))["text_to_video_recall@1"]
     assert before <= 0.25 and after >= 0.5, (before, after)
+
+
+def test_cafe_train_reads_video_records_and_saves_the_frame_rule(tiny_checkpoint, tmp_path):
+    """`cafe train` on a JSON of clips (frames on disk): --video_num_frames / --video_fps reach the
+    collator and the saved checkpoint."""
+    from cafe import CafeTrainingArguments
+    from cafe.data import write_clip_records
+    from cafe.training import DataArguments, ModelArguments, build_trainer, save_final_model
+
+    path = write_clip_records(generate_clip_records(4, seed=0, image_size=32), tmp_path / "data")
+    model_args = ModelArguments(model_name_or_path=str(tiny_checkpoint))
+    data_args = DataArguments(data_path=str(path), image_folder=str(tmp_path / "data"), video_num_frames=4,
+                              video_fps=1.0)
+    training_args = CafeTrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=4,
+                                          report_to=[], use_cpu=True, save_strategy="no")
+    trainer = build_trainer(model_args, data_args, training_args)
+    sampling = trainer.data_collator.parser.video_sampling
+    assert sampling.num_frames == 4 or sampling.fps == 1.0
+    trainer.train()
+    save_final_model(trainer, model_args, str(tmp_path / "final"))
+    saved = CafeForConditionalGeneration.from_pretrained(tmp_path / "final").cafe_settings
+    assert (saved.video_num_frames, saved.video_fps) == (4, 1.0)
