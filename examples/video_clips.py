@@ -32,7 +32,13 @@ from pathlib import Path
 
 import torch
 
-from cafe import CafeCollator, CafeForConditionalGeneration, CafeSettings, CafeTrainer, CafeTrainingArguments
+from cafe import (
+    CafeCollator,
+    CafeForConditionalGeneration,
+    CafeSettings,
+    CafeTrainer,
+    CafeTrainingArguments,
+)
 from cafe.data import generate_clip_records
 from cafe.data.synthetic_clips import MOTION_QUESTION
 from cafe.evaluation import evaluate_video_captions, evaluate_video_retrieval

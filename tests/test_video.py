@@ -4,7 +4,6 @@ Tests that use the tiny checkpoint run once per backbone family (see tests/conft
 parity tests also run on the released-format fixtures (real video token counts).
 """
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -12,7 +11,11 @@ from PIL import Image
 from cafe import CafeCollator, CafeForConditionalGeneration
 from cafe.data import generate_clip_records
 from cafe.modeling import last_token_pool
-from cafe.prompting import EmbeddingInput, build_embedding_batch, render_embedding_prompts
+from cafe.prompting import (
+    EmbeddingInput,
+    build_embedding_batch,
+    render_embedding_prompts,
+)
 from cafe.video import Video, frame_sampling, load_video
 
 pytestmark = pytest.mark.all_families
@@ -305,7 +308,12 @@ def test_cafe_train_reads_video_records_and_saves_the_frame_rule(tiny_checkpoint
     collator and the saved checkpoint."""
     from cafe import CafeTrainingArguments
     from cafe.data import write_clip_records
-    from cafe.training import DataArguments, ModelArguments, build_trainer, save_final_model
+    from cafe.training import (
+        DataArguments,
+        ModelArguments,
+        build_trainer,
+        save_final_model,
+    )
 
     path = write_clip_records(generate_clip_records(4, seed=0, image_size=32), tmp_path / "data")
     model_args = ModelArguments(model_name_or_path=str(tiny_checkpoint))

@@ -7,7 +7,14 @@ from PIL import Image
 
 from cafe.data import generate_clip_records
 from cafe.records import ImageRecordError, RecordError, RecordParser
-from cafe.video import FrameSampling, Video, VideoError, frame_sampling, load_video, write_video
+from cafe.video import (
+    FrameSampling,
+    Video,
+    VideoError,
+    frame_sampling,
+    load_video,
+    write_video,
+)
 
 
 @pytest.fixture(scope="module")
@@ -229,12 +236,12 @@ def test_no_decoder_is_not_a_skippable_record_error(tmp_path, monkeypatch):
 
 
 def test_validate_records_checks_video_records(tmp_path):
+    import json
+
     from datasets import Dataset
 
     from cafe.data import write_clip_records
     from cafe.data.validation import DataValidationError, validate_records
-
-    import json
 
     path = write_clip_records(generate_clip_records(3, seed=0), tmp_path)
     entries = json.loads(path.read_text())

@@ -264,9 +264,9 @@ def _decode_file(path: Path, sampling: FrameSampling, where: str) -> Video:
 
     try:
         frames, _ = transformers_load_video(str(path), backend=backend, sample_indices_fn=sample_indices)
-    except ImportError:
-        raise
-    except Exception as err:  # PyAV raises its own error types (FFmpegError, ...)
+    except (ValueError, OSError, RuntimeError, IndexError, EOFError) as err:
+        # PyAV's FFmpegError types derive from ValueError / OSError; a file without a video
+        # stream fails with IndexError, a truncated one with EOFError.
         raise VideoError(
             f"Corrupt or unreadable video for {where}: {str(path)!r} ({type(err).__name__}: {err}). Re-encode the "
             "file (e.g. ffmpeg -i in.mp4 -c:v libx264 out.mp4), or pass its frames as a list of images."
