@@ -62,11 +62,11 @@ class CafeCollator:
             "Describe the video.".
         missing_images: ``"raise"`` (default) or ``"skip"``: drop records whose image or video is
             missing or unreadable, counted in ``CafeBatch.counts`` and logged, never silently.
-
-    Videos are sampled by the processor's rule under the settings' ``video_num_frames`` /
-    ``video_fps`` (`cafe.video.frame_sampling`), the frames ``encode`` would show the model.
         assistant_header, end_of_turn: Token strings that delimit assistant turns in the
             generation template (ChatML defaults); labels cover the answer and its end token.
+
+    Videos are sampled by the processor's rule under the settings' ``video_num_frames`` /
+    ``video_fps`` (`cafe.video.frame_sampling`): the frames ``encode`` shows the model.
     """
 
     def __init__(
