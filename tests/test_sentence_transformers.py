@@ -17,6 +17,7 @@ from PIL import Image
 from transformers import LlavaOnevisionForConditionalGeneration
 
 from cafe import CafeForConditionalGeneration, CafeSettings
+from cafe.data import generate_clip_records
 from cafe.export import write_sentence_transformers_files
 
 PROMPTS = {
@@ -74,7 +75,10 @@ SUBPROCESS_SCRIPT = textwrap.dedent(
     model = SentenceTransformer(spec["folder"], device="cpu")  # trust_remote_code stays False
     images = [Image.open(path) for path in spec["images"]]
     pairs = [{"text": text, "image": image} for text, image in zip(spec["pair_texts"], images)]
+    clips = list(np.load(spec["videos"]))  # [T, H, W, 3] uint8 each
     out = {
+        "videos": model.encode([{"video": clip} for clip in clips]),
+        "video_pairs": model.encode([{"video": clip, "text": text} for clip, text in zip(clips, spec["pair_texts"])]),
         "texts": model.encode(spec["texts"]),
         "images": model.encode(images),
         "image_paths": model.encode(spec["images"]),  # file paths are images to sentence-transformers
@@ -133,7 +137,10 @@ def st_run(saved, tmp_path_factory):
         path = work / f"image{i}.png"
         Image.new("RGB", (32 + 8 * i, 40 - 4 * i), colour).save(path)
         image_paths.append(str(path))
+    clips = np.stack([record["video"] for record in generate_clip_records(2, seed=1, image_size=48)])
+    np.save(work / "clips.npy", clips)
     spec = {
+        "videos": str(work / "clips.npy"),
         "folder": str(saved["folder"]),
         "texts": TEXTS,
         "pair_texts": PAIR_TEXTS,
@@ -155,6 +162,7 @@ def st_run(saved, tmp_path_factory):
         "embeddings": dict(np.load(work / "embeddings.npz")),
         "stderr": proc.stderr,
         "images": [Image.open(p).convert("RGB") for p in image_paths],
+        "clips": list(clips),
         **info,
     }
 
@@ -184,9 +192,9 @@ def test_load_report_only_mentions_the_unused_lm_head(st_run):
 
 
 # ----------------------------------------------------------------------------- same vectors
-@pytest.mark.parametrize("key", ["texts", "images", "image_paths", "pairs", "mixed"])
+@pytest.mark.parametrize("key", ["texts", "images", "image_paths", "pairs", "mixed", "videos", "video_pairs"])
 def test_vectors_match_get_embeddings(saved, st_run, key):
-    model, images = saved["model"], st_run["images"]
+    model, images, clips = saved["model"], st_run["images"], st_run["clips"]
     pairs = [{"text": text, "image": image} for text, image in zip(PAIR_TEXTS, images)]
     inputs = {
         "texts": TEXTS,
@@ -194,6 +202,10 @@ def test_vectors_match_get_embeddings(saved, st_run, key):
         "image_paths": images,
         "pairs": pairs,
         "mixed": [TEXTS[0], images[0], pairs[1]],
+        # The clips have the model's 8 frames, so cafe's sampling keeps them all, as
+        # sentence-transformers does (it hands frames to the processor as given).
+        "videos": [{"video": clip} for clip in clips],
+        "video_pairs": [{"video": clip, "text": text} for clip, text in zip(clips, PAIR_TEXTS)],
     }[key]
     expected = model.encode(inputs)
     got = st_run["embeddings"][key]
@@ -290,3 +302,28 @@ def test_every_backbone_family_gives_the_same_vectors(tiny_checkpoint, tmp_path)
     assert _cosines(st_model.encode(inputs), model.encode(inputs)).min() >= MIN_COSINE
     queries = model.encode(inputs, instruction=PROMPTS["query"])
     assert _cosines(st_model.encode_query(inputs), queries).min() >= MIN_COSINE
+
+
+@pytest.mark.all_families
+@pytest.mark.released_formats
+def test_sentence_transformers_embeds_videos_as_encode_does(tiny_checkpoint, tmp_path):
+    """``SentenceTransformer.encode([{"video": frames}])`` (frames as the model samples them) and
+    ``{"video": ..., "text": ...}`` give `encode`'s vectors on every family."""
+    from sentence_transformers import SentenceTransformer
+
+    model = CafeForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
+    model.save_pretrained(tmp_path)
+    assert "video" in json.loads((tmp_path / "sentence_bert_config.json").read_text())["modality_config"]
+    st_model = SentenceTransformer(str(tmp_path), device="cpu")
+    clips = [record["video"] for record in generate_clip_records(2, seed=4, image_size=48)]
+    inputs = [{"video": clips[0]}, {"video": clips[1], "text": PAIR_TEXTS[0]}, TEXTS[0]]
+    assert _cosines(st_model.encode(inputs), model.encode(inputs)).min() >= MIN_COSINE
+
+
+def test_a_template_without_video_keeps_video_off_in_sentence_transformers(cafe_model):
+    from cafe.export import transformer_module_config
+
+    settings = dict(cafe_model.config.cafe)
+    settings["embedding_chat_template"] = settings["embedding_chat_template"].replace("'video'", "'none'")
+    config = type(cafe_model.config).from_dict({**cafe_model.config.to_dict(), "cafe": settings})
+    assert set(transformer_module_config(config)["modality_config"]) == {"text", "image", "message"}

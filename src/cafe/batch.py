@@ -2,9 +2,11 @@
 
 One record of the training data gives up to three kinds of sequences (paper Sec. 3): the LM
 conversation (``lm``) and the two sides of a contrastive pair (``query``, e.g. the image, and
-``doc``, e.g. its caption), plus optional hard negatives. The images of the whole batch are
-preprocessed once (``vision``); every sequence that shows an image points into them with an
-``image_index``, so the model runs its vision encoder once per distinct image per step.
+``doc``, e.g. its caption), plus optional hard negatives. The images and videos of the whole
+batch are preprocessed once (``vision``); every sequence that shows an image points into them
+with an ``image_index``, one that shows a video with a ``video_index``, so the model runs its
+vision encoder once per distinct image and video per step. (A video is a longer run of visual
+tokens: the same scheme, its own index because the processors keep the two apart.)
 
 The batch is a small tree of dataclasses rather than a flat dict so that no module has to know
 another module's key names: the model reads ``batch.vision`` as the vision encoder's keyword
@@ -38,6 +40,10 @@ def _move(value: Any, device: torch.device | str | int, non_blocking: bool) -> A
     return value
 
 
+def _no_index() -> torch.Tensor:
+    return torch.empty(0, dtype=torch.long)
+
+
 def _pin(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.pin_memory()
@@ -68,11 +74,13 @@ class EmbeddingSequences(_Movable):
         attention_mask: ``[rows, seq]``, 1 on real tokens.
         image_index: ``[images]``: for each image these rows show, in order of appearance, its
             position in the batch's distinct images (`CafeBatch.vision`).
+        video_index: ``[videos]``: the same for videos, positions in the batch's distinct videos.
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     image_index: torch.Tensor
+    video_index: torch.Tensor = field(default_factory=_no_index)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -85,13 +93,14 @@ class LanguageModelingSequences(_Movable):
     Attributes:
         input_ids, attention_mask: ``[rows, seq]`` (padded).
         labels: ``[rows, seq]``: the input ids on assistant answers, ``-100`` elsewhere (unshifted).
-        image_index: ``[images]``, as in `EmbeddingSequences`.
+        image_index, video_index: ``[images]``, ``[videos]``, as in `EmbeddingSequences`.
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
     image_index: torch.Tensor
+    video_index: torch.Tensor = field(default_factory=_no_index)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -107,14 +116,17 @@ class CafeBatch(_Movable):
     """One CAFe training batch (see the module docstring).
 
     Attributes:
-        vision: The image processor's output for the batch's distinct images (``pixel_values``,
-            ``image_sizes`` or ``image_grid_thw``, ...): the vision encoder's keyword arguments.
+        vision: The processor's output for the batch's distinct images (``pixel_values``,
+            ``image_sizes`` or ``image_grid_thw``, ...) and videos (``pixel_values_videos``, and
+            ``video_grid_thw`` / ``second_per_grid_ts`` for Qwen2-VL): the vision encoder's keyword
+            arguments (`CafeForConditionalGeneration.get_vision_features`).
         query, doc: The two sides of the contrastive pairs, row i of one paired with row i of the
             other; ``None`` when the contrastive loss is off.
         negative: Hard negatives (documents without a query), or ``None``.
         lm: The LM sequences, or ``None`` when the LM loss is off or no record has one.
         query_lm_index: ``[query rows]``: the LM row of the same record when both sequences open
-            with the same image (they share a causal prefix the model may compute once), else -1.
+            with the same image or video (they share a causal prefix the model may compute once),
+            else -1.
         query_groups, doc_groups: ``[rows]`` content ids (equal = identical content) for
             false-negative masking.
         counts: What the collator cut or dropped building this batch (``lm_truncated``,

@@ -1,8 +1,8 @@
 """`CafeCollator`: one `CafeBatch` with the LM sequence and both embedding sides of every record.
 
-Every distinct image of the batch is preprocessed once (``CafeBatch.vision``); each sequence
-says which of those images its placeholders show (``image_index``), so the model runs the vision
-tower once and hands the features to every side that shows an image (see
+Every distinct image and video of the batch is preprocessed once (``CafeBatch.vision``); each
+sequence says which of those its placeholders show (``image_index``, ``video_index``), so the
+model runs the vision tower once and hands the features to every side that shows them (see
 `CafeForConditionalGeneration.cafe_forward`). See `cafe.batch` for the fields.
 """
 
@@ -18,8 +18,16 @@ import torch
 from .batch import CafeBatch, EmbeddingSequences, LanguageModelingSequences, MiniBatches
 from .configuration import CafeSettings
 from .losses import IGNORE_INDEX
-from .prompting import EmbeddingInput, build_embedding_chat_template, build_lm_chat_template, render_embedding_prompts
+from .prompting import (
+    EmbeddingInput,
+    build_embedding_chat_template,
+    build_lm_chat_template,
+    default_video_placeholder,
+    process_prompts,
+    render_embedding_prompts,
+)
 from .records import ImageRecordError, RecordError, RecordParser, Side, TrainingExample
+from .video import frame_sampling
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +45,8 @@ class CafeCollator:
             format, not the checkpoint's generation template; see `build_lm_chat_template`).
             `settings` (the attribute) holds what this collator trains with: `CafeTrainer`
             writes it into the model's ``config.cafe`` if it differs (``multimodal_input``).
-        model: Optional; read for its settings, image placeholder and context length.
-        image_folder: Base folder of relative image paths.
+        model: Optional; read for its settings, image / video placeholders and context length.
+        image_folder: Base folder of relative image and video paths.
         max_length: Longest LM sequence. Default: the language model's context length
             (``text_config.max_position_embeddings``), which keeps every image of a released
             checkpoint's anyres processor (up to ~7.3k tokens per photo for llava-hf
@@ -49,10 +57,16 @@ class CafeCollator:
         multimodal_input: Reference flag: query = user turn (image + question), positive = answer,
             and no "Compress ..." instruction on either side.
         compute_language_loss, compute_contrastive_loss: Which sequences to build.
-        missing_images: ``"raise"`` (default) or ``"skip"``: drop records whose image is missing
-            or unreadable, counted in ``CafeBatch.counts`` and logged, never silently.
+        caption_prompt, video_caption_prompt: User turn of the LM sequence built for (image, text)
+            and (video, text) pairs (see `cafe.records.RecordParser`); default for videos:
+            "Describe the video.".
+        missing_images: ``"raise"`` (default) or ``"skip"``: drop records whose image or video is
+            missing or unreadable, counted in ``CafeBatch.counts`` and logged, never silently.
         assistant_header, end_of_turn: Token strings that delimit assistant turns in the
             generation template (ChatML defaults); labels cover the answer and its end token.
+
+    Videos are sampled by the processor's rule under the settings' ``video_num_frames`` /
+    ``video_fps`` (`cafe.video.frame_sampling`): the frames ``encode`` shows the model.
     """
 
     def __init__(
@@ -66,6 +80,7 @@ class CafeCollator:
         compute_language_loss: bool = True,
         compute_contrastive_loss: bool = True,
         caption_prompt: str | None = "Describe the image.",
+        video_caption_prompt: str | None = None,
         missing_images: str = "raise",
         assistant_header: str = "<|im_start|>assistant\n",
         end_of_turn: str = "<|im_end|>",
@@ -79,19 +94,24 @@ class CafeCollator:
         self.tokenizer = getattr(processor, "tokenizer", processor)
         if settings is None:
             settings = model.cafe_settings if model is not None else CafeSettings()
-        placeholder = _image_placeholder(model, processor)
+        placeholders = _placeholders(model, processor)
         if multimodal_input:
             # The reference's MMEB mode: no "Compress ..." instruction on either side. The
             # prompts a model trains with are the prompts it must embed with afterwards.
             settings = dataclasses.replace(
-                settings, image_prompt="", text_prompt="", multimodal_prompt="", embedding_chat_template=None
+                settings,
+                image_prompt="",
+                text_prompt="",
+                multimodal_prompt="",
+                video_prompt="",
+                embedding_chat_template=None,
             )
         if settings.embedding_chat_template is None:
             settings = dataclasses.replace(
-                settings, embedding_chat_template=build_embedding_chat_template(settings, placeholder)
+                settings, embedding_chat_template=build_embedding_chat_template(settings, *placeholders)
             )
         if settings.lm_chat_template is None:
-            settings = dataclasses.replace(settings, lm_chat_template=build_lm_chat_template(settings, placeholder))
+            settings = dataclasses.replace(settings, lm_chat_template=build_lm_chat_template(settings, *placeholders))
         # Filled above: the templates this collator renders with.
         assert settings.embedding_chat_template is not None and settings.lm_chat_template is not None
         self.settings = settings
@@ -103,12 +123,23 @@ class CafeCollator:
         self.compute_language_loss = compute_language_loss
         self.compute_contrastive_loss = compute_contrastive_loss
         self.missing_images = missing_images
-        self.parser = RecordParser(image_folder, multimodal_input, caption_prompt, seed)
+        self.parser = RecordParser(
+            image_folder,
+            multimodal_input,
+            caption_prompt,
+            seed,
+            video_sampling=frame_sampling(processor, settings),
+            video_caption_prompt=video_caption_prompt,
+        )
         self.header_ids = self.tokenizer.encode(assistant_header, add_special_tokens=False)
         self.end_id = self.tokenizer.convert_tokens_to_ids(end_of_turn)
         if self.end_id is None or self.end_id == self.tokenizer.unk_token_id:
             raise ValueError(f"The tokenizer has no {end_of_turn!r} token; pass end_of_turn= for this template.")
         self.image_token_id = getattr(processor, "image_token_id", None)
+        # Tokens the processor expands images and videos into (never supervised, never cut).
+        self.visual_token_ids = [
+            token for token in (self.image_token_id, getattr(processor, "video_token_id", None)) if token is not None
+        ]
 
     # ------------------------------------------------------------------ entry point
     def __call__(self, records: list[dict[str, Any]]) -> CafeBatch:
@@ -124,38 +155,60 @@ class CafeCollator:
                     continue
                 raise
         if not examples:
-            raise RecordError("Every record of this batch was skipped (missing or corrupt images); check the data.")
+            raise RecordError(
+                "Every record of this batch was skipped (missing or corrupt images / videos); check the data."
+            )
 
-        images = _UniqueImages()
+        visuals = _UniqueVisuals()
         batch = CafeBatch(counts=counts)
         if self.compute_contrastive_loss:
             queries = [_pair_side(example.query) for example in examples]
             docs = [_pair_side(example.positive) for example in examples]
-            batch.query = self._embedding_side(queries, images, counts)
-            batch.doc = self._embedding_side(docs, images, counts)
+            batch.query = self._embedding_side(queries, visuals, counts)
+            batch.doc = self._embedding_side(docs, visuals, counts)
             negatives = [negative for example in examples for negative in example.negatives]
             if negatives:
-                batch.negative = self._embedding_side(negatives, images, counts)
+                batch.negative = self._embedding_side(negatives, visuals, counts)
             batch.query_groups = _group_ids(queries)
             batch.doc_groups = _group_ids(docs)
         if self.compute_language_loss:
-            batch.lm, lm_examples = self._lm_sequences(examples, images, counts)
+            batch.lm, lm_examples = self._lm_sequences(examples, visuals, counts)
             if self.compute_contrastive_loss and batch.lm is not None:
                 batch.query_lm_index = _query_lm_index(examples, lm_examples)
-        if images.images:
-            batch.vision = dict(self.processor.image_processor(images.images, return_tensors="pt"))
+        batch.vision = self._vision_inputs(visuals)
         return batch
 
+    def _vision_inputs(self, visuals: _UniqueVisuals) -> dict[str, torch.Tensor]:
+        """The processor's tensors of the batch's distinct images and videos (each once)."""
+        vision = {}
+        if visuals.images:
+            vision.update(self.processor.image_processor(visuals.images, return_tensors="pt"))
+        if visuals.videos:
+            # Through the processor rather than its video processor: Qwen2.5-VL's processor adds
+            # the clips' `second_per_grid_ts` (temporal position spacing) there.
+            vision.update(
+                self.processor(
+                    videos=[video.frames for video in visuals.videos],
+                    video_metadata=[video.metadata for video in visuals.videos],
+                    return_tensors="pt",
+                )
+            )
+        return vision
+
     # ------------------------------------------------------------------ embedding sides
-    def _embedding_side(self, sides: list[Side], images: _UniqueImages, counts) -> EmbeddingSequences:
+    def _embedding_side(self, sides: list[Side], visuals: _UniqueVisuals, counts) -> EmbeddingSequences:
         texts = self._cut_texts([s.text for s in sides], counts)
-        items = [EmbeddingInput(s.image, text) for s, text in zip(sides, texts)]
+        items = [EmbeddingInput(s.image, text, s.video) for s, text in zip(sides, texts)]
         prompts = render_embedding_prompts(self.processor, items, self.embedding_chat_template)
-        side_images = [s for s in sides if s.image is not None]
-        encoded = self.processor(
-            text=prompts, images=[s.image for s in side_images] or None, padding=True, return_tensors="pt"
-        )
-        return EmbeddingSequences(encoded["input_ids"], encoded["attention_mask"], images.indices(side_images))
+        encoded = self._process(prompts, sides, "embedding_chat_template")
+        return EmbeddingSequences(encoded["input_ids"], encoded["attention_mask"], *visuals.indices(sides))
+
+    def _process(self, prompts: list[str], sides: list[Side], template_name: str):
+        """Tokenize prompts showing the images and videos of ``sides`` (the pixels are processed
+        again here only to expand the placeholders; the batch keeps `_vision_inputs`' copy)."""
+        images = [s.image for s in sides if s.image is not None]
+        videos = [s.video for s in sides if s.video is not None]
+        return process_prompts(self.processor, prompts, images, videos, template_name)
 
     def _cut_texts(self, texts: list[str | None], counts) -> list[str | None]:
         """Count the texts the embedding template cuts (``CafeSettings.max_text_chars``; the cut
@@ -177,7 +230,7 @@ class CafeCollator:
         return texts
 
     # ------------------------------------------------------------------ LM sequences
-    def _lm_sequences(self, examples: list[TrainingExample], images: _UniqueImages, counts):
+    def _lm_sequences(self, examples: list[TrainingExample], visuals: _UniqueVisuals, counts):
         """The LM batch and the examples of its rows, in order."""
         with_lm = [example for example in examples if example.conversation is not None]
         if not with_lm:
@@ -186,8 +239,8 @@ class CafeCollator:
             self.processor.apply_chat_template(example.conversation, chat_template=self.lm_chat_template, tokenize=False)
             for example in with_lm
         ]
-        lm_images = [image for example in with_lm for image in example.conversation_images]
-        encoded = self.processor(text=texts, images=[s.image for s in lm_images] or None, padding=True, return_tensors="pt")
+        lm_visuals = [side for example in with_lm for side in example.conversation_visuals]
+        encoded = self._process(texts, lm_visuals, "lm_chat_template")
         input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
         labels = self.assistant_labels(input_ids, attention_mask)
         unsupervised = (labels[:, 1:] == IGNORE_INDEX).all(dim=1)
@@ -206,9 +259,10 @@ class CafeCollator:
         if input_ids.shape[1] > self.max_length:
             lengths = attention_mask.sum(1)
             counts["lm_truncated"] += int((lengths > self.max_length).sum())
-            if self.image_token_id is not None:
+            if self.visual_token_ids:
                 positions = torch.arange(input_ids.shape[1])
-                last_image = torch.where(input_ids == self.image_token_id, positions, -1).max(dim=1).values
+                is_visual = torch.isin(input_ids, torch.tensor(self.visual_token_ids))
+                last_image = torch.where(is_visual, positions, -1).max(dim=1).values
                 keep = last_image < self.max_length
                 counts["lm_dropped_image_cut"] += int((~keep).sum())
                 counts["lm_truncated"] -= int((~keep).sum())
@@ -219,10 +273,10 @@ class CafeCollator:
         if not keep.all():
             input_ids, attention_mask, labels = input_ids[keep], attention_mask[keep], labels[keep]
             with_lm = [e for e, k in zip(with_lm, keep.tolist()) if k]
-            lm_images = [image for example in with_lm for image in example.conversation_images]
+            lm_visuals = [side for example in with_lm for side in example.conversation_visuals]
             if not len(input_ids):
                 return None, []
-        return LanguageModelingSequences(input_ids, attention_mask, labels, images.indices(lm_images)), with_lm
+        return LanguageModelingSequences(input_ids, attention_mask, labels, *visuals.indices(lm_visuals)), with_lm
 
     def _warn_once_about_lengths(self, counts: dict[str, int], rows: int) -> None:
         """Say it the first time LM rows are cut or dropped at ``max_length`` (later: counts only)."""
@@ -265,8 +319,8 @@ class CafeCollator:
         last_start = torch.where(starts, positions, -1).cummax(dim=1).values
         last_after_end = torch.where(after_end, positions, -1).cummax(dim=1).values
         supervised = (last_start >= 0) & (last_start > last_after_end) & attention_mask.bool()
-        if self.image_token_id is not None:
-            supervised &= input_ids != self.image_token_id
+        if self.visual_token_ids:
+            supervised &= ~torch.isin(input_ids, torch.tensor(self.visual_token_ids))
         return torch.where(supervised, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
 
 
@@ -288,32 +342,38 @@ class MiniBatchCollator:
         return MiniBatches(self.collator(records[i : i + size]) for i in range(0, len(records), size))
 
 
-class _UniqueImages:
-    """Collects the distinct images of a batch (by content key) so each is encoded once."""
+class _UniqueVisuals:
+    """Collects the distinct images and videos of a batch (by content key) so each is encoded once."""
 
     def __init__(self) -> None:
         self.images: list = []
+        self.videos: list = []
         self._index: dict[str, int] = {}
 
-    def indices(self, sides: list[Side]) -> torch.Tensor:
-        result = []
+    def indices(self, sides: list[Side]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(image_index, video_index)`` of the images and of the videos of ``sides``, in order."""
+        images, videos = [], []
         for side in sides:
-            if side.image_key is None:
-                raise ValueError("An image side without a content key: build examples with RecordParser(hash_images=True).")
-            if side.image_key not in self._index:
-                self._index[side.image_key] = len(self.images)
-                self.images.append(side.image)
-            result.append(self._index[side.image_key])
-        return torch.tensor(result, dtype=torch.long)
+            if not side.has_visual:
+                continue
+            store, result = (self.videos, videos) if side.video is not None else (self.images, images)
+            key = side.visual_key
+            if key not in self._index:
+                self._index[key] = len(store)
+                store.append(side.video if side.video is not None else side.image)
+            result.append(self._index[key])
+        return torch.tensor(images, dtype=torch.long), torch.tensor(videos, dtype=torch.long)
 
 
-def _image_placeholder(model, processor) -> str:
-    """How one image appears in a prompt before the processor expands it (the family's)."""
+def _placeholders(model, processor) -> tuple[str, str]:
+    """How one image and one video appear in a prompt before the processor expands them (the family's)."""
     if model is not None and hasattr(model, "cafe_image_placeholder"):
-        return model.cafe_image_placeholder
+        return model.cafe_image_placeholder, model.cafe_video_placeholder
     if getattr(processor, "image_token", None) == "<|image_pad|>":  # Qwen2-VL / Qwen2.5-VL processors
-        return "<|vision_start|><|image_pad|><|vision_end|>"
-    return "<image>\n"
+        image = "<|vision_start|><|image_pad|><|vision_end|>"
+    else:
+        image = "<image>\n"
+    return image, default_video_placeholder(image)
 
 
 def _context_length(model, tokenizer) -> int:
@@ -338,35 +398,31 @@ def _pair_side(side: Side | None) -> Side:
 
 
 def _query_lm_index(examples: list[TrainingExample], lm_examples: list[TrainingExample]) -> torch.Tensor:
-    """For each query row, the LM row of the same record when both open with the same image, else -1.
+    """For each query row, the LM row of the same record when both open with the same image or
+    video, else -1.
 
-    Such a pair shares its causal prefix (system turn, user header, image tokens), which the
-    model computes once (`cafe.shared_prefix`).
+    Such a pair shares its causal prefix (system turn, user header, image or video tokens), which
+    the model computes once (`cafe.shared_prefix`).
     """
     lm_row = {id(example): row for row, example in enumerate(lm_examples)}
     index = []
     for example in examples:
         row = lm_row.get(id(example), -1)
-        first_image = example.conversation_images[0] if example.conversation_images else None
+        first = example.conversation_visuals[0] if example.conversation_visuals else None
         query = example.query
-        same_image = (
-            query is not None
-            and query.image is not None
-            and first_image is not None
-            and first_image.image_key == query.image_key
-        )
-        index.append(row if same_image else -1)
+        same = query is not None and query.has_visual and first is not None and first.visual_key == query.visual_key
+        index.append(row if same else -1)
     return torch.tensor(index, dtype=torch.long)
 
 
 def _group_ids(sides: list[Side]) -> torch.Tensor:
-    """Equal ids for sides with identical content (same image and same text).
+    """Equal ids for sides with identical content (same image or video and same text).
 
     A 64-bit content hash rather than a per-batch counter, so that ids stay comparable after
     they are gathered from several processes.
     """
     ids = []
     for side in sides:
-        digest = hashlib.blake2b(repr((side.image_key, side.text)).encode(), digest_size=8).digest()
+        digest = hashlib.blake2b(repr((side.visual_key, side.text)).encode(), digest_size=8).digest()
         ids.append(int.from_bytes(digest, "little", signed=True))
     return torch.tensor(ids, dtype=torch.long)

@@ -16,6 +16,8 @@ from typing import Any
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 DEFAULT_IMAGE_PROMPT = "Compress this image in one word:"
 DEFAULT_TEXT_PROMPT = "Compress this sentence in one word:"
+# Not in the paper (video is its future work): the image prompt with "video".
+DEFAULT_VIDEO_PROMPT = "Compress this video in one word:"
 # Multimodal (MMEB) mode of the reference: image + text in the user turn, no "Compress" suffix.
 DEFAULT_MULTIMODAL_PROMPT = ""
 
@@ -30,7 +32,14 @@ class CafeSettings:
         system_prompt: System message of the embedding conversation.
         image_prompt: Instruction appended after the image of an image-only input.
         text_prompt: Instruction appended directly (no separator) after a text-only input.
-        multimodal_prompt: Instruction appended after image + text inputs (reference: none).
+        multimodal_prompt: Instruction appended after image + text inputs (reference: none);
+            also after video + text inputs.
+        video_prompt: Instruction appended after the video of a video-only input.
+        video_num_frames: Frames per video for backbones that take a fixed count
+            (LLaVA-OneVision), uniformly spread over the clip (see `cafe.video`).
+        video_fps: Frames per second for backbones that sample by rate (Qwen2-VL / Qwen2.5-VL,
+            within their video processor's ``min_frames`` / ``max_frames``). Stored here because
+            training, ``encode`` and evaluation must show a model the same frames.
         pooling: How a sequence becomes one vector. ``"last_token"``: last layer hidden state of
             the last non-padding token (the final ``<|im_end|>`` of the empty assistant turn).
         normalize: L2-normalise embeddings.
@@ -64,6 +73,9 @@ class CafeSettings:
     image_prompt: str = DEFAULT_IMAGE_PROMPT
     text_prompt: str = DEFAULT_TEXT_PROMPT
     multimodal_prompt: str = DEFAULT_MULTIMODAL_PROMPT
+    video_prompt: str = DEFAULT_VIDEO_PROMPT
+    video_num_frames: int = 8
+    video_fps: float = 2.0
     max_text_chars: int | None = 2048
     pooling: str = "last_token"
     normalize: bool = True
@@ -78,6 +90,10 @@ class CafeSettings:
             raise ValueError(f"Unknown pooling {self.pooling!r}; supported: {POOLING_MODES}.")
         if self.max_text_chars is not None and self.max_text_chars < 1:
             raise ValueError(f"max_text_chars must be >= 1 or None (no limit), got {self.max_text_chars}.")
+        if self.video_num_frames < 1 or not self.video_fps > 0:
+            raise ValueError(
+                f"video_num_frames must be >= 1 and video_fps > 0, got {self.video_num_frames} and {self.video_fps}."
+            )
         if not self.contrastive_temperature > 0:
             raise ValueError(
                 f"contrastive_temperature must be > 0 (got {self.contrastive_temperature}); the reference uses 0.05."

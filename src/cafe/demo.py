@@ -1,9 +1,12 @@
 """`cafe demo`: CAFe end to end, offline, in a few minutes on a laptop CPU.
 
 1. build the tiny LLaVA-OneVision checkpoint locally (or start from ``--model``);
-2. generate the built-in synthetic shapes data (train / test, JSON + image folder);
+2. generate the built-in synthetic shapes data (train / test, JSON + image folder), and with
+   ``--video`` the built-in clips of moving shapes (one PNG per frame);
 3. measure zero-shot retrieval (recall@K both ways), the POPE-style probe and the modality gap;
-4. fine-tune with CAFe (``lm_weight * L_lm + contrastive_weight * L_con``) on the train split;
+   with ``--video`` also text <-> video recall@K and the motion named by generated captions;
+4. fine-tune with CAFe (``lm_weight * L_lm + contrastive_weight * L_con``) on the train split
+   (images and clips mixed in every batch);
 5. measure again, print a before / after table, save the checkpoint, the plots and a JSON report.
 
 On the random tiny model the "before" column is chance level: the demo shows the pipeline and
@@ -36,10 +39,39 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--contrastive_weight", type=float, default=10.0)
     parser.add_argument("--lm_weight", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--video", action="store_true", help="also train on and measure the built-in video clips")
+    parser.add_argument("--num_train_clips", type=int, default=None)
+    parser.add_argument("--num_test_clips", type=int, default=None)
     return parser
 
 
-def training_records(json_path: Path) -> Path:
+# Clips at the tiny model's input size (its processors resize frames to 32 px anyway).
+CLIP_IMAGE_SIZE = 32
+
+
+def clip_training_records(json_path: Path) -> list[dict]:
+    """Demo video records: LM on the clip's conversation (description, motion question), contrast
+    on its caption; the ground-truth fields are dropped (they differ from the images')."""
+    records = json.loads(json_path.read_text())
+    return [
+        {"id": r["id"], "video": r["video"], "conversations": r["conversations"], "positives": [r["caption"]]}
+        for r in records
+    ]
+
+
+def measure_video(model, test_clips: list[dict], root: Path, ks=(1, 5, 10)) -> dict:
+    """Text <-> video recall@K and the motion accuracy of greedy captions on the test clips."""
+    from .evaluation import evaluate_video_captions, evaluate_video_retrieval
+
+    videos = [r["video"] for r in test_clips]
+    retrieval = evaluate_video_retrieval(model, videos, [r["captions"] for r in test_clips], ks=ks,
+                                         video_root=root, show_progress_bar=False)
+    captions = evaluate_video_captions(model, videos, [r["attributes"]["motion"] for r in test_clips],
+                                       video_root=root, show_progress_bar=False)
+    return {**{k: v for k, v in retrieval.items() if "recall" in k}, "video_motion_accuracy": captions["motion_accuracy"]}
+
+
+def training_records(json_path: Path, extra: list[dict] | None = None) -> Path:
     """Demo training records: LM on the conversation plus yes/no questions, contrast on the caption.
 
     The yes/no turns come from the train images' own POPE-style questions (two yes, two no), so
@@ -56,6 +88,7 @@ def training_records(json_path: Path) -> Path:
         record["positives"] = [record["caption"]]
         for key in ("pope", "boxes", "attributes", "captions"):
             record.pop(key, None)
+    records += extra or []
     out = json_path.with_name(json_path.stem + "-cafe.json")
     out.write_text(json.dumps(records))
     return out
@@ -109,9 +142,30 @@ def demo_main(argv: list[str] | None = None) -> dict:
     print(f"[2/5] data: {num_train} train / {num_test} test synthetic shape images in {output / 'data'}")
     paths = write_synthetic_dataset(output / "data", num_train=num_train, num_test=num_test, seed=args.seed)
     test_records = json.loads(paths["test"].read_text())
+    train_clips, test_clips = [], []
+    if args.video:
+        from .data import generate_clip_records, write_clip_records
+
+        num_train_clips = args.num_train_clips or (16 if args.quick else 96)
+        num_test_clips = args.num_test_clips or (8 if args.quick else 32)
+        print(f"      + {num_train_clips} train / {num_test_clips} test clips of moving shapes")
+        clip_paths = {
+            split: write_clip_records(
+                generate_clip_records(n, seed=args.seed, split=split, image_size=CLIP_IMAGE_SIZE), output / "data", split
+            )
+            for split, n in (("train", num_train_clips), ("test", num_test_clips))
+        }
+        train_clips = clip_training_records(clip_paths["train"])
+        test_clips = json.loads(clip_paths["test"].read_text())
+
+    def measure_all(plot_path: Path) -> dict:
+        result = measure(model, test_records, output / "data", plot_path)
+        if test_clips:
+            result.update(measure_video(model, test_clips, output / "data"))
+        return result
 
     print("[3/5] zero-shot evaluation")
-    before = measure(model, test_records, output / "data", output / "modality_gap_before.png")
+    before = measure_all(output / "modality_gap_before.png")
 
     print(f"[4/5] CAFe fine-tuning: {max_steps} steps, batch {batch_size}, "
           f"alpha_lm={args.lm_weight}, alpha_con={args.contrastive_weight}")
@@ -135,7 +189,7 @@ def demo_main(argv: list[str] | None = None) -> dict:
     trainer = CafeTrainer(
         model=model,
         args=training_args,
-        train_dataset=load_records(str(training_records(paths["train"]))),
+        train_dataset=load_records(str(training_records(paths["train"], train_clips))),
         data_collator=CafeCollator(model.processor, model=model, image_folder=str(output / "data")),
         processing_class=model.processor,
     )
@@ -143,7 +197,7 @@ def demo_main(argv: list[str] | None = None) -> dict:
     model.eval()
 
     print("[5/5] evaluation after CAFe")
-    after = measure(model, test_records, output / "data", output / "modality_gap_after.png")
+    after = measure_all(output / "modality_gap_after.png")
     checkpoint = output / "checkpoint"
     model.save_pretrained(checkpoint)
 

@@ -76,16 +76,16 @@ def transformer_module_config(config) -> dict[str, Any]:
             "config.cafe has no 'embedding_chat_template'; save the model through "
             "CafeForConditionalGeneration so that the CAFe settings are filled in."
         )
-    # Every input kind the CAFe template understands. Plain texts and images are converted into
-    # messages by the Transformer module (because "message" is listed), image+text dicts are
-    # accepted through "message" as well. Video is left out on purpose: the template has no video
-    # prompt, so a video would be silently dropped.
+    # Every input kind the CAFe template understands. Plain texts, images and videos are
+    # converted into messages by the Transformer module (because "message" is listed); image+text
+    # and video+text dicts are accepted through "message" as well. A template written before
+    # video support has no video placeholder: video stays off for it (a video would be dropped).
     last_hidden_state = {"method": "forward", "method_output_name": "last_hidden_state"}
+    modalities = ("text", "image", "video") if "'video'" in template else ("text", "image")
     module_config = {
         "transformer_task": "feature-extraction",
         "modality_config": {
-            "text": dict(last_hidden_state),
-            "image": dict(last_hidden_state),
+            **{modality: dict(last_hidden_state) for modality in modalities},
             "message": {**last_hidden_state, "format": "structured"},
         },
         "module_output_name": "token_embeddings",

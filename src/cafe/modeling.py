@@ -37,6 +37,7 @@ from .inference import (
 from .losses import lm_loss_at_supervised_positions
 from .prompting import build_embedding_batch, build_embedding_chat_template, build_lm_chat_template, to_embedding_inputs
 from .shared_prefix import SUPPORTED_ATTENTION, PackedBatch, pack_shared_prefix
+from .video import frame_sampling
 
 logger = logging.get_logger(__name__)
 
@@ -82,10 +83,12 @@ class CafeForConditionalGeneration(PreTrainedModel):
 
     Family classes set:
         cafe_image_placeholder: text that stands for one image in a prompt (before expansion).
+        cafe_video_placeholder: the same for one video.
     and may override `get_vision_features` and `embedding_position_ids`.
     """
 
     cafe_image_placeholder: str = "<image>\n"
+    cafe_video_placeholder: str = "<video>\n"
     # Module names (as in `named_parameters`) of the vision encoder and of the projector, for
     # per-component learning rates.
     cafe_vision_modules: tuple[str, ...] = ("vision_tower",)
@@ -120,10 +123,11 @@ class CafeForConditionalGeneration(PreTrainedModel):
         # Fill in the CAFe settings (defaults follow the paper and the reference) and write the
         # rendered embedding template into the config so the checkpoint is self-describing.
         settings = CafeSettings.from_dict(getattr(config, "cafe", None))
+        placeholders = (self.cafe_image_placeholder, self.cafe_video_placeholder)
         if settings.embedding_chat_template is None:
-            settings.embedding_chat_template = build_embedding_chat_template(settings, self.cafe_image_placeholder)
+            settings.embedding_chat_template = build_embedding_chat_template(settings, *placeholders)
         if settings.lm_chat_template is None:
-            settings.lm_chat_template = build_lm_chat_template(settings, self.cafe_image_placeholder)
+            settings.lm_chat_template = build_lm_chat_template(settings, *placeholders)
         config.cafe = settings.to_dict()
         self.processor = None
 
@@ -309,8 +313,16 @@ class CafeForConditionalGeneration(PreTrainedModel):
     def get_vision_features(self, *args: Any, **vision_inputs: Any) -> dict[str, Any]:
         """Run the vision tower + projector once; returns ``mm_encoder_outputs`` for `forward`.
 
+        Args:
+            **vision_inputs: The processor's tensors of some images (``pixel_values``, ...) and / or
+                videos (``pixel_values_videos``, ...), e.g. ``CafeBatch.vision``.
+
+        Returns:
+            ``{"image": ..., "video": ...}`` (the modalities given): the backbone's encoder
+            outputs, whose ``pooler_output`` holds one feature chunk per image / video.
+
         The result can be passed to several forward passes over sequences that hold the same
-        images in the same order (the image-embedding and LM sequences of a training step).
+        images and videos in the same order (the embedding and LM sequences of a training step).
         """
         raise NotImplementedError
 
@@ -326,36 +338,48 @@ class CafeForConditionalGeneration(PreTrainedModel):
         """
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
-    def select_vision_features(self, features: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
-        """The ``mm_encoder_outputs`` of the images ``index`` (positions in `get_vision_features`'s input)."""
+    def select_vision_features(self, features: dict[str, Any], index: torch.Tensor, modality: str = "image") -> dict[str, Any]:
+        """The ``mm_encoder_outputs`` entry of the images (``modality="image"``) or videos
+        (``"video"``) ``index`` (``[n]`` positions in `get_vision_features`'s input, in order)."""
         raise NotImplementedError
+
+    def _select_visuals(
+        self, features: dict[str, Any] | None, image_index: torch.Tensor | None, video_index: torch.Tensor | None
+    ) -> dict[str, Any] | None:
+        """``mm_encoder_outputs`` for sequences showing these images and videos (None: none)."""
+        selected: dict[str, Any] = {}
+        for modality, index in (("image", image_index), ("video", video_index)):
+            if index is not None and index.numel():
+                selected.update(self.select_vision_features(features, index, modality))
+        return selected or None
 
     # ------------------------------------------------------------------ training forward
     def cafe_forward(self, batch: CafeBatch, share_prefix: bool = True) -> CafeForwardOutput:
         """One CAFe step's forward on a `CafeBatch`: embeddings of every side and the LM loss.
 
-        The vision tower runs once over the batch's distinct images; every side that shows an
-        image reuses those features (the reference runs it once per sequence, three times per
-        step). Text-only sides carry no image placeholders. The LM loss computes logits only at
+        The vision tower runs once over the batch's distinct images and videos; every side that
+        shows one reuses those features (the reference runs it once per sequence, three times per
+        step). Text-only sides carry no placeholders. The LM loss computes logits only at
         supervised positions.
 
-        With ``share_prefix`` (default), a record's image-embedding sequence rides in its LM
-        sequence's LLM pass: their common prefix (system turn, header, image tokens) is computed
-        once (`cafe.shared_prefix`). Same results, about half the LLM work on image tokens.
+        With ``share_prefix`` (default), a record's image- or video-embedding sequence rides in its
+        LM sequence's LLM pass: their common prefix (system turn, header, visual tokens) is
+        computed once (`cafe.shared_prefix`). Same results, about half the LLM work on visual
+        tokens, which for a video are most of the sequence.
         """
-        features = self.get_vision_features(**batch.vision) if batch.vision.get("pixel_values") is not None else None
+        has_pixels = any(batch.vision.get(key) is not None for key in ("pixel_values", "pixel_values_videos"))
+        features = self.get_vision_features(**batch.vision) if has_pixels else None
 
-        def vision_for(index: torch.Tensor | None):
-            if index is None or index.numel() == 0:
-                return None
-            if features is None:
-                raise ValueError("The batch's sequences show images but batch.vision has no pixel_values.")
-            return self.select_vision_features(features, index)
+        def vision_for(sequences, rows: torch.Tensor | None = None):
+            """``mm_encoder_outputs`` of (some ``rows`` of) a sequence batch."""
+            if rows is None:
+                return self._select_visuals(features, sequences.image_index, sequences.video_index)
+            return self._select_visuals(features, *self._row_visuals(sequences, rows))
 
         output = CafeForwardOutput()
         lm, packed, served = batch.lm, None, None
         if lm is not None:
-            lm_vision = {"mm_encoder_outputs": vision_for(lm.image_index)}
+            lm_vision = {"mm_encoder_outputs": vision_for(lm)}
             lm_positions = self.embedding_position_ids(lm.input_ids, lm.attention_mask, **lm_vision)
             packed = self._pack_shared_prefix(batch, lm_positions, vision_for) if share_prefix else None
         if packed is not None:
@@ -377,15 +401,12 @@ class CafeForConditionalGeneration(PreTrainedModel):
                 rest = _complement(rows, len(side))
                 if rest.numel():
                     rest_embeds = self.get_embeddings(
-                        side.input_ids[rest], side.attention_mask[rest],
-                        mm_encoder_outputs=vision_for(self._row_images(side.input_ids, side.image_index, rest)),
+                        side.input_ids[rest], side.attention_mask[rest], mm_encoder_outputs=vision_for(side, rest)
                     )
                     rows, embeds = torch.cat([rows, rest]), torch.cat([embeds, rest_embeds])
                 embeds = embeds[rows.argsort()]
             else:
-                embeds = self.get_embeddings(
-                    side.input_ids, side.attention_mask, mm_encoder_outputs=vision_for(side.image_index)
-                )
+                embeds = self.get_embeddings(side.input_ids, side.attention_mask, mm_encoder_outputs=vision_for(side))
             setattr(output, f"{name}_embeds", embeds)
 
         if lm is not None and packed is None:
@@ -399,40 +420,50 @@ class CafeForConditionalGeneration(PreTrainedModel):
             output.lm_loss = lm_loss_at_supervised_positions(hidden, lm.labels, self.lm_head)
         return output
 
-    def _image_per_row(self, input_ids: torch.Tensor, image_index: torch.Tensor | None) -> torch.Tensor | None:
-        """The image (an ``image_index`` entry) each row shows, -1 for none; ``None`` if some row
-        shows several images or the counts disagree (image tokens of one image are one run)."""
-        is_image = input_ids == self.config.image_token_id
-        starts = is_image.clone()
-        starts[:, 1:] &= ~is_image[:, :-1]
-        images_per_row = starts.sum(dim=1)
-        n_images = 0 if image_index is None else image_index.numel()
-        if bool((images_per_row > 1).any()) or int(images_per_row.sum()) != n_images:
+    @property
+    def _visual_token_ids(self) -> dict[str, int | None]:
+        return {"image": self.config.image_token_id, "video": getattr(self.config, "video_token_id", None)}
+
+    def _visual_per_row(self, input_ids: torch.Tensor, index: torch.Tensor | None, modality: str = "image"):
+        """The image (or video) each row shows, as an ``index`` entry, -1 for none; ``None`` if some
+        row shows several or the counts disagree (the tokens of one image / video are one run)."""
+        token_id = self._visual_token_ids[modality]
+        is_visual = input_ids == token_id if token_id is not None else torch.zeros_like(input_ids, dtype=torch.bool)
+        starts = is_visual.clone()
+        starts[:, 1:] &= ~is_visual[:, :-1]
+        per_row_count = starts.sum(dim=1)
+        n = 0 if index is None else index.numel()
+        if bool((per_row_count > 1).any()) or int(per_row_count.sum()) != n:
             return None
-        has_image = images_per_row == 1
-        per_row = torch.full_like(images_per_row, -1)
-        if image_index is not None and n_images:
-            per_row[has_image] = image_index.to(per_row.device)
+        per_row = torch.full_like(per_row_count, -1)
+        if n:
+            per_row[per_row_count == 1] = index.to(per_row.device)
         return per_row
 
-    def _row_images(self, input_ids: torch.Tensor, image_index: torch.Tensor | None, rows: torch.Tensor):
-        """``image_index`` entries of ``rows`` of an embedding side (each row shows at most one image)."""
-        if image_index is None or image_index.numel() == 0:
-            return None
-        per_row = self._image_per_row(input_ids, image_index)
-        if per_row is None:
-            raise ValueError(
-                f"This embedding side's image tokens do not match its {image_index.numel()} images, one per row at "
-                "most: build training batches with CafeCollator."
-            )
-        per_row = per_row[rows]
-        return per_row[per_row >= 0]
+    def _row_visuals(self, sequences, rows: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(image_index, video_index)`` entries of ``rows`` of an embedding side (one image or
+        video per row at most)."""
+        result = []
+        for modality in ("image", "video"):
+            index = getattr(sequences, f"{modality}_index", None)
+            if index is None or index.numel() == 0:
+                result.append(None)
+                continue
+            per_row = self._visual_per_row(sequences.input_ids, index, modality)
+            if per_row is None:
+                raise ValueError(
+                    f"This embedding side's {modality} tokens do not match its {index.numel()} {modality}s, one per "
+                    "row at most: build training batches with CafeCollator."
+                )
+            per_row = per_row[rows]
+            result.append(per_row[per_row >= 0])
+        return result[0], result[1]
 
     def _pack_shared_prefix(self, batch: CafeBatch, lm_positions, vision_for) -> PackedBatch | None:
         """Pack the query rows that share their prefix with an LM row (``query_lm_index``), if any.
 
-        A pair is packed only if both rows show the same image: equal tokens do not imply that
-        (two images of one size expand to the same placeholder tokens).
+        A pair is packed only if both rows show the same image or video: equal tokens do not
+        imply that (two images of one size expand to the same placeholder tokens).
         """
         pair_index, query, lm = batch.query_lm_index, batch.query, batch.lm
         attention = self.model.language_model.config._attn_implementation
@@ -444,28 +475,33 @@ class CafeForConditionalGeneration(PreTrainedModel):
             self._said_sharing_is_off = True  # once per model: it would repeat every step
             logger.warning(
                 f"Prefix sharing is off: the {attention!r} attention kernel cannot take its 4-D mask (supported: "
-                f"{SUPPORTED_ATTENTION}). Image-embedding and LM sequences run in separate passes (same results, "
+                f"{SUPPORTED_ATTENTION}). Embedding and LM sequences run in separate passes (same results, "
                 "more compute); load the model with attn_implementation='sdpa' to share them."
             )
             return None
-        query_images = self._image_per_row(query.input_ids, query.image_index)
-        lm_images = self._image_per_row(lm.input_ids, lm.image_index)
-        if query_images is None or lm_images is None:
-            return None
-        pair_index = pair_index.to(query_images.device)
         paired = pair_index >= 0
-        paired[paired.clone()] = query_images[paired] == lm_images[pair_index[paired]]
-        paired &= query_images >= 0
+        shows_visual = torch.zeros_like(paired)
+        for modality in ("image", "video"):
+            query_per_row = self._visual_per_row(query.input_ids, getattr(query, f"{modality}_index"), modality)
+            lm_per_row = self._visual_per_row(lm.input_ids, getattr(lm, f"{modality}_index"), modality)
+            if query_per_row is None or lm_per_row is None:
+                return None
+            query_per_row, lm_per_row = query_per_row.to(paired.device), lm_per_row.to(paired.device)
+            same = torch.zeros_like(paired)
+            same[paired] = query_per_row[paired] == lm_per_row[pair_index[paired]]
+            paired &= same
+            shows_visual |= query_per_row >= 0
+        paired &= shows_visual
         query_rows = paired.nonzero().flatten()
         if query_rows.numel() == 0:
             return None
         q_ids, q_mask = query.input_ids[query_rows], query.attention_mask[query_rows]
-        q_vision = {"mm_encoder_outputs": vision_for(query_images[query_rows])}
+        q_vision = {"mm_encoder_outputs": vision_for(query, query_rows)}
         packed = pack_shared_prefix(
             lm.input_ids, lm.attention_mask, lm.labels, lm_positions,
             q_ids, q_mask, self.embedding_position_ids(q_ids, q_mask, **q_vision),
             pairs=list(zip(range(len(query_rows)), pair_index[query_rows].tolist())),
-            image_token_id=self.config.image_token_id,
+            visual_token_ids=[token for token in self._visual_token_ids.values() if token is not None],
             attention_implementation=attention,
             dtype=self.dtype,
         )
@@ -522,7 +558,8 @@ class CafeForConditionalGeneration(PreTrainedModel):
                 and 0.9998 at LLaVA-OneVision-0.5B's shape). Needs
                 ``no_grad`` / ``inference_mode``, eval mode and sdpa or eager attention; otherwise
                 it logs why and runs uncached.
-            **vision_inputs: The processor's image tensors (``pixel_values``, ``image_sizes``, ...).
+            **vision_inputs: The processor's image and video tensors (``pixel_values``,
+                ``image_sizes``, ``pixel_values_videos``, ``video_grid_thw``, ...).
 
         Returns:
             ``[batch, hidden]`` float32 tensor, L2-normalised unless disabled.
@@ -588,7 +625,10 @@ class CafeForConditionalGeneration(PreTrainedModel):
         """Embed raw inputs under the CAFe embedding prompt; returns ``[N, hidden]`` float32 on CPU.
 
         Args:
-            inputs: Strings, PIL images, ``(image, text)`` tuples or ``{"image", "text"}`` dicts.
+            inputs: Strings, PIL images, ``(image, text)`` tuples, ``{"image", "text"}`` dicts, or
+                videos as ``{"video": ...}`` / ``{"video": ..., "text": ...}`` dicts (a video file
+                path, a list of frames or a ``[T, H, W, 3]`` uint8 array; its frames are sampled by
+                the family's rule under ``video_num_frames`` / ``video_fps``, see `cafe.video`).
             images, texts: Alternatively, images and/or texts (both: embedded as pairs).
             instruction: Optional task instruction placed before the text (MMEB style).
             processor: Defaults to the processor loaded with the model.
@@ -617,7 +657,9 @@ class CafeForConditionalGeneration(PreTrainedModel):
         hidden_size = self.config.get_text_config().hidden_size
         if truncate_dim is not None and not 0 < truncate_dim <= hidden_size:
             raise ValueError(f"truncate_dim must be between 1 and the embedding size {hidden_size}, got {truncate_dim}.")
-        items = to_embedding_inputs(inputs, images=images, texts=texts)
+        items = to_embedding_inputs(
+            inputs, images=images, texts=texts, video_sampling=frame_sampling(processor, self.cafe_settings)
+        )
         template = self.embedding_chat_template
         order = list(range(len(items)))
         if sort_by_length and len(items) > 1:
@@ -641,8 +683,9 @@ class CafeForConditionalGeneration(PreTrainedModel):
                     batch = build_embedding_batch(processor, chunk, template, instruction)
                     self._check_fits_context(batch["input_ids"].shape[1])
                     batch = batch.to(self.device)
-                    if "pixel_values" in batch:
-                        batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
+                    for key in ("pixel_values", "pixel_values_videos"):
+                        if key in batch:
+                            batch[key] = batch[key].to(self.dtype)
                     chunks.append(self.get_embeddings(**batch, prefix_cache=prefix_cache).cpu())
         finally:
             self.train(was_training)
@@ -668,15 +711,16 @@ def _complement(rows: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _check_processor_matches(model: CafeForConditionalGeneration, processor) -> None:
-    """A processor whose image token differs from the model's would silently embed garbage."""
-    model_id = getattr(model.config, "image_token_id", None)
-    proc_id = getattr(processor, "image_token_id", None)
-    if model_id is not None and proc_id is not None and model_id != proc_id:
-        raise ValueError(
-            f"The processor's image token id ({proc_id}, {getattr(processor, 'image_token', '?')!r}) does not match "
-            f"the model's config.image_token_id ({model_id}). Load the processor from the same checkpoint as the "
-            "model (AutoProcessor.from_pretrained(<model path>))."
-        )
+    """A processor whose image or video token differs from the model's would silently embed garbage."""
+    for modality in ("image", "video"):
+        model_id = getattr(model.config, f"{modality}_token_id", None)
+        proc_id = getattr(processor, f"{modality}_token_id", None)
+        if model_id is not None and proc_id is not None and model_id != proc_id:
+            raise ValueError(
+                f"The processor's {modality} token id ({proc_id}, {getattr(processor, f'{modality}_token', '?')!r}) "
+                f"does not match the model's config.{modality}_token_id ({model_id}). Load the processor from the "
+                "same checkpoint as the model (AutoProcessor.from_pretrained(<model path>))."
+            )
 
 
 def _try_load_processor(path, hub_kwargs: dict):

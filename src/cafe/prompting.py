@@ -30,26 +30,34 @@ def _literal(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def build_embedding_chat_template(settings: CafeSettings, image_placeholder: str) -> str:
+def build_embedding_chat_template(
+    settings: CafeSettings, image_placeholder: str, video_placeholder: str | None = None
+) -> str:
     """Render `settings` into the Jinja embedding template of a ChatML backbone.
 
     Args:
         settings: The prompts to embed in the template.
         image_placeholder: The text one image stands for in a prompt, as the backbone's processor
             expects it (``"<image>\\n"`` for LLaVA-OneVision).
+        video_placeholder: The same for one video (``"<video>\\n"``); default: the image
+            placeholder with "image" replaced by "video", which is right for every supported
+            family (see `default_video_placeholder`).
 
-    Images come first, then the optional instruction (a system turn, which is how
-    sentence-transformers passes ``prompts``), then the text, then the modality's suffix:
-    ``image_prompt`` for image-only inputs, ``text_prompt`` for text-only inputs and
-    ``multimodal_prompt`` for image + text. Each text is cut to ``settings.max_text_chars``
-    characters here, in the template, so that every path that renders with it (training,
-    ``encode``, sentence-transformers) embeds the same text.
+    Images and videos come first (in their order of appearance), then the optional instruction
+    (a system turn, which is how sentence-transformers passes ``prompts``), then the text, then
+    the modality's suffix: ``image_prompt`` for image-only inputs, ``video_prompt`` for
+    video-only inputs, ``text_prompt`` for text-only inputs and ``multimodal_prompt`` for image
+    or video + text. Each text is cut to ``settings.max_text_chars`` characters here, in the
+    template, so that every path that renders with it (training, ``encode``,
+    sentence-transformers) embeds the same text.
     """
+    if video_placeholder is None:
+        video_placeholder = default_video_placeholder(image_placeholder)
     # Why in the template: sentence-transformers renders with this template and can only cut
     # the *rendered* prompt, from the right, which would drop the pooled token.
     cut = "" if settings.max_text_chars is None else f"[:{int(settings.max_text_chars)}]"
     return (
-        "{%- set ns = namespace(images='', instruction='', text='', has_image=false, has_text=false) -%}"
+        "{%- set ns = namespace(visuals='', instruction='', text='', has_image=false, has_video=false, has_text=false) -%}"
         "{%- for message in messages -%}"
         "{%- if message['content'] is string -%}"
         "{%- set parts = [{'type': 'text', 'text': message['content']}] -%}"
@@ -58,24 +66,36 @@ def build_embedding_chat_template(settings: CafeSettings, image_placeholder: str
         "{%- if message['role'] == 'system' -%}"
         "{%- if part['type'] == 'text' -%}{%- set ns.instruction = ns.instruction + part['text'] -%}{%- endif -%}"
         "{%- elif part['type'] == 'image' -%}"
-        f"{{%- set ns.images = ns.images + {_literal(image_placeholder)} -%}}"
+        f"{{%- set ns.visuals = ns.visuals + {_literal(image_placeholder)} -%}}"
         "{%- set ns.has_image = true -%}"
+        "{%- elif part['type'] == 'video' -%}"
+        f"{{%- set ns.visuals = ns.visuals + {_literal(video_placeholder)} -%}}"
+        "{%- set ns.has_video = true -%}"
         "{%- elif part['type'] == 'text' -%}"
         f"{{%- set ns.text = ns.text + part['text']{cut} -%}}{{%- set ns.has_text = true -%}}"
         "{%- endif -%}"
         "{%- endfor -%}"
         "{%- endfor -%}"
-        f"{{%- if ns.has_image and ns.has_text -%}}{{%- set suffix = {_literal(settings.multimodal_prompt)} -%}}"
+        f"{{%- if (ns.has_image or ns.has_video) and ns.has_text -%}}"
+        f"{{%- set suffix = {_literal(settings.multimodal_prompt)} -%}}"
+        f"{{%- elif ns.has_video -%}}{{%- set suffix = {_literal(settings.video_prompt)} -%}}"
         f"{{%- elif ns.has_image -%}}{{%- set suffix = {_literal(settings.image_prompt)} -%}}"
         f"{{%- else -%}}{{%- set suffix = {_literal(settings.text_prompt)} -%}}{{%- endif -%}}"
         f"{{{{ '<|im_start|>system\\n' + {_literal(settings.system_prompt)} + '<|im_end|>\\n' }}}}"
-        "{{ '<|im_start|>user\\n' + ns.images + ns.instruction + ns.text + suffix + '<|im_end|>\\n' }}"
+        "{{ '<|im_start|>user\\n' + ns.visuals + ns.instruction + ns.text + suffix + '<|im_end|>\\n' }}"
         # The empty assistant turn: its closing <|im_end|> is the pooled token.
         "{{ '<|im_start|>assistant\\n<|im_end|>' }}"
     )
 
 
-def build_lm_chat_template(settings: CafeSettings, image_placeholder: str) -> str:
+def default_video_placeholder(image_placeholder: str) -> str:
+    """The video placeholder of a family from its image placeholder: ``"<image>\\n"`` ->
+    ``"<video>\\n"`` (LLaVA-OneVision), ``<|vision_start|><|image_pad|><|vision_end|>`` ->
+    ``<|vision_start|><|video_pad|><|vision_end|>`` (Qwen2-VL / Qwen2.5-VL)."""
+    return image_placeholder.replace("image", "video")
+
+
+def build_lm_chat_template(settings: CafeSettings, image_placeholder: str, video_placeholder: str | None = None) -> str:
     """The Jinja template of CAFe's LM (next-token) training conversations.
 
     The reference trains on its own conversation format whatever template a checkpoint ships::
@@ -93,7 +113,10 @@ def build_lm_chat_template(settings: CafeSettings, image_placeholder: str) -> st
     Args:
         settings: Provides ``system_prompt`` (the same system turn as the embedding template's).
         image_placeholder: The text one image stands for before the processor expands it.
+        video_placeholder: The same for one video (default: `default_video_placeholder`).
     """
+    if video_placeholder is None:
+        video_placeholder = default_video_placeholder(image_placeholder)
     return (
         "{%- for message in messages -%}"
         "{%- if loop.first and message['role'] != 'system' -%}"
@@ -103,6 +126,7 @@ def build_lm_chat_template(settings: CafeSettings, image_placeholder: str) -> st
         "{%- if message['content'] is string -%}{{ message['content'] }}"
         "{%- else -%}{%- for part in message['content'] -%}"
         f"{{%- if part['type'] == 'image' -%}}{{{{ {_literal(image_placeholder)} }}}}"
+        f"{{%- elif part['type'] == 'video' -%}}{{{{ {_literal(video_placeholder)} }}}}"
         "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
         "{%- endfor -%}{%- endif -%}"
         "{{ '<|im_end|>\\n' }}"
@@ -113,16 +137,22 @@ def build_lm_chat_template(settings: CafeSettings, image_placeholder: str) -> st
 
 @dataclass(frozen=True)
 class EmbeddingInput:
-    """One thing to embed: an image, a text, or both (``image`` is a loaded PIL image)."""
+    """One thing to embed: an image or a video, a text, or both.
+
+    ``image`` is a loaded PIL image, ``video`` a sampled `cafe.video.Video`; at most one of them.
+    """
 
     image: Any = None
     text: str | None = None
+    video: Any = None
 
     def to_messages(self, instruction: str | None = None) -> list[dict[str, Any]]:
         """The conversation in the transformers message format, as sentence-transformers builds it."""
         content: list[dict[str, Any]] = []
         if self.image is not None:
             content.append({"type": "image"})
+        if self.video is not None:
+            content.append({"type": "video"})
         if self.text is not None:
             content.append({"type": "text", "text": self.text})
         messages = [{"role": "user", "content": content}]
@@ -235,15 +265,22 @@ def to_embedding_inputs(
     *,
     images: Sequence[Any] | None = None,
     texts: Sequence[str] | None = None,
+    video_sampling=None,
 ) -> list[EmbeddingInput]:
     """Normalise what users pass into a list of `EmbeddingInput`.
 
-    Accepted: ``inputs`` as a list of strings, PIL images, ``{"image": ..., "text": ...}`` dicts or
-    ``(image, text)`` tuples (a single item is one input); or ``images=`` and/or ``texts=`` as lists
-    (both given: they are pairs and must have the same length). A bare string or image passed as
-    ``texts=`` / ``images=`` is an error: it is not a list, and iterating it would be wrong.
+    Accepted: ``inputs`` as a list of strings, PIL images, `cafe.video.Video` clips,
+    ``{"image": ..., "text": ...}`` / ``{"video": ..., "text": ...}`` dicts or ``(image, text)``
+    tuples (a single item is one input); or ``images=`` and/or ``texts=`` as lists (both given:
+    they are pairs and must have the same length). A bare string or image passed as ``texts=`` /
+    ``images=`` is an error: it is not a list, and iterating it would be wrong. A ``video`` is any
+    input `cafe.video.load_video` takes (a file path, a list of frames, a ``[T, H, W, 3]`` uint8
+    array); its frames are chosen by ``video_sampling`` (`cafe.video.FrameSampling`, the model's
+    rule; default 8 frames).
     """
     from PIL import Image
+
+    from .video import Video, load_video
 
     if inputs is not None and (images is not None or texts is not None):
         raise ValueError("Pass either `inputs` or `images=`/`texts=`, not both.")
@@ -265,7 +302,7 @@ def to_embedding_inputs(
             inputs = [{"image": image} for image in images]
         else:
             inputs = [{"text": text} for text in texts or []]
-    if isinstance(inputs, (str, dict, Image.Image)):
+    if isinstance(inputs, (str, dict, Image.Image, Video)):
         inputs = [inputs]
     inputs = list(inputs)
     if not inputs:
@@ -278,16 +315,22 @@ def to_embedding_inputs(
             result.append(EmbeddingInput(text=_check_text(item, where)))
         elif isinstance(item, Image.Image):
             result.append(EmbeddingInput(image=load_image(item, where)))
+        elif isinstance(item, Video):
+            result.append(EmbeddingInput(video=load_video(item, video_sampling, where)))
         elif isinstance(item, dict):
-            unknown = set(item) - {"image", "text"}
-            if unknown or not ({"image", "text"} & set(item)):
-                raise ValueError(f"{where}: expected a dict with keys 'image' and/or 'text', got keys {sorted(item)}.")
-            image = item.get("image")
-            text = item.get("text")
+            unknown = set(item) - {"image", "text", "video"}
+            if unknown or not ({"image", "text", "video"} & set(item)):
+                raise ValueError(
+                    f"{where}: expected a dict with keys 'image' or 'video', and/or 'text', got keys {sorted(item)}."
+                )
+            image, video, text = item.get("image"), item.get("video"), item.get("text")
+            if image is not None and video is not None:
+                raise ValueError(f"{where}: give an image or a video, not both (one visual input per embedding).")
             result.append(
                 EmbeddingInput(
                     image=None if image is None else load_image(image, where),
                     text=None if text is None else _check_text(text, where),
+                    video=None if video is None else load_video(video, video_sampling, where),
                 )
             )
         elif isinstance(item, tuple) and len(item) == 2:
@@ -296,10 +339,11 @@ def to_embedding_inputs(
         else:
             raise TypeError(
                 f"{where}: cannot embed an object of type {type(item).__name__}. Pass a string, a PIL image, "
-                "an (image, text) tuple or a dict {'image': ..., 'text': ...}."
+                "an (image, text) tuple, a dict {'image': ..., 'text': ...} or a dict {'video': ..., 'text': ...}."
             )
-        if result[-1].image is None and result[-1].text is None:
-            raise ValueError(f"{where}: both 'image' and 'text' are None; give at least one.")
+        last = result[-1]
+        if last.image is None and last.video is None and last.text is None:
+            raise ValueError(f"{where}: 'image', 'video' and 'text' are all None; give at least one.")
     return result
 
 
@@ -316,7 +360,48 @@ def render_embedding_prompts(
 def build_embedding_batch(
     processor, items: Sequence[EmbeddingInput], chat_template: str, instruction: str | None = None
 ):
-    """Tokenize `items` (and preprocess their images) into one padded batch for `get_embeddings`."""
+    """Tokenize `items` (and preprocess their images and videos) into one padded batch for `get_embeddings`."""
     prompts = render_embedding_prompts(processor, items, chat_template, instruction)
     images = [item.image for item in items if item.image is not None]
-    return processor(images=images or None, text=prompts, padding=True, return_tensors="pt")
+    videos = [item.video for item in items if item.video is not None]
+    return process_prompts(processor, prompts, images, videos, "embedding_chat_template")
+
+
+def process_prompts(processor, prompts: list[str], images: Sequence[Any], videos: Sequence[Any], template_name: str):
+    """``processor(text=prompts, images=..., videos=...)``, padded, as PyTorch tensors.
+
+    Args:
+        prompts: Rendered prompts whose placeholders show ``images`` and ``videos``; the processor
+            pairs each modality's placeholders with its list in order.
+        images: PIL images. videos: `cafe.video.Video` clips (their sampled frames and rate go to
+            the processor as ``videos`` and ``video_metadata``).
+        template_name: The CafeSettings field the prompts were rendered with, for the error raised
+            when they show fewer videos than given (a template without video support).
+
+    Returns:
+        The processor's `BatchFeature`: ``input_ids`` / ``attention_mask`` ``[rows, seq]`` plus
+        the image tensors and ``pixel_values_videos`` (and ``video_grid_thw`` for Qwen2-VL).
+    """
+    kwargs: dict[str, Any] = {}
+    if videos:
+        from .video import check_video_processor
+
+        check_video_processor(processor)
+        token = getattr(processor, "video_token", None)
+        shown = sum(prompt.count(token) for prompt in prompts) if token else len(videos)
+        if shown != len(videos):
+            if template_name in ("embedding_chat_template", "lm_chat_template"):
+                fix = (
+                    f"this model's {template_name} has no video placeholder (it was written before cafe supported "
+                    "video, or was customised). Rebuild the templates from the family's defaults, which show videos: "
+                    "CafeForConditionalGeneration.from_pretrained(path, cafe_settings={**model.config.cafe, "
+                    "'embedding_chat_template': None, 'lm_chat_template': None})."
+                )
+            else:
+                fix = (
+                    f"the {template_name} renders no video placeholder for {{'type': 'video'}} parts; use a processor "
+                    "whose chat_template does (the released LLaVA-OneVision and Qwen2-VL templates do)."
+                )
+            raise ValueError(f"The prompts show {shown} video(s) but {len(videos)} were given: {fix}")
+        kwargs = {"videos": [video.frames for video in videos], "video_metadata": [video.metadata for video in videos]}
+    return processor(text=prompts, images=list(images) or None, padding=True, return_tensors="pt", **kwargs)

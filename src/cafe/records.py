@@ -11,12 +11,18 @@ Layouts (keys of one record):
 - Interleaved / MMEB pair: ``query_text`` and/or ``query_image``, ``target_text`` and/or
   ``target_image`` (VLM2Vec's ``qry``, ``qry_image_path``, ``pos_text``, ``pos_image_path`` too).
 
-Any layout may add ``negatives`` (list of texts or ``{"image", "text"}`` dicts: hard negatives)
-and ``positives`` (several positives; one is sampled each time the record is used).
+Wherever a record carries an image it may carry a ``video`` instead (``video``,
+``query_video``, ``target_video``, ``negative_video``, ``{"video", "text"}`` items; a ``<video>``
+turn in a conversation): a video file path, a list of frames or a ``[T, H, W, 3]`` uint8 array
+(see `cafe.video`). A side shows one image or one video, not both.
+
+Any layout may add ``negatives`` (list of texts or ``{"image" | "video", "text"}`` dicts: hard
+negatives) and ``positives`` (several positives; one is sampled each time the record is used).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import hashlib
@@ -29,18 +35,21 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .prompting import check_image_pixels, decompression_bomb_message, load_image
+from .video import FrameSampling, Video, VideoError, load_video
 
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
 
 EXPECTED_LAYOUTS = (
-    "{'image', 'conversations'} (LLaVA), {'image', 'text'} (pair), {'query', 'positive'} (text pair), "
-    "{'query_text'|'query_image', 'target_text'|'target_image'} (interleaved / MMEB)"
+    "{'image'|'video', 'conversations'} (LLaVA), {'image'|'video', 'text'} (pair), {'query', 'positive'} (text "
+    "pair), {'query_text'|'query_image'|'query_video', 'target_text'|'target_image'|'target_video'} (interleaved / MMEB)"
 )
 # Every key a layout reads (VLM2Vec's names in `_MMEB_ALIASES` too). Other keys are metadata and
 # ignored (LLaVA-OneVision-Data's ``data_source``, ground-truth columns), unless they look like a
 # misspelt layout key: then the layout would silently lose a field, so the record is refused.
 LAYOUT_KEYS = (
     "image",
+    "video",
     "conversations",
     "text",
     "query",
@@ -51,8 +60,11 @@ LAYOUT_KEYS = (
     "query_image",
     "target_text",
     "target_image",
+    "query_video",
+    "target_video",
     "negative_text",
     "negative_image",
+    "negative_video",
 )
 _MMEB_ALIASES = {
     "qry": "query_text",
@@ -72,7 +84,7 @@ class RecordError(ValueError):
 
 
 class ImageRecordError(RecordError):
-    """A record whose image cannot be used: missing, unreadable, corrupt or too large.
+    """A record whose image or video cannot be used: missing, unreadable, corrupt or too large.
 
     ``missing_images="skip"`` skips records that raise this (and only this) error; any other
     `RecordError` is a mistake in the data that skipping would hide.
@@ -81,11 +93,21 @@ class ImageRecordError(RecordError):
 
 @dataclass
 class Side:
-    """One side of a contrastive pair: an image (loaded, RGB) and/or a text."""
+    """One side of a contrastive pair: an image (loaded, RGB) or a video (sampled), and/or a text."""
 
     image: Any = None
     text: str | None = None
     image_key: str | None = None  # identity of the image content, for dedup and false negatives
+    video: Video | None = None
+
+    @property
+    def visual_key(self) -> str | None:
+        """Identity of the image or video this side shows (None: text only, or unhashed image)."""
+        return self.video.key if self.video is not None else self.image_key
+
+    @property
+    def has_visual(self) -> bool:
+        return self.image is not None or self.video is not None
 
 
 @dataclass
@@ -93,9 +115,10 @@ class TrainingExample:
     query: Side | None
     positive: Side | None
     negatives: list[Side] = field(default_factory=list)
-    # transformers-format messages of the LM sequence and the images it shows, in order.
+    # transformers-format messages of the LM sequence and the sides of the images / videos it
+    # shows, in order.
     conversation: list[dict[str, Any]] | None = None
-    conversation_images: list[Side] = field(default_factory=list)
+    conversation_visuals: list[Side] = field(default_factory=list)
 
 
 def image_content_key(image) -> str:
@@ -132,6 +155,17 @@ def _open_image(value: Any, image_folder: str | None, where: str, max_pixels: in
         raise RecordError(str(err)) from err
 
 
+def _open_video(value: Any, folder: str | None, where: str, sampling: FrameSampling | None) -> Video:
+    try:
+        return load_video(value, sampling, where, folder)
+    except (FileNotFoundError, VideoError) as err:
+        raise ImageRecordError(str(err)) from err
+    except TypeError as err:
+        raise RecordError(str(err)) from err
+    # An ImportError (no video decoder installed) passes through: it is the environment, not the
+    # record, and missing_images="skip" must not silently skip every video record for it.
+
+
 def _text(value: Any, where: str, what: str) -> str:
     if not isinstance(value, str):
         raise RecordError(f"{where}: {what} must be a string, got {type(value).__name__}.")
@@ -155,6 +189,10 @@ class RecordParser:
         hash_images: Compute each image's content key (``Side.image_key``, used to encode an
             image once per batch and to mask false negatives). A check that only needs to know
             whether records parse turns it off: hashing costs about as much as decoding.
+        video_sampling: Which frames of a video a model sees (`cafe.video.frame_sampling` of its
+            processor; `CafeCollator` passes it). Default: 8 frames.
+        video_caption_prompt: User turn of the LM sequence built for (video, text) pairs; default:
+            ``caption_prompt`` with "image" replaced by "video" ("Describe the video.").
 
     Keys whose value is None count as absent: `datasets` gives every row of a file that mixes
     layouts all the columns, with None for the ones the row does not have.
@@ -168,10 +206,16 @@ class RecordParser:
         seed: int = 0,
         max_image_pixels: int | None = None,
         hash_images: bool = True,
+        video_sampling: FrameSampling | None = None,
+        video_caption_prompt: str | None = None,
     ):
         self.image_folder = image_folder
         self.multimodal_input = multimodal_input
         self.caption_prompt = caption_prompt
+        if video_caption_prompt is None and caption_prompt is not None:
+            video_caption_prompt = caption_prompt.replace("image", "video")
+        self.video_caption_prompt = video_caption_prompt
+        self.video_sampling = video_sampling
         self.max_image_pixels = max_image_pixels
         self.hash_images = hash_images
         self._rng = random.Random(seed)
@@ -182,20 +226,26 @@ class RecordParser:
             index = record.get("id")
         return f"record {position if index is None else index}"
 
-    def side(self, image: Any, text: Any, where: str, what: str) -> Side:
+    def side(self, image: Any, text: Any, where: str, what: str, video: Any = None) -> Side:
+        if image is not None and video is not None:
+            raise RecordError(
+                f"{where}: the {what} has both an image and a video; a side shows one of them. Split the record in two."
+            )
         side = Side()
         if image is not None:
             side.image = _open_image(image, self.image_folder, f"{where} ({what} image)", self.max_image_pixels)
             side.image_key = image_content_key(side.image) if self.hash_images else None
+        if video is not None:
+            side.video = _open_video(video, self.image_folder, f"{where} ({what} video)", self.video_sampling)
         if text is not None:
             side.text = _text(text, where, f"{what} text")
-        if side.image is None and side.text is None:
-            raise RecordError(f"{where}: the {what} has neither an image nor a text.")
+        if not side.has_visual and side.text is None:
+            raise RecordError(f"{where}: the {what} has neither an image, a video nor a text.")
         return side
 
     def _item(self, value: Any, where: str, what: str) -> Side:
         if isinstance(value, dict):
-            return self.side(value.get("image"), value.get("text"), where, what)
+            return self.side(value.get("image"), value.get("text"), where, what, video=value.get("video"))
         return self.side(None, value, where, what)
 
     def __call__(self, record: Mapping, position: int = 0) -> TrainingExample:
@@ -219,15 +269,14 @@ class RecordParser:
             example = self._llava(record, where)
         elif "query" in record and "positive" in record or "query" in record and "positives" in record:
             example = TrainingExample(self._item(record["query"], where, "query"), None)
-        elif "image" in record and ("text" in record or "positives" in record):
+        elif ("image" in record or "video" in record) and ("text" in record or "positives" in record):
             example = self._pair(record, where)
-        elif {"query_text", "query_image"} & set(record) and {"target_text", "target_image", "positives"} & set(record):
-            example = TrainingExample(
-                self.side(record.get("query_image"), record.get("query_text"), where, "query"),
-                None,
-            )
-            if record.get("target_text") is not None or record.get("target_image") is not None:
-                example.positive = self.side(record.get("target_image"), record.get("target_text"), where, "target")
+        elif {"query_text", "query_image", "query_video"} & set(record) and {
+            "target_text", "target_image", "target_video", "positives"
+        } & set(record):
+            example = TrainingExample(self._prefixed_side(record, "query", where), None)
+            if {"target_text", "target_image", "target_video"} & set(record):
+                example.positive = self._prefixed_side(record, "target", where)
         else:
             raise RecordError(f"{where} fits no supported layout; it has keys {sorted(record)}, expected {EXPECTED_LAYOUTS}.")
 
@@ -235,9 +284,15 @@ class RecordParser:
             example.positive = self._sample_positive(record, where, example.positive)
         for i, negative in enumerate(record.get("negatives", [])):
             example.negatives.append(self._item(negative, where, f"negative {i}"))
-        if record.get("negative_text") is not None or record.get("negative_image") is not None:
-            example.negatives.append(self.side(record.get("negative_image"), record.get("negative_text"), where, "negative"))
+        if {"negative_text", "negative_image", "negative_video"} & set(record):
+            example.negatives.append(self._prefixed_side(record, "negative", where))
         return example
+
+    def _prefixed_side(self, record: dict, prefix: str, where: str) -> Side:
+        """The side of ``{prefix}_image`` / ``{prefix}_video`` / ``{prefix}_text`` (interleaved layout)."""
+        return self.side(
+            record.get(f"{prefix}_image"), record.get(f"{prefix}_text"), where, prefix, video=record.get(f"{prefix}_video")
+        )
 
     def rng_state(self) -> list:
         """The positives-sampling RNG's state as JSON-able lists (saved in training checkpoints)."""
@@ -277,28 +332,32 @@ class RecordParser:
         return self._item(positives[index], where, f"positive {index}")
 
     def _pair(self, record: dict, where: str) -> TrainingExample:
-        image_side = self.side(record["image"], None, where, "pair")
+        visual_side = self.side(record.get("image"), None, where, "pair", video=record.get("video"))
         text = record.get("text")
-        example = TrainingExample(image_side, None if text is None else self.side(None, text, where, "pair"))
-        if self.caption_prompt is not None and text is not None:
+        example = TrainingExample(visual_side, None if text is None else self.side(None, text, where, "pair"))
+        kind = "video" if visual_side.video is not None else "image"
+        prompt = self.video_caption_prompt if kind == "video" else self.caption_prompt
+        if prompt is not None and text is not None:
             example.conversation = [
-                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.caption_prompt}]},
+                {"role": "user", "content": [{"type": kind}, {"type": "text", "text": prompt}]},
                 {"role": "assistant", "content": [{"type": "text", "text": text}]},
             ]
-            example.conversation_images = [image_side]
+            example.conversation_visuals = [visual_side]
         return example
 
     def _llava(self, record: dict, where: str) -> TrainingExample:
         turns = record["conversations"]
         if not isinstance(turns, list) or not turns:
             raise RecordError(f"{where}: 'conversations' must be a non-empty list of {{'from', 'value'}} turns.")
-        image = None
-        if record.get("image") is not None:
-            image = self.side(record["image"], None, where, "conversation")
+        visual = None
+        if record.get("image") is not None or record.get("video") is not None:
+            visual = self.side(record.get("image"), None, where, "conversation", video=record.get("video"))
+        # The record's one visual input and its placeholder ("<image>" or "<video>").
+        kind = "video" if visual is not None and visual.video is not None else "image"
         messages: list[dict[str, Any]] = []
         answers: list[str] = []
         questions: list[str] = []
-        n_images = 0
+        counts = {"image": 0, "video": 0}
         for t, turn in enumerate(turns):
             role = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}.get(turn.get("from"))
             if role is None:
@@ -307,10 +366,11 @@ class RecordParser:
             if not isinstance(value, str):
                 raise RecordError(f"{where}: turn {t} has no string 'value'.")
             content = []
-            if IMAGE_PLACEHOLDER in value:
-                n_images += value.count(IMAGE_PLACEHOLDER)
-                content.append({"type": "image"})
-                value = value.replace(IMAGE_PLACEHOLDER, "").strip()
+            for name, placeholder in (("image", IMAGE_PLACEHOLDER), ("video", VIDEO_PLACEHOLDER)):
+                if placeholder in value:
+                    counts[name] += value.count(placeholder)
+                    content.append({"type": name})
+                    value = value.replace(placeholder, "").strip()
             if role == "assistant":
                 answers.append(_text(value, where, f"answer of turn {t}"))
             else:
@@ -319,32 +379,35 @@ class RecordParser:
             messages.append({"role": role, "content": content})
         if not answers:
             raise RecordError(f"{where}: the conversation has no assistant ('gpt') turn to learn from.")
-        if image is not None and n_images == 0:
+        if visual is not None and counts["image"] + counts["video"] == 0:
             # LLaVA data sometimes omit the placeholder; the image goes before the first question.
-            messages[0]["content"].insert(0, {"type": "image"})
-            n_images = 1
-        if (image is None) != (n_images == 0) or n_images > 1:
+            messages[0]["content"].insert(0, {"type": kind})
+            counts[kind] = 1
+        other = "image" if kind == "video" else "video"
+        if (visual is None) != (counts[kind] == 0) or counts[kind] > 1 or counts[other]:
+            shown = " and ".join(f"{n} '<{name}>'" for name, n in counts.items() if n) or "no '<image>' / '<video>'"
+            has = f"one {kind}" if visual is not None else "no image or video"
             raise RecordError(
-                f"{where}: the conversation has {n_images} '<image>' placeholder(s) but "
-                f"{'one image' if image is not None else 'no image'}; records hold at most one image."
+                f"{where}: the conversation has {shown} placeholder(s) but the record has {has}; records hold at most "
+                "one image or video, shown by one matching placeholder."
             )
         answer = " ".join(answers)
         if self.multimodal_input:
             # The query is the whole user side of the conversation, as the reference builds it:
-            # every user turn's text joined (like the answers), with the image.
+            # every user turn's text joined (like the answers), with the image or video.
             question = " ".join(q for q in questions if q) or None
-            query = Side(image.image if image else None, question, image.image_key if image else None)
-            if query.image is None and query.text is None:
-                raise RecordError(f"{where}: multimodal_input needs an image or a question text in the first turn.")
+            query = dataclasses.replace(visual, text=question) if visual is not None else Side(text=question)
+            if not query.has_visual and query.text is None:
+                raise RecordError(f"{where}: multimodal_input needs an image, a video or a question text in the first turn.")
         else:
-            if image is None:
-                raise RecordError(f"{where}: a LLaVA record without an image has no (image, text) pair to contrast.")
-            query = image
+            if visual is None:
+                raise RecordError(f"{where}: a LLaVA record without an image or video has no pair to contrast.")
+            query = visual
         return TrainingExample(
             query,
             Side(text=answer),
             conversation=messages,
-            conversation_images=[image] if image is not None else [],
+            conversation_visuals=[visual] if visual is not None else [],
         )
 
 

@@ -44,13 +44,22 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     data_path: str = field(metadata={"help": "JSON / JSONL file(s) (comma-separated), a saved dataset folder or a Hub id."})
-    image_folder: str | None = field(default=None, metadata={"help": "Folder that image paths are relative to."})
+    image_folder: str | None = field(default=None, metadata={"help": "Folder that image and video paths are relative to."})
     multimodal_input: bool = field(default=False, metadata={"help": "Reference flag: (image + question) vs answer pairs."})
     max_length: int | None = field(
         default=None, metadata={"help": "Longest LM sequence (default: the model's context length)."}
     )
     caption_prompt: str | None = "Describe the image."
-    missing_images: str = field(default="raise", metadata={"help": "raise | skip (counted and logged)."})
+    video_caption_prompt: str | None = field(
+        default=None, metadata={"help": "LM turn of (video, text) pairs (default: caption_prompt with 'video')."}
+    )
+    video_num_frames: int | None = field(
+        default=None, metadata={"help": "Frames per video, LLaVA-OneVision (default: the checkpoint's, else 8). Saved."}
+    )
+    video_fps: float | None = field(
+        default=None, metadata={"help": "Frames per second, Qwen2-VL (default: the checkpoint's, else 2). Saved."}
+    )
+    missing_images: str = field(default="raise", metadata={"help": "raise | skip (counted and logged; videos too)."})
 
 
 def load_records(data_path: str) -> Dataset:
@@ -78,6 +87,7 @@ def build_trainer(
     import torch
 
     from .collator import CafeCollator
+    from .configuration import CafeSettings
     from .modeling import CafeForConditionalGeneration
     from .trainer import CafeTrainer
 
@@ -95,6 +105,10 @@ def build_trainer(
     processor = model.processor
     if processor is None:
         raise ValueError(f"{path} has no processor files; CAFe training needs the model's processor.")
+    # Frame sampling is a model setting (encode must show the frames training showed): saved in config.cafe.
+    video = {k: getattr(data_args, k) for k in ("video_num_frames", "video_fps") if getattr(data_args, k) is not None}
+    if video:
+        model.config.cafe = CafeSettings.from_dict({**model.config.cafe, **video}).to_dict()
     if model_args.freeze_vision_tower:
         for name, param in model.named_parameters():
             if model.parameter_component(name) == "vision":
@@ -108,6 +122,7 @@ def build_trainer(
         compute_language_loss=training_args.compute_language_loss,
         compute_contrastive_loss=training_args.compute_contrastive_loss,
         caption_prompt=data_args.caption_prompt,
+        video_caption_prompt=data_args.video_caption_prompt,
         missing_images=data_args.missing_images,
         seed=training_args.seed,
     )

@@ -3,7 +3,9 @@
 The two families share everything CAFe needs to know, so one mixin serves both:
 
 - An image is ``<|vision_start|><|image_pad|><|vision_end|>`` in a prompt; the processor expands
-  ``<|image_pad|>`` to one token per 2x2 patch group of the image's (dynamic) grid.
+  ``<|image_pad|>`` to one token per 2x2 patch group of the image's (dynamic) grid. A video is
+  ``<|vision_start|><|video_pad|><|vision_end|>``, one token per 2x2 patch group of every pair of
+  frames (``video_grid_thw`` ``[videos, 3]``: time patches, height, width).
 - The vision encoder (``model.visual``, whose ``merger`` is the projector) takes all images of a
   batch as one flat patch tensor ``pixel_values`` ``[sum of patches, patch_dim]`` with
   ``image_grid_thw`` ``[n_images, 3]``, and returns one feature chunk per image.
@@ -14,7 +16,8 @@ The two families share everything CAFe needs to know, so one mixin serves both:
   so `embedding_position_ids` computes the positions itself with the stock ``get_rope_index`` from
   the input ids (image tokens give the token types), the attention mask (padding on either side is
   skipped) and the grids of the images shown, which the selected vision features carry along
-  (`QwenImageFeatures`). On a processor batch these are exactly the stock model's positions.
+  (`QwenImageFeatures`, `QwenVideoFeatures`; Qwen2.5-VL also spaces a video's time positions by
+  its ``second_per_grid_ts``). On a processor batch these are exactly the stock model's positions.
 """
 
 from __future__ import annotations
@@ -41,10 +44,21 @@ class QwenImageFeatures(BaseModelOutputWithPooling):
     image_grid_thw: torch.LongTensor | None = None
 
 
+@dataclass
+class QwenVideoFeatures(BaseModelOutputWithPooling):
+    """The stock video-encoder output (``pooler_output``: one ``[tokens, hidden]`` chunk per video)
+    plus what the M-RoPE positions need: ``video_grid_thw`` ``[videos, 3]`` and, from a
+    Qwen2.5-VL processor, ``second_per_grid_ts`` ``[videos]`` (seconds per time patch)."""
+
+    video_grid_thw: torch.LongTensor | None = None
+    second_per_grid_ts: torch.Tensor | None = None
+
+
 class _QwenVLMixin:
     """CAFe hooks shared by Qwen2-VL and Qwen2.5-VL; combine before the transformers class."""
 
     cafe_image_placeholder: str = "<|vision_start|><|image_pad|><|vision_end|>"
+    cafe_video_placeholder: str = "<|vision_start|><|video_pad|><|vision_end|>"
     cafe_vision_modules: tuple[str, ...] = ("visual",)
     # The projector (patch merger) lives inside the vision module: `visual.merger`.
     cafe_projector_modules: tuple[str, ...] = ("merger",)
@@ -53,58 +67,100 @@ class _QwenVLMixin:
     config: Any
     dtype: torch.dtype
 
-    def get_vision_features(  # the family's named vision inputs
-        self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor, **unused: Any
+    def get_vision_features(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
+        **unused: Any,
     ) -> dict[str, Any]:
-        outputs = self.model.get_image_features(pixel_values.to(self.dtype), image_grid_thw, return_dict=True)
-        # transformers annotates pooler_output as one tensor; image features hold one chunk per image.
-        chunks = tuple(outputs.pooler_output)
-        return {"image": QwenImageFeatures(pooler_output=chunks, image_grid_thw=image_grid_thw)}  # type: ignore[arg-type]
-
-    def select_vision_features(self, features: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
-        image = features["image"]
-        if getattr(image, "image_grid_thw", None) is None:
-            raise ValueError(_MISSING_GRID)
-        chunks = image.pooler_output
-        index = index.to(image.image_grid_thw.device)
-        return {
-            "image": QwenImageFeatures(
-                pooler_output=[chunks[i] for i in index.tolist()],  # type: ignore[arg-type]  # one chunk per image
-                image_grid_thw=image.image_grid_thw[index],
+        """Images: ``pixel_values [patches, dim]`` with ``image_grid_thw [images, 3]``; videos:
+        ``pixel_values_videos [patches, dim]`` with ``video_grid_thw [videos, 3]`` (and
+        ``second_per_grid_ts [videos]`` from a Qwen2.5-VL processor)."""
+        features = {}
+        if pixel_values is not None:
+            outputs = self.model.get_image_features(pixel_values.to(self.dtype), image_grid_thw, return_dict=True)
+            features["image"] = QwenImageFeatures(
+                pooler_output=tuple(outputs.pooler_output), image_grid_thw=image_grid_thw
             )
-        }
+        if pixel_values_videos is not None:
+            outputs = self.model.get_video_features(pixel_values_videos.to(self.dtype), video_grid_thw, return_dict=True)
+            features["video"] = QwenVideoFeatures(
+                pooler_output=tuple(outputs.pooler_output),
+                video_grid_thw=video_grid_thw,
+                second_per_grid_ts=second_per_grid_ts,
+            )
+        return features
+
+    def select_vision_features(self, features: dict[str, Any], index: torch.Tensor, modality: str = "image") -> dict[str, Any]:
+        selected = features[modality]
+        grid = getattr(selected, f"{modality}_grid_thw", None)
+        if grid is None:
+            raise ValueError(_MISSING_GRID)
+        chunks = [selected.pooler_output[i] for i in index.tolist()]
+        index = index.to(grid.device)
+        if modality == "video":
+            seconds = selected.second_per_grid_ts
+            return {
+                "video": QwenVideoFeatures(
+                    pooler_output=chunks,
+                    video_grid_thw=grid[index],
+                    second_per_grid_ts=None if seconds is None else seconds[index.to(seconds.device)],
+                )
+            }
+        return {"image": QwenImageFeatures(pooler_output=chunks, image_grid_thw=grid[index])}
 
     def embedding_position_ids(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         image_grid_thw: torch.LongTensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
         mm_encoder_outputs: dict[str, Any] | None = None,
         **unused: Any,
     ) -> torch.Tensor:
         """M-RoPE position ids ``[3, batch, seq]`` of sequences showing the images of ``image_grid_thw``
-        (or of ``mm_encoder_outputs["image"]``) in order; padding positions are ignored."""
-        if image_grid_thw is None and mm_encoder_outputs is not None and mm_encoder_outputs.get("image") is not None:
-            image_grid_thw = getattr(mm_encoder_outputs["image"], "image_grid_thw", None)
-            if image_grid_thw is None:
-                raise ValueError(_MISSING_GRID)
+        and the videos of ``video_grid_thw`` (or of ``mm_encoder_outputs``) in order; padding
+        positions are ignored."""
+        if mm_encoder_outputs is not None:
+            if mm_encoder_outputs.get("image") is not None and image_grid_thw is None:
+                image_grid_thw = getattr(mm_encoder_outputs["image"], "image_grid_thw", None)
+                if image_grid_thw is None:
+                    raise ValueError(_MISSING_GRID)
+            if mm_encoder_outputs.get("video") is not None and video_grid_thw is None:
+                video = mm_encoder_outputs["video"]
+                video_grid_thw = getattr(video, "video_grid_thw", None)
+                if video_grid_thw is None:
+                    raise ValueError(_MISSING_GRID)
+                second_per_grid_ts = video.second_per_grid_ts
         # What the processor returns as `mm_token_type_ids`: 1 on image tokens, 2 on video tokens.
         token_types = (input_ids == self.config.image_token_id).int()
         token_types = token_types + 2 * (input_ids == self.config.video_token_id).int()
-        if image_grid_thw is None and bool((token_types == 1).any()):
-            raise ValueError(
-                "These sequences hold image tokens but no image_grid_thw was given: pass the processor's "
-                "image_grid_thw (or features from get_vision_features) to compute M-RoPE positions."
-            )
+        for kind, value, grid in (("image", 1, image_grid_thw), ("video", 2, video_grid_thw)):
+            if grid is None and bool((token_types == value).any()):
+                raise ValueError(
+                    f"These sequences hold {kind} tokens but no {kind}_grid_thw was given: pass the processor's "
+                    f"{kind}_grid_thw (or features from get_vision_features) to compute M-RoPE positions."
+                )
+        extra = {} if second_per_grid_ts is None else {"second_per_grid_ts": second_per_grid_ts}
         position_ids, _ = self.model.get_rope_index(
-            input_ids, mm_token_type_ids=token_types, image_grid_thw=image_grid_thw, attention_mask=attention_mask
+            input_ids,
+            mm_token_type_ids=token_types,
+            image_grid_thw=image_grid_thw,
+            video_grid_thw=video_grid_thw,
+            attention_mask=attention_mask,
+            **extra,
         )
         return position_ids
 
 
 _MISSING_GRID = (
-    "Qwen2-VL vision features must carry their image_grid_thw (for the M-RoPE positions): compute them with "
-    "model.get_vision_features(pixel_values=..., image_grid_thw=...) rather than model.model.get_image_features."
+    "Qwen2-VL vision features must carry their image_grid_thw / video_grid_thw (for the M-RoPE positions): compute "
+    "them with model.get_vision_features(pixel_values=..., image_grid_thw=...) (or pixel_values_videos=..., "
+    "video_grid_thw=...) rather than model.model.get_image_features / get_video_features."
 )
 
 

@@ -1,4 +1,4 @@
-"""Data utilities for CAFe: a synthetic, fully offline image-caption data set."""
+"""Data utilities for CAFe: synthetic, fully offline image-caption and video-caption data sets."""
 
 from .synthetic import (
     CAPTION_TEMPLATES,
@@ -13,9 +13,23 @@ from .synthetic import (
     write_llava_json,
     write_synthetic_dataset,
 )
+from .synthetic_clips import (
+    MOTIONS,
+    ClipScene,
+    SyntheticClipsConfig,
+    generate_clip_records,
+    parse_motion,
+    write_clip_records,
+)
 
 __all__ = [
     "CAPTION_TEMPLATES",
+    "MOTIONS",
+    "ClipScene",
+    "SyntheticClipsConfig",
+    "generate_clip_records",
+    "parse_motion",
+    "write_clip_records",
     "POPE_CATEGORIES",
     "Scene",
     "SyntheticShapesConfig",

@@ -1,5 +1,7 @@
 """A deterministic synthetic image-caption data set: coloured shapes on a plain background.
 
+(Short clips of one moving shape, the video counterpart, are in `cafe.data.synthetic_clips`.)
+
 Every image holds one group of identical shapes (1-3 of them), so a short caption describes it
 exactly::
 
@@ -284,15 +286,20 @@ def shape_interior_point(shape: str, box: Sequence[int]) -> tuple[int, int]:
 
 def draw_scene(scene: Scene, boxes: Sequence[Sequence[int]], config: SyntheticShapesConfig):
     """Render the scene as an RGB PIL image (no anti-aliasing, so colours are exact)."""
+    return draw_shapes(scene.shape, config.colours[scene.colour], boxes, config.image_size, config.background)
+
+
+def draw_shapes(shape: str, rgb, boxes: Sequence[Sequence[int]], image_size: int, background):
+    """``shape`` filled with ``rgb`` in each box on a plain square image (also the clips' frames)."""
     from PIL import Image, ImageDraw
 
-    image = Image.new("RGB", (config.image_size, config.image_size), tuple(config.background))
+    image = Image.new("RGB", (image_size, image_size), tuple(background))
     draw = ImageDraw.Draw(image)
-    fill = tuple(config.colours[scene.colour])
+    fill = tuple(rgb)
     for x0, y0, x1, y1 in boxes:
-        if scene.shape == "circle":
+        if shape == "circle":
             draw.ellipse([x0, y0, x1, y1], fill=fill)
-        elif scene.shape == "square":
+        elif shape == "square":
             draw.rectangle([x0, y0, x1, y1], fill=fill)
         else:
             draw.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=fill)

@@ -1,4 +1,5 @@
-"""Evaluation of CAFe models: retrieval, MMEB, POPE hallucination and the modality gap.
+"""Evaluation of CAFe models: retrieval (images and videos), MMEB, POPE hallucination, the
+modality gap and video caption accuracy.
 
 Each metric is a pure function on tensors / lists (easy to test and to reuse on embeddings from
 elsewhere); the ``evaluate_*`` runners embed or generate with a `CafeForConditionalGeneration`
@@ -26,6 +27,7 @@ from .pope import (
     evaluate_pope,
     evaluate_pope_dataset,
     generate_answers,
+    generate_visual_answers,
     parse_yes_no,
     pope_metrics,
     pope_metrics_by_category,
@@ -38,6 +40,12 @@ from .retrieval import (
     positive_ranks,
     recall_from_ranks,
     retrieval_recall,
+)
+from .video import (
+    evaluate_video_captions,
+    evaluate_video_retrieval,
+    motion_accuracy,
+    video_retrieval_recall,
 )
 
 __all__ = [
@@ -53,9 +61,13 @@ __all__ = [
     "evaluate_pope_dataset",
     "evaluate_retrieval",
     "evaluate_retrieval_dataset",
+    "evaluate_video_captions",
+    "evaluate_video_retrieval",
     "generate_answers",
+    "generate_visual_answers",
     "load_retrieval_data",
     "modality_gap",
+    "motion_accuracy",
     "parse_yes_no",
     "pope_metrics",
     "pope_metrics_by_category",
@@ -67,4 +79,5 @@ __all__ = [
     "retrieval_recall",
     "save_embedding_scatter",
     "summarize_mmeb",
+    "video_retrieval_recall",
 ]

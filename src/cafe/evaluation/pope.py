@@ -177,20 +177,48 @@ def generate_answers(
     Returns:
         ``len(questions)`` decoded answers (special tokens removed, whitespace stripped).
     """
+    check_sequence(images, "images", "PIL images or image paths")
+    return generate_visual_answers(
+        model, images, questions, "image", processor, batch_size, max_new_tokens, prompt_suffix, image_root,
+        show_progress_bar,
+    )
+
+
+def generate_visual_answers(
+    model,
+    visuals: Sequence[Any],
+    questions: Sequence[str],
+    modality: str = "image",
+    processor=None,
+    batch_size: int = 8,
+    max_new_tokens: int = 16,
+    prompt_suffix: str = "",
+    root: str | os.PathLike | None = None,
+    show_progress_bar: bool = True,
+) -> list[str]:
+    """`generate_answers` for images (``modality="image"``) or videos (``"video"``).
+
+    Videos are anything `cafe.video.load_video` takes; their frames are sampled by the model's
+    rule (`cafe.video.frame_sampling` under its ``video_num_frames`` / ``video_fps``), as
+    ``encode`` samples them.
+    """
     import torch
     from tqdm.auto import tqdm
 
-    from ..prompting import load_image
+    from ..prompting import load_image, process_prompts
+    from ..video import frame_sampling, load_video
 
     processor = processor if processor is not None else getattr(model, "processor", None)
     if processor is None:
         raise ValueError("No processor: pass processor= or load the model with its processor.")
-    check_sequence(images, "images", "PIL images or image paths")
+    if modality not in ("image", "video"):
+        raise ValueError(f"modality must be 'image' or 'video', got {modality!r}.")
     check_sequence(questions, "questions", "strings")
     check_batch_size(batch_size)
     if len(questions) == 0:
         raise ValueError("questions is empty.")
-    check_same_length(images, questions, "images", "questions")
+    check_same_length(visuals, questions, f"{modality}s", "questions")
+    sampling = frame_sampling(processor, getattr(model, "cafe_settings", None))
     tokenizer = processor.tokenizer
     starts = range(0, len(questions), batch_size)
     answers: list[str] = []
@@ -200,21 +228,26 @@ def generate_answers(
     model.eval()
     try:
         for start in tqdm(starts, desc="Generating", unit="batch", disable=not show_progress_bar):
-            batch_images = [
-                load_image(resolve_image(image, image_root), f"question {start + i}")
-                for i, image in enumerate(images[start : start + batch_size])
-            ]
+            loaded = []
+            for i, visual in enumerate(visuals[start : start + batch_size]):
+                where = f"question {start + i}"
+                if modality == "image":
+                    loaded.append(load_image(resolve_image(visual, root), where))
+                else:
+                    loaded.append(load_video(visual, sampling, where, root))
             prompts = [
                 processor.apply_chat_template(
-                    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q + prompt_suffix}]}],
+                    [{"role": "user", "content": [{"type": modality}, {"type": "text", "text": q + prompt_suffix}]}],
                     add_generation_prompt=True,
                     tokenize=False,
                 )
                 for q in questions[start : start + batch_size]
             ]
-            inputs = processor(images=batch_images, text=prompts, padding=True, return_tensors="pt").to(model.device)
-            if "pixel_values" in inputs:
-                inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+            images, videos = (loaded, []) if modality == "image" else ([], loaded)
+            inputs = process_prompts(processor, prompts, images, videos, "generation chat template").to(model.device)
+            for key in ("pixel_values", "pixel_values_videos"):
+                if key in inputs:
+                    inputs[key] = inputs[key].to(model.dtype)
             with torch.inference_mode():
                 output = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
             # With left padding every prompt ends at the same column.
