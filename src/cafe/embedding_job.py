@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _settings(args) -> dict[str, Any]:
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
     """What makes two runs' shards interchangeable (checked on resume)."""
     data = Path(args.data)
     return {
@@ -83,7 +83,7 @@ def shard_path(folder: Path, index: int, count: int) -> Path:
     return folder / f"shard-{index:05d}-of-{count:05d}.parquet"
 
 
-def _row_inputs(rows: dict[str, list], args) -> list[dict[str, Any]]:
+def _row_inputs(rows: dict[str, list[Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
     """The ``encode`` inputs of a slice of rows: ``{"image": ..., "text": ...}`` dicts."""
     from .evaluation._common import resolve_image
 

@@ -35,7 +35,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 # The files (and folders) this module writes, relative to the checkpoint folder.
 POOLING_DIR = "1_Pooling"
@@ -61,7 +64,7 @@ REQUIREMENTS: dict[str, dict[str, str]] = {
 }
 
 
-def transformer_module_config(config) -> dict[str, Any]:
+def transformer_module_config(config: PreTrainedConfig) -> dict[str, Any]:
     """The ``sentence_bert_config.json`` content of the ``Transformer`` module of a CAFe checkpoint.
 
     Args:
@@ -112,7 +115,7 @@ def transformer_module_config(config) -> dict[str, Any]:
 
 def write_sentence_transformers_files(
     save_directory: str | os.PathLike,
-    config,
+    config: PreTrainedConfig,
     *,
     prompts: dict[str, str] | None = None,
     default_prompt_name: str | None = None,

@@ -58,7 +58,7 @@ does) so a batch pads to similar lengths; ``encode`` restores the caller's order
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 from transformers.utils import logging
@@ -66,6 +66,9 @@ from transformers.utils import logging
 from .shared_prefix import SUPPORTED_ATTENTION, common_prefix_length
 
 if TYPE_CHECKING:
+    from transformers import DynamicCache, PreTrainedTokenizerBase, ProcessorMixin
+    from transformers.generation.utils import GenerateOutput
+
     from .modeling import CafeForConditionalGeneration
     from .prompting import EmbeddingInput
 
@@ -76,7 +79,7 @@ logger = logging.get_logger(__name__)
 _FULL_LENGTH_KEYS = ("mm_token_type_ids",)
 
 
-def warn_once(model, key: str, message: str) -> None:
+def warn_once(model: object, key: str, message: str) -> None:
     """Log ``message`` the first time ``key`` comes up for this model (a per-batch warning would
     repeat on every batch of an encode call)."""
     said = model.__dict__.setdefault("_cafe_said", set())
@@ -86,7 +89,9 @@ def warn_once(model, key: str, message: str) -> None:
 
 
 # ----------------------------------------------------------------------------- the prefix
-def embedding_prompt_prefix_ids(processor, chat_template: str) -> torch.Tensor:
+def embedding_prompt_prefix_ids(
+    processor: ProcessorMixin | PreTrainedTokenizerBase, chat_template: str
+) -> torch.Tensor:
     """Token ids every embedding prompt of ``chat_template`` starts with: ``[prefix]`` long.
 
     Rendered from probes that differ right after the user header (an image, two texts, an
@@ -220,6 +225,7 @@ class EmbeddingPrefixCache:
                 ids = self.prefix_ids.to(model.device)[None]
                 mask = torch.ones_like(ids)
                 from transformers import DynamicCache
+                from transformers.cache_utils import CacheLayerMixin
 
                 cache = DynamicCache(config=model.config)
                 model.model(
@@ -229,13 +235,21 @@ class EmbeddingPrefixCache:
                     cache=cache,
                     use_cache=True,
                 )
-                layers = [(layer.keys, layer.values) for layer in cache.layers]
+                layers = []
+                for index, layer in enumerate(cache.layers):
+                    if not isinstance(layer, CacheLayerMixin) or layer.keys is None or layer.values is None:
+                        raise RuntimeError(
+                            f"Layer {index} of the language model left no keys and values in the prefix cache "
+                            f"({type(layer).__name__}): the shared-prefix cache supports attention layers only; "
+                            "embed with use_prefix_cache=False."
+                        )
+                    layers.append((layer.keys, layer.values))
             entry = _Entry(signature, layers)
             self._entries[key] = entry
             self.builds += 1
         return entry
 
-    def key_values(self, model: CafeForConditionalGeneration, batch_size: int):
+    def key_values(self, model: CafeForConditionalGeneration, batch_size: int) -> DynamicCache:
         """A fresh ``DynamicCache`` holding the prefix for ``batch_size`` rows (the forward appends
         to it, so each batch gets its own; the stored tensors are only read)."""
         from transformers import DynamicCache
@@ -282,10 +296,14 @@ class EmbeddingPrefixCache:
                 )
             return None
         reason = self.unusable_reason(model)
-        split = split_prefix(input_ids, attention_mask, self.prefix_ids) if reason is None else None
-        if isinstance(split, str):
-            reason = f"the batch has {split}"
-        if reason is not None:
+        split = None
+        if reason is None:
+            cut = split_prefix(input_ids, attention_mask, self.prefix_ids)
+            if isinstance(cut, str):
+                reason = f"the batch has {cut}"
+            else:
+                split = cut
+        if split is None:  # then `reason` says why
             warn_once(model, f"prefix-cache: {reason}", f"Embedding without the shared-prefix cache: {reason}. Same "
                       "results, the prefix is recomputed for every input.")
             return None
@@ -317,7 +335,9 @@ class EmbeddingPrefixCache:
 
 
 # ----------------------------------------------------------------------------- length buckets
-def approximate_token_lengths(processor, items: Sequence[EmbeddingInput], prompts: Sequence[str]) -> list[int]:
+def approximate_token_lengths(
+    processor: ProcessorMixin | PreTrainedTokenizerBase, items: Sequence[EmbeddingInput], prompts: Sequence[str]
+) -> list[int]:
     """Token length of each rendered prompt once its images are expanded, without processing pixels.
 
     The text is tokenized once (one fast-tokenizer call for all prompts); each image adds the
@@ -373,10 +393,10 @@ class EmbeddedPrompt:
 
     embedding: torch.Tensor
     input_ids: torch.Tensor
-    cache: Any
+    cache: DynamicCache
 
 
-def reuse_unsupported_reason(model) -> str | None:
+def reuse_unsupported_reason(model: CafeForConditionalGeneration) -> str | None:
     """Why `generate_reusing_prefix` cannot continue from a cache for this model, or ``None``.
 
     A family whose positions depend on the images (Qwen2-VL's M-RoPE) computes its generation
@@ -393,7 +413,12 @@ def reuse_unsupported_reason(model) -> str | None:
     return None
 
 
-def embed_keeping_cache(model, item, instruction: str | None = None, processor=None) -> EmbeddedPrompt:
+def embed_keeping_cache(
+    model: CafeForConditionalGeneration,
+    item: Any,
+    instruction: str | None = None,
+    processor: ProcessorMixin | None = None,
+) -> EmbeddedPrompt:
     """Embed one input (a string, an image, an ``(image, text)`` pair or a dict) and keep its KV cache.
 
     Same vector as ``model.encode([item], use_prefix_cache=False)[0]``; the cache costs
@@ -404,6 +429,11 @@ def embed_keeping_cache(model, item, instruction: str | None = None, processor=N
     from .prompting import build_embedding_batch, to_embedding_inputs
 
     processor = processor if processor is not None else model.processor
+    if processor is None:
+        raise ValueError(
+            "No processor: load the model with its processor (CafeForConditionalGeneration.from_pretrained) or pass "
+            "processor=AutoProcessor.from_pretrained(...)."
+        )
     items = to_embedding_inputs([item] if not isinstance(item, list) else item)
     if len(items) != 1:
         raise ValueError(f"embed_keeping_cache embeds one input, got {len(items)}; call it once per input.")
@@ -426,7 +456,9 @@ def embed_keeping_cache(model, item, instruction: str | None = None, processor=N
     return EmbeddedPrompt(embedding, input_ids, cache)
 
 
-def generate_reusing_prefix(model, embedded: EmbeddedPrompt, inputs: dict[str, Any], **generate_kwargs):
+def generate_reusing_prefix(
+    model: CafeForConditionalGeneration, embedded: EmbeddedPrompt, inputs: Mapping[str, Any], **generate_kwargs: Any
+) -> tuple[GenerateOutput | torch.LongTensor, int]:
     """``model.generate`` on a one-prompt processor batch, its leading tokens read from ``embedded``.
 
     The generation prompt must start like the embedding prompt (same system turn, user header,
@@ -450,6 +482,13 @@ def generate_reusing_prefix(model, embedded: EmbeddedPrompt, inputs: dict[str, A
     """
     import copy
 
+    from transformers import GenerationMixin
+
+    if not isinstance(model, GenerationMixin):  # every family class mixes in its backbone's generation
+        raise TypeError(
+            f"{type(model).__name__} cannot generate: load the model with CafeForConditionalGeneration.from_pretrained, "
+            "which returns the family's class (with the backbone's generate())."
+        )
     inputs = dict(inputs)
     input_ids = inputs["input_ids"]
     if input_ids.shape[0] != 1:

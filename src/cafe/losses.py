@@ -20,7 +20,7 @@ import contextlib
 import math
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -226,12 +226,12 @@ class _ScaleGradient(torch.autograd.Function):
     """Identity forward; multiplies the gradient by ``factor`` on the way back."""
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor, factor: float) -> torch.Tensor:
+    def forward(ctx: Any, tensor: torch.Tensor, factor: float) -> torch.Tensor:
         ctx.factor = factor
         return tensor.view_as(tensor)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return grad * ctx.factor, None
 
 
@@ -422,21 +422,26 @@ class CafeLoss(nn.Module):
         `ContrastiveLoss` L2-normalises its inputs, so each prefix is re-normalised. Accuracies are
         those of the largest size; ``loss_by_dim`` holds each size's unweighted loss.
         """
+        dims, weights = self.matryoshka_dims, self.matryoshka_weights
+        if dims is None or weights is None:
+            raise ValueError("matryoshka_term needs matryoshka_dims: this loss was built without Matryoshka sizes.")
         size = query.shape[-1]
-        too_large = [dim for dim in self.matryoshka_dims if dim > size]
+        too_large = [dim for dim in dims if dim > size]
         if too_large:
             raise ValueError(
                 f"matryoshka_dims {too_large} exceed the embedding size {size}: use sizes <= {size} "
                 f"(e.g. [{size}, {size // 2}, {size // 4}])."
             )
-        if size not in self.matryoshka_dims and not getattr(self, "_said_full_size_missing", False):
+        if size not in dims and not getattr(self, "_said_full_size_missing", False):
             self._said_full_size_missing = True
             logger.warning(
-                f"matryoshka_dims {list(self.matryoshka_dims)} leave out the full embedding size {size}: the full "
+                f"matryoshka_dims {list(dims)} leave out the full embedding size {size}: the full "
                 f"vectors get no loss of their own. Add {size} to train them too."
             )
-        total, by_dim, largest = None, {}, None
-        for dim, weight in zip(self.matryoshka_dims, self.matryoshka_weights):
+        total: torch.Tensor | None = None
+        by_dim: dict[int, torch.Tensor] = {}
+        largest: tuple[int, ContrastiveOutput] | None = None
+        for dim, weight in zip(dims, weights):
             out = self.contrastive(
                 query[..., :dim], doc[..., :dim], None if negatives is None else negatives[..., :dim],
                 query_groups, doc_groups,
@@ -446,13 +451,17 @@ class CafeLoss(nn.Module):
             total = term if total is None else total + term
             if largest is None or dim > largest[0]:
                 largest = (dim, out)
+        if total is None or largest is None:  # `_check_matryoshka` rejects an empty list
+            raise ValueError("matryoshka_dims is empty: give at least one size.")
         best = largest[1]
         return ContrastiveOutput(
             total, best.accuracy_query_to_doc, best.accuracy_doc_to_query, best.logit_scale, loss_by_dim=by_dim
         )
 
 
-def _check_matryoshka(dims, weights) -> tuple[tuple[int, ...] | None, tuple[float, ...] | None]:
+def _check_matryoshka(
+    dims: Sequence[int] | None, weights: Sequence[float] | None
+) -> tuple[tuple[int, ...] | None, tuple[float, ...] | None]:
     """Validated ``(dims, weights)``; ``(None, None)`` when Matryoshka is off."""
     if not dims:
         if weights:
@@ -475,12 +484,12 @@ def _check_matryoshka(dims, weights) -> tuple[tuple[int, ...] | None, tuple[floa
 class RandomState:
     """Snapshot of the CPU and CUDA RNGs, restorable later (for identical dropout masks)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.cpu = torch.get_rng_state()
         self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
 
     @contextlib.contextmanager
-    def restored(self):
+    def restored(self) -> Iterator[None]:
         devices = list(range(len(self.cuda))) if self.cuda is not None else []
         with torch.random.fork_rng(devices=devices):
             torch.set_rng_state(self.cpu)
@@ -516,7 +525,7 @@ class CachedCafeLoss(CafeLoss):
         **kwargs: As `CafeLoss`.
     """
 
-    def __init__(self, mini_batch_size: int = 8, **kwargs):
+    def __init__(self, mini_batch_size: int = 8, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if mini_batch_size < 1:
             raise ValueError(f"mini_batch_size must be >= 1, got {mini_batch_size}.")
