@@ -1,5 +1,7 @@
 """cafe: contrastive-autoregressive fine-tuning of vision-language models on the Hugging Face stack."""
 
+from importlib import metadata as _metadata
+
 from .batch import CafeBatch, EmbeddingSequences, LanguageModelingSequences, MiniBatches
 from .collator import CafeCollator, MiniBatchCollator
 from .configuration import CafeSettings
@@ -9,7 +11,10 @@ from .modeling import CafeForConditionalGeneration, CafeForwardOutput, last_toke
 from .prompting import build_embedding_chat_template
 from .trainer import CafeTrainer, CafeTrainingArguments
 
-__version__ = "0.1.0"
+try:  # one source of truth: the version in pyproject.toml, as installed
+    __version__ = _metadata.version("cafe-vlm")
+except _metadata.PackageNotFoundError:  # a source tree used without installing it
+    __version__ = "0+unknown"
 
 __all__ = [
     "CachedCafeLoss",

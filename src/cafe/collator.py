@@ -352,12 +352,15 @@ class _UniqueVisuals:
 
     def indices(self, sides: list[Side]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(image_index, video_index)`` of the images and of the videos of ``sides``, in order."""
-        images, videos = [], []
+        images: list[int] = []
+        videos: list[int] = []
         for side in sides:
             if not side.has_visual:
                 continue
             store, result = (self.videos, videos) if side.video is not None else (self.images, images)
             key = side.visual_key
+            if key is None:
+                raise ValueError("A visual side without a content key: build examples with RecordParser(hash_images=True).")
             if key not in self._index:
                 self._index[key] = len(store)
                 store.append(side.video if side.video is not None else side.image)

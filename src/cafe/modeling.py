@@ -350,6 +350,8 @@ class CafeForConditionalGeneration(PreTrainedModel):
         selected: dict[str, Any] = {}
         for modality, index in (("image", image_index), ("video", video_index)):
             if index is not None and index.numel():
+                if features is None:
+                    raise ValueError(f"The batch's sequences show {modality}s but batch.vision has no pixel values.")
                 selected.update(self.select_vision_features(features, index, modality))
         return selected or None
 
@@ -436,14 +438,14 @@ class CafeForConditionalGeneration(PreTrainedModel):
         if bool((per_row_count > 1).any()) or int(per_row_count.sum()) != n:
             return None
         per_row = torch.full_like(per_row_count, -1)
-        if n:
+        if index is not None and n:
             per_row[per_row_count == 1] = index.to(per_row.device)
         return per_row
 
     def _row_visuals(self, sequences, rows: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(image_index, video_index)`` entries of ``rows`` of an embedding side (one image or
         video per row at most)."""
-        result = []
+        result: list[torch.Tensor | None] = []
         for modality in ("image", "video"):
             index = getattr(sequences, f"{modality}_index", None)
             if index is None or index.numel() == 0:

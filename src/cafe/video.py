@@ -137,6 +137,8 @@ class FrameSampling:
             # frames instead of failing, so every clip stacks into one [videos, T, ...] tensor.
             return np.arange(self.num_frames, dtype=np.int64) * total_frames // self.num_frames
         # Qwen2VLVideoProcessor.sample_frames (in-memory frames: source_fps = the target fps).
+        if self.fps is None:  # __post_init__ requires num_frames or fps
+            raise ValueError("FrameSampling needs num_frames or fps.")
         source_fps = source_fps or self.fps
         factor = self.frame_factor
         max_frames = min(self.max_frames or total_frames, total_frames)
@@ -263,7 +265,8 @@ def _decode_file(path: Path, sampling: FrameSampling, where: str) -> Video:
         return seen["kept"]
 
     try:
-        frames, _ = transformers_load_video(str(path), backend=backend, sample_indices_fn=sample_indices)
+        # transformers annotates load_video with array inputs only; it takes a path or URL too.
+        frames, _ = transformers_load_video(str(path), backend=backend, sample_indices_fn=sample_indices)  # type: ignore[arg-type]
     except (ValueError, OSError, RuntimeError, IndexError, EOFError) as err:
         # PyAV's FFmpegError types derive from ValueError / OSError; a file without a video
         # stream fails with IndexError, a truncated one with EOFError.

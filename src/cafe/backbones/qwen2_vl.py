@@ -79,16 +79,17 @@ class _QwenVLMixin:
         """Images: ``pixel_values [patches, dim]`` with ``image_grid_thw [images, 3]``; videos:
         ``pixel_values_videos [patches, dim]`` with ``video_grid_thw [videos, 3]`` (and
         ``second_per_grid_ts [videos]`` from a Qwen2.5-VL processor)."""
-        features = {}
+        features: dict[str, Any] = {}
+        # transformers annotates pooler_output as one tensor; these features hold one chunk per image / video.
         if pixel_values is not None:
             outputs = self.model.get_image_features(pixel_values.to(self.dtype), image_grid_thw, return_dict=True)
             features["image"] = QwenImageFeatures(
-                pooler_output=tuple(outputs.pooler_output), image_grid_thw=image_grid_thw
+                pooler_output=tuple(outputs.pooler_output), image_grid_thw=image_grid_thw  # type: ignore[arg-type]
             )
         if pixel_values_videos is not None:
             outputs = self.model.get_video_features(pixel_values_videos.to(self.dtype), video_grid_thw, return_dict=True)
             features["video"] = QwenVideoFeatures(
-                pooler_output=tuple(outputs.pooler_output),
+                pooler_output=tuple(outputs.pooler_output),  # type: ignore[arg-type]
                 video_grid_thw=video_grid_thw,
                 second_per_grid_ts=second_per_grid_ts,
             )
@@ -105,12 +106,12 @@ class _QwenVLMixin:
             seconds = selected.second_per_grid_ts
             return {
                 "video": QwenVideoFeatures(
-                    pooler_output=chunks,
+                    pooler_output=chunks,  # type: ignore[arg-type]
                     video_grid_thw=grid[index],
                     second_per_grid_ts=None if seconds is None else seconds[index.to(seconds.device)],
                 )
             }
-        return {"image": QwenImageFeatures(pooler_output=chunks, image_grid_thw=grid[index])}
+        return {"image": QwenImageFeatures(pooler_output=chunks, image_grid_thw=grid[index])}  # type: ignore[arg-type]
 
     def embedding_position_ids(
         self,

@@ -28,7 +28,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -188,6 +188,8 @@ def draw_clip(scene: ClipScene, boxes: list[list[int]], config: SyntheticClipsCo
     frames = []
     for t, box in enumerate(boxes):
         colour = scene.end_colour if scene.motion == "colour" and t >= len(boxes) // 2 else scene.colour
+        if colour is None:
+            raise ValueError(f"A {scene.motion!r} clip has no colour for frame {t}: colour changes need end_colour.")
         image = draw_shapes(scene.shape, config.colours[colour], [box], config.image_size, config.background)
         frames.append(np.asarray(image))
     return np.stack(frames)
@@ -239,7 +241,7 @@ def generate_clip_records(
 
 
 def write_clip_records(
-    records: list[Mapping[str, Any]],
+    records: Sequence[Mapping[str, Any]],
     output_dir: str | os.PathLike,
     split: str = "train",
     video_format: str = "frames",
