@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -24,10 +24,21 @@ from .prompting import (
     build_lm_chat_template,
     default_video_placeholder,
     process_prompts,
+    render_chat,
     render_embedding_prompts,
 )
 from .records import ImageRecordError, RecordError, RecordParser, Side, TrainingExample
 from .video import frame_sampling
+
+if TYPE_CHECKING:
+    from transformers import (
+        BatchFeature,
+        PreTrainedModel,
+        PreTrainedTokenizerBase,
+        ProcessorMixin,
+    )
+
+    from .modeling import CafeForConditionalGeneration
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +82,9 @@ class CafeCollator:
 
     def __init__(
         self,
-        processor,
+        processor: ProcessorMixin,
         settings: CafeSettings | None = None,
-        model=None,
+        model: CafeForConditionalGeneration | None = None,
         image_folder: str | None = None,
         max_length: int | None = None,
         multimodal_input: bool = False,
@@ -85,13 +96,14 @@ class CafeCollator:
         assistant_header: str = "<|im_start|>assistant\n",
         end_of_turn: str = "<|im_end|>",
         seed: int = 0,
-    ):
+    ) -> None:
         if missing_images not in ("raise", "skip"):
             raise ValueError(f"missing_images must be 'raise' or 'skip', got {missing_images!r}.")
         if not (compute_language_loss or compute_contrastive_loss):
             raise ValueError("Both losses are off: enable compute_language_loss or compute_contrastive_loss.")
         self.processor = processor
-        self.tokenizer = getattr(processor, "tokenizer", processor)
+        # The processor's tokenizer (transformers declares it Any); a bare tokenizer is its own.
+        self.tokenizer: Any = getattr(processor, "tokenizer", processor)
         if settings is None:
             settings = model.cafe_settings if model is not None else CafeSettings()
         placeholders = _placeholders(model, processor)
@@ -196,21 +208,21 @@ class CafeCollator:
         return vision
 
     # ------------------------------------------------------------------ embedding sides
-    def _embedding_side(self, sides: list[Side], visuals: _UniqueVisuals, counts) -> EmbeddingSequences:
+    def _embedding_side(self, sides: list[Side], visuals: _UniqueVisuals, counts: dict[str, int]) -> EmbeddingSequences:
         texts = self._cut_texts([s.text for s in sides], counts)
         items = [EmbeddingInput(s.image, text, s.video) for s, text in zip(sides, texts)]
         prompts = render_embedding_prompts(self.processor, items, self.embedding_chat_template)
         encoded = self._process(prompts, sides, "embedding_chat_template")
         return EmbeddingSequences(encoded["input_ids"], encoded["attention_mask"], *visuals.indices(sides))
 
-    def _process(self, prompts: list[str], sides: list[Side], template_name: str):
+    def _process(self, prompts: list[str], sides: list[Side], template_name: str) -> BatchFeature:
         """Tokenize prompts showing the images and videos of ``sides`` (the pixels are processed
         again here only to expand the placeholders; the batch keeps `_vision_inputs`' copy)."""
         images = [s.image for s in sides if s.image is not None]
         videos = [s.video for s in sides if s.video is not None]
         return process_prompts(self.processor, prompts, images, videos, template_name)
 
-    def _cut_texts(self, texts: list[str | None], counts) -> list[str | None]:
+    def _cut_texts(self, texts: list[str | None], counts: dict[str, int]) -> list[str | None]:
         """Count the texts the embedding template cuts (``CafeSettings.max_text_chars``; the cut
         itself is the template's, shared with ``encode`` and sentence-transformers)."""
         limit = self.settings.max_text_chars
@@ -230,15 +242,15 @@ class CafeCollator:
         return texts
 
     # ------------------------------------------------------------------ LM sequences
-    def _lm_sequences(self, examples: list[TrainingExample], visuals: _UniqueVisuals, counts):
+    def _lm_sequences(
+        self, examples: list[TrainingExample], visuals: _UniqueVisuals, counts: dict[str, int]
+    ) -> tuple[LanguageModelingSequences | None, list[TrainingExample]]:
         """The LM batch and the examples of its rows, in order."""
         with_lm = [example for example in examples if example.conversation is not None]
         if not with_lm:
             return None, []
-        texts = [
-            self.processor.apply_chat_template(example.conversation, chat_template=self.lm_chat_template, tokenize=False)
-            for example in with_lm
-        ]
+        conversations = [example.conversation for example in with_lm if example.conversation is not None]  # all
+        texts = [render_chat(self.processor, conversation, self.lm_chat_template) for conversation in conversations]
         lm_visuals = [side for example in with_lm for side in example.conversation_visuals]
         encoded = self._process(texts, lm_visuals, "lm_chat_template")
         input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
@@ -331,7 +343,7 @@ class MiniBatchCollator:
     `CafeTrainer` wraps its collator in this when its loss has a ``mini_batch_size``.
     """
 
-    def __init__(self, collator: Callable[[list[dict[str, Any]]], CafeBatch], mini_batch_size: int):
+    def __init__(self, collator: Callable[[list[dict[str, Any]]], CafeBatch], mini_batch_size: int) -> None:
         if mini_batch_size < 1:
             raise ValueError(f"mini_batch_size must be >= 1, got {mini_batch_size}.")
         self.collator = collator
@@ -368,7 +380,7 @@ class _UniqueVisuals:
         return torch.tensor(images, dtype=torch.long), torch.tensor(videos, dtype=torch.long)
 
 
-def _placeholders(model, processor) -> tuple[str, str]:
+def _placeholders(model: CafeForConditionalGeneration | None, processor: ProcessorMixin) -> tuple[str, str]:
     """How one image and one video appear in a prompt before the processor expands them (the family's)."""
     if model is not None and hasattr(model, "cafe_image_placeholder"):
         return model.cafe_image_placeholder, model.cafe_video_placeholder
@@ -379,7 +391,7 @@ def _placeholders(model, processor) -> tuple[str, str]:
     return image, default_video_placeholder(image)
 
 
-def _context_length(model, tokenizer) -> int:
+def _context_length(model: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase) -> int:
     """The default LM length: the language model's context length, else the tokenizer's limit."""
     config = getattr(model, "config", None)
     text_config = getattr(config, "text_config", config)

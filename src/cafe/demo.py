@@ -20,10 +20,14 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterable
 
 from .data import write_synthetic_dataset
 from .evaluation import evaluate_modality_gap, evaluate_pope, evaluate_retrieval
 from .evaluation.pope import DEFAULT_POPE_PROMPT_SUFFIX
+
+if TYPE_CHECKING:
+    from .modeling import CafeForConditionalGeneration
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,7 +63,9 @@ def clip_training_records(json_path: Path) -> list[dict]:
     ]
 
 
-def measure_video(model, test_clips: list[dict], root: Path, ks=(1, 5, 10)) -> dict:
+def measure_video(
+    model: CafeForConditionalGeneration, test_clips: list[dict], root: Path, ks: Iterable[int] = (1, 5, 10)
+) -> dict:
     """Text <-> video recall@K and the motion accuracy of greedy captions on the test clips."""
     from .evaluation import evaluate_video_captions, evaluate_video_retrieval
 
@@ -94,7 +100,13 @@ def training_records(json_path: Path, extra: list[dict] | None = None) -> Path:
     return out
 
 
-def measure(model, test_records: list[dict], image_root: Path, plot_path: Path, ks=(1, 5, 10)) -> dict:
+def measure(
+    model: CafeForConditionalGeneration,
+    test_records: list[dict],
+    image_root: Path,
+    plot_path: Path,
+    ks: Iterable[int] = (1, 5, 10),
+) -> dict:
     """Retrieval recall@K both ways, the POPE-style probe and the modality gap on synthetic test records."""
     images = [str(image_root / r["image"]) for r in test_records]
     retrieval = evaluate_retrieval(model, images, [r["captions"] for r in test_records], ks=ks,
@@ -138,6 +150,8 @@ def demo_main(argv: list[str] | None = None) -> dict:
     print(f"[1/5] model: {args.model or 'tiny LLaVA-OneVision built locally'}")
     model_path = args.model or build_tiny_checkpoint(output / "base", seed=args.seed)
     model = CafeForConditionalGeneration.from_pretrained(model_path)
+    if model.processor is None:
+        raise ValueError(f"{model_path} has no processor files; the demo needs the model's processor.")
 
     print(f"[2/5] data: {num_train} train / {num_test} test synthetic shape images in {output / 'data'}")
     paths = write_synthetic_dataset(output / "data", num_train=num_train, num_test=num_test, seed=args.seed)

@@ -142,7 +142,8 @@ def embed_main(argv: list[str] | None = None) -> Path:
     if todo:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-        model = CafeForConditionalGeneration.from_pretrained(args.model, dtype=dtype).to(device).eval()
+        # transformers declares PreTrainedModel.to through functools.wraps(nn.Module.to), which mypy does not bind.
+        model = CafeForConditionalGeneration.from_pretrained(args.model, dtype=dtype).to(device).eval()  # type: ignore[arg-type]
         shard_bar = todo
         if args.progress:
             from tqdm.auto import tqdm

@@ -19,7 +19,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,12 @@ from .losses import lm_loss_at_supervised_positions
 from .prompting import build_embedding_batch, build_embedding_chat_template, build_lm_chat_template, to_embedding_inputs
 from .shared_prefix import SUPPORTED_ATTENTION, PackedBatch, pack_shared_prefix
 from .video import frame_sampling
+
+if TYPE_CHECKING:
+    from huggingface_hub import CommitInfo
+    from transformers import PreTrainedConfig, PreTrainedTokenizerBase, ProcessorMixin
+
+    from .batch import EmbeddingSequences, LanguageModelingSequences
 
 logger = logging.get_logger(__name__)
 
@@ -98,7 +104,7 @@ class CafeForConditionalGeneration(PreTrainedModel):
     # find_unused_parameters would then wait for them forever and skip the gradient all-reduce.
     cafe_unused_modules: tuple[str, ...] = ()
 
-    def __init_subclass__(cls, **kwargs):
+    def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         backbone_forward = next(
             (b.__dict__["forward"] for b in cls.__mro__ if b.__module__.startswith("transformers.") and "forward" in b.__dict__),
@@ -111,14 +117,20 @@ class CafeForConditionalGeneration(PreTrainedModel):
         # backbone's. The extra `cafe_batch` keyword routes a CAFe training step through
         # `forward`, so DDP / FSDP / DeepSpeed wrappers see one ordinary forward call.
         @functools.wraps(backbone_forward)
-        def forward(self, *args, cafe_batch: CafeBatch | None = None, cafe_share_prefix: bool = True, **kwargs):
+        def forward(
+            self: CafeForConditionalGeneration,
+            *args: Any,
+            cafe_batch: CafeBatch | None = None,
+            cafe_share_prefix: bool = True,
+            **kwargs: Any,
+        ) -> Any:
             if cafe_batch is not None:
                 return self.cafe_forward(cafe_batch, share_prefix=cafe_share_prefix)
             return backbone_forward(self, *args, **kwargs)
 
         cls.forward = forward
 
-    def __init__(self, config, *inputs, **kwargs):
+    def __init__(self, config: PreTrainedConfig, *inputs: Any, **kwargs: Any) -> None:
         super().__init__(config, *inputs, **kwargs)
         # Fill in the CAFe settings (defaults follow the paper and the reference) and write the
         # rendered embedding template into the config so the checkpoint is self-describing.
@@ -129,11 +141,11 @@ class CafeForConditionalGeneration(PreTrainedModel):
         if settings.lm_chat_template is None:
             settings.lm_chat_template = build_lm_chat_template(settings, *placeholders)
         config.cafe = settings.to_dict()
-        self.processor = None
+        self.processor: ProcessorMixin | None = None
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
-    def _resolve_family_class(cls, config) -> type[CafeForConditionalGeneration]:
+    def _resolve_family_class(cls, config: PreTrainedConfig) -> type[CafeForConditionalGeneration]:
         from .backbones import get_cafe_class
 
         return get_cafe_class(config.model_type)
@@ -142,11 +154,11 @@ class CafeForConditionalGeneration(PreTrainedModel):
     def from_pretrained(  # type: ignore[override]  # adds CAFe keywords; the rest go to transformers
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
-        *model_args,
+        *model_args: Any,
         cafe_settings: CafeSettings | dict | None = None,
         load_processor: bool = True,
-        **kwargs,
-    ):
+        **kwargs: Any,
+    ) -> CafeForConditionalGeneration:
         """Load a stock or CAFe checkpoint of a supported family as its CAFe class.
 
         Args:
@@ -174,12 +186,14 @@ class CafeForConditionalGeneration(PreTrainedModel):
         return model
 
     @classmethod
-    def from_config(cls, config, **kwargs):
+    def from_config(cls, config: PreTrainedConfig, **kwargs: Any) -> CafeForConditionalGeneration:
         """Build a randomly initialised CAFe model of the family named by ``config.model_type``."""
         target = cls._resolve_family_class(config) if cls is CafeForConditionalGeneration else cls
         return target._from_config(config, **kwargs)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, save_processor: bool = True, **kwargs):
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *args: Any, save_processor: bool = True, **kwargs: Any
+    ) -> None:
         """Save a vanilla backbone checkpoint (stock layout and ``architectures``) plus the processor.
 
         The folder loads in the stock transformers class without custom code; the CAFe settings
@@ -256,7 +270,7 @@ class CafeForConditionalGeneration(PreTrainedModel):
             )
         return result
 
-    def push_to_hub(self, repo_id: str, **kwargs):  # type: ignore[override]  # cafe's upload, same keywords
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> CommitInfo:  # type: ignore[override]  # cafe's upload, same keywords
         """Upload what `save_pretrained` writes (checkpoint, processor, sentence-transformers files,
         model card) through huggingface_hub's ``create_repo`` / ``upload_folder``.
 
@@ -372,7 +386,9 @@ class CafeForConditionalGeneration(PreTrainedModel):
         has_pixels = any(batch.vision.get(key) is not None for key in ("pixel_values", "pixel_values_videos"))
         features = self.get_vision_features(**batch.vision) if has_pixels else None
 
-        def vision_for(sequences, rows: torch.Tensor | None = None):
+        def vision_for(
+            sequences: EmbeddingSequences | LanguageModelingSequences, rows: torch.Tensor | None = None
+        ) -> dict[str, Any] | None:
             """``mm_encoder_outputs`` of (some ``rows`` of) a sequence batch."""
             if rows is None:
                 return self._select_visuals(features, sequences.image_index, sequences.video_index)
@@ -426,7 +442,9 @@ class CafeForConditionalGeneration(PreTrainedModel):
     def _visual_token_ids(self) -> dict[str, int | None]:
         return {"image": self.config.image_token_id, "video": getattr(self.config, "video_token_id", None)}
 
-    def _visual_per_row(self, input_ids: torch.Tensor, index: torch.Tensor | None, modality: str = "image"):
+    def _visual_per_row(
+        self, input_ids: torch.Tensor, index: torch.Tensor | None, modality: str = "image"
+    ) -> torch.Tensor | None:
         """The image (or video) each row shows, as an ``index`` entry, -1 for none; ``None`` if some
         row shows several or the counts disagree (the tokens of one image / video are one run)."""
         token_id = self._visual_token_ids[modality]
@@ -442,7 +460,9 @@ class CafeForConditionalGeneration(PreTrainedModel):
             per_row[per_row_count == 1] = index.to(per_row.device)
         return per_row
 
-    def _row_visuals(self, sequences, rows: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _row_visuals(
+        self, sequences: EmbeddingSequences | LanguageModelingSequences, rows: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(image_index, video_index)`` entries of ``rows`` of an embedding side (one image or
         video per row at most)."""
         result: list[torch.Tensor | None] = []
@@ -461,7 +481,12 @@ class CafeForConditionalGeneration(PreTrainedModel):
             result.append(per_row[per_row >= 0])
         return result[0], result[1]
 
-    def _pack_shared_prefix(self, batch: CafeBatch, lm_positions, vision_for) -> PackedBatch | None:
+    def _pack_shared_prefix(
+        self,
+        batch: CafeBatch,
+        lm_positions: torch.Tensor,
+        vision_for: Callable[[EmbeddingSequences, torch.Tensor], dict[str, Any] | None],
+    ) -> PackedBatch | None:
         """Pack the query rows that share their prefix with an LM row (``query_lm_index``), if any.
 
         A pair is packed only if both rows show the same image or video: equal tokens do not
@@ -536,7 +561,7 @@ class CafeForConditionalGeneration(PreTrainedModel):
         mm_encoder_outputs: dict[str, Any] | None = None,
         normalize: bool | None = None,
         prefix_cache: bool | EmbeddingPrefixCache | None = None,
-        **vision_inputs,
+        **vision_inputs: Any,
     ) -> torch.Tensor:
         """Embeddings of a processed batch: last-layer hidden state of the last real token.
 
@@ -589,7 +614,9 @@ class CafeForConditionalGeneration(PreTrainedModel):
         )
         return self._finish_embedding(last_token_pool(outputs.last_hidden_state, attention_mask), normalize)
 
-    def prefix_cache_for(self, processor=None) -> EmbeddingPrefixCache:
+    def prefix_cache_for(
+        self, processor: ProcessorMixin | PreTrainedTokenizerBase | None = None
+    ) -> EmbeddingPrefixCache:
         """This model's `EmbeddingPrefixCache` for the embedding prompt as ``processor`` (default: the
         model's own) tokenizes it; created on first use, kept on the model, one per distinct prefix."""
         processor = processor if processor is not None else self.processor
@@ -617,7 +644,7 @@ class CafeForConditionalGeneration(PreTrainedModel):
         images: Sequence[Any] | None = None,
         texts: Sequence[str] | None = None,
         instruction: str | None = None,
-        processor=None,
+        processor: ProcessorMixin | None = None,
         batch_size: int = 16,
         show_progress_bar: bool | None = None,
         use_prefix_cache: bool = True,
@@ -700,7 +727,7 @@ class CafeForConditionalGeneration(PreTrainedModel):
         return embeddings
 
 
-def _context_length(model) -> int | None:
+def _context_length(model: PreTrainedModel) -> int | None:
     text_config = model.config.get_text_config()
     return getattr(text_config, "max_position_embeddings", None)
 
@@ -712,7 +739,7 @@ def _complement(rows: torch.Tensor, n: int) -> torch.Tensor:
     return keep.nonzero().flatten()
 
 
-def _check_processor_matches(model: CafeForConditionalGeneration, processor) -> None:
+def _check_processor_matches(model: CafeForConditionalGeneration, processor: ProcessorMixin) -> None:
     """A processor whose image or video token differs from the model's would silently embed garbage."""
     for modality in ("image", "video"):
         model_id = getattr(model.config, f"{modality}_token_id", None)
@@ -725,7 +752,7 @@ def _check_processor_matches(model: CafeForConditionalGeneration, processor) -> 
             )
 
 
-def _try_load_processor(path, hub_kwargs: dict):
+def _try_load_processor(path: str | os.PathLike, hub_kwargs: dict[str, Any]) -> ProcessorMixin | None:
     from transformers import AutoProcessor
 
     try:
@@ -774,7 +801,7 @@ _MODEL_SAVE_FILES = (
 
 
 @contextlib.contextmanager
-def _staged_folder(save_directory: str | os.PathLike):
+def _staged_folder(save_directory: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty hidden sibling of `save_directory` to write a save into; on a clean exit it
     replaces `save_directory`, on any error (or interruption) it is removed and the folder is left
     as it was.
@@ -847,7 +874,7 @@ def _sentence_transformers_module_folders(folder: Path) -> set[str]:
     return {path for path in paths if path and Path(path).name == path}
 
 
-def _link_or_copy(source, destination) -> None:
+def _link_or_copy(source: str | os.PathLike, destination: str | os.PathLike) -> None:
     try:
         os.link(source, destination, follow_symlinks=False)
     except OSError:  # a filesystem without hard links

@@ -20,9 +20,15 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from .configuration import CafeSettings
+
+if TYPE_CHECKING:
+    from PIL import Image
+    from transformers import BatchFeature, PreTrainedTokenizerBase, ProcessorMixin
+
+    from .video import FrameSampling
 
 
 def _literal(text: str) -> str:
@@ -161,7 +167,7 @@ class EmbeddingInput:
         return messages
 
 
-def load_image(image: Any, where: str = "input", max_pixels: int | None = None):
+def load_image(image: Any, where: str = "input", max_pixels: int | None = None) -> Image.Image:
     """Return an RGB PIL image from a PIL image or a file path, with errors that say what to fix.
 
     Args:
@@ -215,7 +221,7 @@ def decompression_bomb_message(what: str, err: Exception) -> str:
     )
 
 
-def check_image_pixels(image, what: str, max_pixels: int | None) -> None:
+def check_image_pixels(image: Image.Image, what: str, max_pixels: int | None) -> None:
     """Raise ValueError if an opened (not yet decoded) image has more than ``max_pixels`` pixels."""
     if max_pixels is None:
         return
@@ -265,7 +271,7 @@ def to_embedding_inputs(
     *,
     images: Sequence[Any] | None = None,
     texts: Sequence[str] | None = None,
-    video_sampling=None,
+    video_sampling: FrameSampling | None = None,
 ) -> list[EmbeddingInput]:
     """Normalise what users pass into a list of `EmbeddingInput`.
 
@@ -348,18 +354,37 @@ def to_embedding_inputs(
 
 
 def render_embedding_prompts(
-    processor, items: Iterable[EmbeddingInput], chat_template: str, instruction: str | None = None
+    processor: ProcessorMixin | PreTrainedTokenizerBase,
+    items: Iterable[EmbeddingInput],
+    chat_template: str,
+    instruction: str | None = None,
 ) -> list[str]:
     """Render each item's embedding conversation to the prompt string the processor tokenizes."""
-    return [
-        processor.apply_chat_template(item.to_messages(instruction), chat_template=chat_template, tokenize=False)
-        for item in items
-    ]
+    return [render_chat(processor, item.to_messages(instruction), chat_template) for item in items]
+
+
+def render_chat(
+    processor: ProcessorMixin | PreTrainedTokenizerBase,
+    messages: list[dict[str, Any]],
+    chat_template: str | None = None,
+    add_generation_prompt: bool = False,
+) -> str:
+    """``processor.apply_chat_template(messages, ..., tokenize=False)``: the prompt string (default
+    template: the processor's own)."""
+    prompt = processor.apply_chat_template(
+        messages, chat_template=chat_template, add_generation_prompt=add_generation_prompt, tokenize=False
+    )
+    if not isinstance(prompt, str):
+        raise TypeError(
+            f"{type(processor).__name__}.apply_chat_template(tokenize=False) returned a {type(prompt).__name__}, "
+            "not the rendered prompt string; pass a transformers processor or tokenizer."
+        )
+    return prompt
 
 
 def build_embedding_batch(
-    processor, items: Sequence[EmbeddingInput], chat_template: str, instruction: str | None = None
-):
+    processor: ProcessorMixin, items: Sequence[EmbeddingInput], chat_template: str, instruction: str | None = None
+) -> BatchFeature:
     """Tokenize `items` (and preprocess their images and videos) into one padded batch for `get_embeddings`."""
     prompts = render_embedding_prompts(processor, items, chat_template, instruction)
     images = [item.image for item in items if item.image is not None]
@@ -367,7 +392,9 @@ def build_embedding_batch(
     return process_prompts(processor, prompts, images, videos, "embedding_chat_template")
 
 
-def process_prompts(processor, prompts: list[str], images: Sequence[Any], videos: Sequence[Any], template_name: str):
+def process_prompts(
+    processor: ProcessorMixin, prompts: list[str], images: Sequence[Any], videos: Sequence[Any], template_name: str
+) -> BatchFeature:
     """``processor(text=prompts, images=..., videos=...)``, padded, as PyTorch tensors.
 
     Args:

@@ -32,10 +32,13 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from .prompting import check_image_pixels, decompression_bomb_message, load_image
 from .video import FrameSampling, Video, VideoError, load_video
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
@@ -121,14 +124,14 @@ class TrainingExample:
     conversation_visuals: list[Side] = field(default_factory=list)
 
 
-def image_content_key(image) -> str:
+def image_content_key(image: Image.Image) -> str:
     """Hash of the decoded pixels: identical images share a key wherever they come from."""
     digest = hashlib.blake2b(image.tobytes(), digest_size=16)
     digest.update(repr((image.size, image.mode)).encode())
     return digest.hexdigest()
 
 
-def _open_image(value: Any, image_folder: str | None, where: str, max_pixels: int | None = None):
+def _open_image(value: Any, image_folder: str | None, where: str, max_pixels: int | None = None) -> Image.Image:
     if isinstance(value, dict) and ("bytes" in value or "path" in value):
         # `datasets.Image(decode=False)` rows.
         if value.get("bytes") is not None:
@@ -433,7 +436,7 @@ def _misspelt_layout_key(key: str) -> str | None:
     return close[0] if close else None
 
 
-def columns_read_by_parser(column_names) -> list[str]:
+def columns_read_by_parser(column_names: Iterable[str]) -> list[str]:
     """The columns of a data set that `RecordParser` reads or refuses (a misspelt layout key);
     the others are metadata it never looks at, which a pre-flight check need not load."""
     wanted = {*LAYOUT_KEYS, *_MMEB_ALIASES, "id", "record_index"}

@@ -19,8 +19,10 @@ from .trainer import CafeTrainingArguments
 
 if TYPE_CHECKING:
     from datasets import Dataset
+    from peft import PeftModel
     from transformers import HfArgumentParser
 
+    from .modeling import CafeForConditionalGeneration
     from .trainer import CafeTrainer
 
 logger = logging.getLogger(__name__)
@@ -101,6 +103,7 @@ def build_trainer(
         kwargs["dtype"] = getattr(torch, model_args.torch_dtype)
     if model_args.attn_implementation:
         kwargs["attn_implementation"] = model_args.attn_implementation
+    model: CafeForConditionalGeneration | PeftModel  # a PeftModel once LoRA adapters are added below
     model = CafeForConditionalGeneration.from_pretrained(path, **kwargs)
     processor = model.processor
     if processor is None:

@@ -33,9 +33,15 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from transformers import ProcessorMixin
+    from transformers.video_utils import VideoMetadata
+
+    from .configuration import CafeSettings
 
 VIDEO_DECODER_HINT = "pip install av  (the PyAV decoder; or install cafe with the extra: pip install 'cafe-vlm[video]')"
 
@@ -58,7 +64,7 @@ class Video:
     fps: float | None = None
     _key: list = field(default_factory=list, repr=False, compare=False)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         frames = self.frames
         if not isinstance(frames, np.ndarray) or frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
             raise VideoError(
@@ -114,7 +120,7 @@ class FrameSampling:
     max_frames: int | None = None
     frame_factor: int = 1
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if (self.num_frames is None) == (self.fps is None):
             raise ValueError("FrameSampling takes exactly one of num_frames (a fixed count) and fps.")
         if self.num_frames is not None and self.num_frames < 1:
@@ -175,7 +181,7 @@ def _sampled_fps(kept: int, total: int, source_fps: float | None, sampling: Fram
     return kept / total * source_fps
 
 
-def frame_sampling(processor, settings=None) -> FrameSampling:
+def frame_sampling(processor: ProcessorMixin | None, settings: CafeSettings | None = None) -> FrameSampling:
     """The frame-sampling rule of a backbone's processor under CAFe settings.
 
     Qwen2-VL's video processor patches time (``temporal_patch_size``) and samples by fps; every
@@ -196,7 +202,7 @@ def frame_sampling(processor, settings=None) -> FrameSampling:
     return FrameSampling(num_frames=settings.video_num_frames)
 
 
-def check_video_processor(processor) -> None:
+def check_video_processor(processor: ProcessorMixin) -> None:
     """A processor without a video processor cannot take a video: say so before anything else."""
     if getattr(processor, "video_processor", None) is None:
         raise ValueError(
@@ -242,7 +248,7 @@ def load_video(
     )
 
 
-def _resolve(path, folder) -> Path:
+def _resolve(path: str | os.PathLike, folder: str | os.PathLike | None) -> Path:
     path = Path(path)
     if folder is not None and not path.is_absolute():
         path = Path(folder) / path
@@ -257,7 +263,7 @@ def _decode_file(path: Path, sampling: FrameSampling, where: str) -> Video:
 
     seen: dict[str, Any] = {}
 
-    def sample_indices(metadata, **kwargs):
+    def sample_indices(metadata: VideoMetadata, **kwargs: Any) -> np.ndarray:
         if not metadata.total_num_frames:
             raise VideoError(f"the container does not state its frame count ({backend})")
         seen.update(total=metadata.total_num_frames, fps=metadata.fps)
@@ -296,7 +302,7 @@ def _decoder_backend() -> str:
     raise ImportError(f"Decoding video files needs a decoder: {VIDEO_DECODER_HINT}. Or pass the frames as a list of images.")
 
 
-def _stack_frames(frames, folder, where: str) -> np.ndarray:
+def _stack_frames(frames: list[Any] | tuple[Any, ...], folder: str | os.PathLike | None, where: str) -> np.ndarray:
     from .prompting import load_image
 
     if not frames:
@@ -328,7 +334,7 @@ def _stack_frames(frames, folder, where: str) -> np.ndarray:
     return np.stack(arrays)
 
 
-def _as_array(video, where: str) -> np.ndarray | None:
+def _as_array(video: Any, where: str) -> np.ndarray | None:
     try:
         import torch
 
@@ -351,7 +357,7 @@ def _as_array(video, where: str) -> np.ndarray | None:
     return np.ascontiguousarray(video)
 
 
-def _describe(value) -> str:
+def _describe(value: Any) -> str:
     if isinstance(value, np.ndarray):
         return f"an array of shape {value.shape} and dtype {value.dtype}"
     return f"a {type(value).__name__}"
@@ -376,6 +382,8 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float = 8.0, c
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
+        if not isinstance(stream, av.VideoStream):
+            raise VideoError(f"write_video needs a video codec, got {codec!r} ({type(stream).__name__}).")
         stream.width, stream.height = int(frames.shape[2]), int(frames.shape[1])
         stream.pix_fmt = "yuv420p"
         for frame in frames:

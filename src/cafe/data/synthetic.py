@@ -36,7 +36,11 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+
+if TYPE_CHECKING:
+    from datasets import Dataset, DatasetDict, Features
+    from PIL import Image
 
 # Saturated colours far apart in RGB, so a pixel identifies its colour unambiguously. The weights
 # make some objects more frequent than others, which gives POPE's "popular" negatives a meaning.
@@ -127,7 +131,7 @@ class SyntheticShapesConfig:
     qa_turns: bool = True
     jitter: int | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.image_size < 32:
             raise ValueError(f"image_size must be at least 32 pixels, got {self.image_size}.")
         unknown = set(self.shapes) - set(DEFAULT_SHAPES)
@@ -284,12 +288,14 @@ def shape_interior_point(shape: str, box: Sequence[int]) -> tuple[int, int]:
     return cx, (y0 + y1) // 2
 
 
-def draw_scene(scene: Scene, boxes: Sequence[Sequence[int]], config: SyntheticShapesConfig):
+def draw_scene(scene: Scene, boxes: Sequence[Sequence[int]], config: SyntheticShapesConfig) -> Image.Image:
     """Render the scene as an RGB PIL image (no anti-aliasing, so colours are exact)."""
     return draw_shapes(scene.shape, config.colours[scene.colour], boxes, config.image_size, config.background)
 
 
-def draw_shapes(shape: str, rgb, boxes: Sequence[Sequence[int]], image_size: int, background):
+def draw_shapes(
+    shape: str, rgb: Sequence[int], boxes: Sequence[Sequence[int]], image_size: int, background: Sequence[int]
+) -> Image.Image:
     """``shape`` filled with ``rgb`` in each box on a plain square image (also the clips' frames)."""
     from PIL import Image, ImageDraw
 
@@ -375,7 +381,7 @@ def generate_records(
     seed: int = 0,
     split: str = "train",
     config: SyntheticShapesConfig | None = None,
-    **config_overrides,
+    **config_overrides: Any,
 ) -> list[dict[str, Any]]:
     """Generate ``num_samples`` records of one split.
 
@@ -400,7 +406,7 @@ def generate_records(
 
 
 # ------------------------------------------------------------------ datasets / JSON
-def _features():
+def _features() -> Features:
     from datasets import Features, Image, Value
 
     # Plain Python lists declare list features in every datasets version.
@@ -431,7 +437,7 @@ def _features():
     )
 
 
-def records_to_dataset(records: Sequence[Mapping[str, Any]]):
+def records_to_dataset(records: Sequence[Mapping[str, Any]]) -> Dataset:
     """A `datasets.Dataset` of records from `generate_records` (``image`` as an Image feature)."""
     from datasets import Dataset
 
@@ -443,8 +449,8 @@ def make_synthetic_dataset(
     num_test: int = 64,
     seed: int = 0,
     config: SyntheticShapesConfig | None = None,
-    **config_overrides,
-):
+    **config_overrides: Any,
+) -> DatasetDict:
     """A `datasets.DatasetDict` with ``train`` and ``test`` splits of synthetic records.
 
     See `generate_records` for the columns. The splits draw from different sample seeds; they
@@ -461,7 +467,7 @@ def make_synthetic_dataset(
     )
 
 
-def make_pope_dataset(records: Iterable[Mapping[str, Any]]):
+def make_pope_dataset(records: Iterable[Mapping[str, Any]]) -> Dataset:
     """One row per POPE question, in the ``lmms-lab/POPE`` layout.
 
     Columns: ``question_id``, ``image_source`` (record id), ``image``, ``question``, ``answer``
@@ -536,7 +542,7 @@ def write_synthetic_dataset(
     num_test: int = 64,
     seed: int = 0,
     config: SyntheticShapesConfig | None = None,
-    **config_overrides,
+    **config_overrides: Any,
 ) -> dict[str, Path]:
     """Generate both splits and write them with `write_llava_json`; returns ``{split: json path}``."""
     config = _config(config, config_overrides)

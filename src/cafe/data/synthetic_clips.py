@@ -84,7 +84,7 @@ class SyntheticClipsConfig:
     growth: float = 1.8
     num_captions: int = 1
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.image_size < 32 or self.num_frames < 2:
             raise ValueError(f"Clips need image_size >= 32 and num_frames >= 2, got {self.image_size}, {self.num_frames}.")
         if set(self.motions) - set(MOTIONS) or not self.motions:
@@ -221,7 +221,7 @@ def generate_clip_records(
     seed: int = 0,
     split: str = "train",
     config: SyntheticClipsConfig | None = None,
-    **config_overrides,
+    **config_overrides: Any,
 ) -> list[dict[str, Any]]:
     """Generate ``num_samples`` clip records of one split.
 

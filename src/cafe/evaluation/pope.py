@@ -26,7 +26,10 @@ from ._common import (
 )
 
 if TYPE_CHECKING:
+    from PIL import Image
     from transformers import ProcessorMixin
+
+    from ..video import Video
 
 YesNo = Literal["yes", "no", "other"]
 
@@ -185,11 +188,11 @@ def generate_answers(
 
 
 def generate_visual_answers(
-    model,
+    model: Any,
     visuals: Sequence[Any],
     questions: Sequence[str],
     modality: str = "image",
-    processor=None,
+    processor: ProcessorMixin | None = None,
     batch_size: int = 8,
     max_new_tokens: int = 16,
     prompt_suffix: str = "",
@@ -205,7 +208,7 @@ def generate_visual_answers(
     import torch
     from tqdm.auto import tqdm
 
-    from ..prompting import load_image, process_prompts
+    from ..prompting import load_image, process_prompts, render_chat
     from ..video import frame_sampling, load_video
 
     processor = processor if processor is not None else getattr(model, "processor", None)
@@ -228,7 +231,7 @@ def generate_visual_answers(
     model.eval()
     try:
         for start in tqdm(starts, desc="Generating", unit="batch", disable=not show_progress_bar):
-            loaded = []
+            loaded: list[Image.Image | Video] = []
             for i, visual in enumerate(visuals[start : start + batch_size]):
                 where = f"question {start + i}"
                 if modality == "image":
@@ -236,10 +239,10 @@ def generate_visual_answers(
                 else:
                     loaded.append(load_video(visual, sampling, where, root))
             prompts = [
-                processor.apply_chat_template(
+                render_chat(
+                    processor,
                     [{"role": "user", "content": [{"type": modality}, {"type": "text", "text": q + prompt_suffix}]}],
                     add_generation_prompt=True,
-                    tokenize=False,
                 )
                 for q in questions[start : start + batch_size]
             ]

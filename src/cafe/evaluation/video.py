@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 
 from ._common import check_batch_size, check_ks, check_same_length, check_sequence
 from .retrieval import DEFAULT_KS, caption_image_index, retrieval_recall
+
+if TYPE_CHECKING:
+    from ..modeling import CafeForConditionalGeneration
 
 DEFAULT_VIDEO_CAPTION_PROMPT = "Describe the video."
 
@@ -32,7 +35,7 @@ def resolve_video(video: Any, root: str | os.PathLike | None) -> Any:
     if root is None:
         return video
 
-    def join(path):
+    def join(path: Any) -> Any:
         if isinstance(path, (str, os.PathLike)) and not Path(path).is_absolute():
             return str(Path(root) / path)
         return path
@@ -52,7 +55,7 @@ def video_retrieval_recall(
 
 
 def evaluate_video_retrieval(
-    model,
+    model: CafeForConditionalGeneration,
     videos: Sequence[Any],
     captions_per_video: Sequence[Sequence[str]],
     batch_size: int = 8,
@@ -116,7 +119,7 @@ def motion_accuracy(captions: Sequence[str], motions: Sequence[str]) -> dict[str
 
 
 def evaluate_video_captions(
-    model,
+    model: Any,
     videos: Sequence[Any],
     motions: Sequence[str],
     prompt: str = DEFAULT_VIDEO_CAPTION_PROMPT,
