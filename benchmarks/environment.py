@@ -40,7 +40,8 @@ def environment(bench: Bench, argv: list[str]) -> dict:
         "warmup": bench.opt("warmup"),
         "repeats": bench.opt("repeats"),
         "train_repeats": bench.opt("train_repeats"),
-        "memory_method": "torch.cuda.max_memory_allocated" if bench.device.startswith("cuda")
+        "memory_method": "torch.cuda.max_memory_allocated"
+        if bench.device.startswith("cuda")
         else "RSS high-water mark (VmHWM, reset per call via /proc/self/clear_refs), glibc mmap threshold 1 MiB",
     }
     if bench.device.startswith("cuda"):
@@ -76,5 +77,10 @@ def thread_probe(args, dtype) -> dict:
                 out[str(t)].append(H.matmul_peak("cpu", dtype, n=n, repeats=2)["tflops_best"])
     medians = {t: round(statistics.median(v), 4) for t, v in out.items()}
     best = int(max(medians, key=medians.get))
-    return {"matmul_tflops_by_threads": medians, "n": n, "torch_default_threads": default, "fastest": best,
-            "load_average": H.load_average()}
+    return {
+        "matmul_tflops_by_threads": medians,
+        "n": n,
+        "torch_default_threads": default,
+        "fastest": best,
+        "load_average": H.load_average(),
+    }

@@ -197,7 +197,7 @@ def run_side_by_side(
 
 def ratio_stats(numerator: list[float], denominator: list[float]) -> dict:
     """Per-round ratios (neighbouring runs) and their median, min and max."""
-    ratios = [a / b for a, b in zip(numerator, denominator) if b > 0]
+    ratios = [a / b for a, b in zip(numerator, denominator, strict=True) if b > 0]
     if not ratios:
         return {"median": None, "min": None, "max": None, "per_round": []}
     return {
@@ -253,8 +253,12 @@ def _conv2d(input, weight, *args, out_shape=None, **kwargs) -> int:
 
 def _custom_flop_mapping() -> dict:
     aten = torch.ops.aten
-    mapping = {aten.linear: _linear, aten.matmul: _matmul, aten.scaled_dot_product_attention: _sdpa,
-               aten.conv2d: _conv2d}
+    mapping = {
+        aten.linear: _linear,
+        aten.matmul: _matmul,
+        aten.scaled_dot_product_attention: _sdpa,
+        aten.conv2d: _conv2d,
+    }
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
         mapping[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_flash_fwd
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):

@@ -217,10 +217,12 @@ def _notes(i: int, row: dict) -> list[str]:
     if i == 1 and row["status"] == "measured":
         for side, s in row["result"]["sides"].items():
             parts = ", ".join(f"{k} {v / 1e12:.3g}" for k, v in s["flops_by_component"].items())
-            lines.append(f"\n- {side} TFLOP per step by component: {parts}; executed "
-                         f"{fmt(s['achieved_tflops'])} TFLOP/s = {fmt(s['hfu_vs_measured_matmul'])} of the torch.mm timed in the same rounds "
-                         f"(MFU with model FLOPs = 3 x forward: {fmt(s['mfu_vs_measured_matmul'])}); "
-                         f"{fmt(s['samples_per_s'])} pairs/s")
+            lines.append(
+                f"\n- {side} TFLOP per step by component: {parts}; executed "
+                f"{fmt(s['achieved_tflops'])} TFLOP/s = {fmt(s['hfu_vs_measured_matmul'])} of the torch.mm timed in the same rounds "
+                f"(MFU with model FLOPs = 3 x forward: {fmt(s['mfu_vs_measured_matmul'])}); "
+                f"{fmt(s['samples_per_s'])} pairs/s"
+            )
     lines.append("")
     for name, table in (row.get("profile") or {}).items():
         excerpt = "\n".join(table.splitlines()[:20])

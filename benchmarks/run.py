@@ -157,33 +157,50 @@ def _photo_size(text: str) -> int | tuple[int, int]:
 
 
 def parse_args(argv: list[str] | None = None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="tiny checkpoint, seconds; checks the plumbing, not the claims")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:n]")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, flash_attention_2)")
-    p.add_argument("--rows", default=None,
-                   help="comma-separated rows to run (default: all; on CPU without --quick all but 4, which is "
-                   "reported as skipped: its 8..64-pair steps take another 20+ minutes, run it with --rows 4)")
+    p.add_argument(
+        "--rows",
+        default=None,
+        help="comma-separated rows to run (default: all; on CPU without --quick all but 4, which is "
+        "reported as skipped: its 8..64-pair steps take another 20+ minutes, run it with --rows 4)",
+    )
     p.add_argument("--out", default=None, help="output folder (results.json, results.md)")
-    p.add_argument("--threads", default="auto",
-                   help="CPU threads: a number, or 'auto' (1 with --quick, else the faster of 1 and torch's default "
-                   "in a matmul probe)")
-    p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
-                   help="activation checkpointing is on by default on both sides (the reference recipe uses it; "
-                   "without it the reference-style step of the 0.5B shape needs more than 20 GB on CPU)")
+    p.add_argument(
+        "--threads",
+        default="auto",
+        help="CPU threads: a number, or 'auto' (1 with --quick, else the faster of 1 and torch's default "
+        "in a matmul probe)",
+    )
+    p.add_argument(
+        "--no-gradient-checkpointing",
+        dest="gradient_checkpointing",
+        action="store_false",
+        help="activation checkpointing is on by default on both sides (the reference recipe uses it; "
+        "without it the reference-style step of the 0.5B shape needs more than 20 GB on CPU)",
+    )
     p.add_argument("--no-profile", dest="profile", action="store_false", help="skip torch.profiler tables")
     p.add_argument("--vision-layers", type=int, default=None, help="depth cut (results then say DEPTH-CUT)")
     p.add_argument("--text-layers", type=int, default=None, help="depth cut (results then say DEPTH-CUT)")
     for name in DEFAULTS:
-        p.add_argument("--" + name.replace("_", "-"), type=_photo_size if name == "photo_size" else int, default=None,
-                       help=f"default {DEFAULTS[name]['cpu']} (CPU), {DEFAULTS[name]['quick']} (--quick), "
-                       f"{DEFAULTS[name]['cuda']} (cuda)")
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            type=_photo_size if name == "photo_size" else int,
+            default=None,
+            help=f"default {DEFAULTS[name]['cpu']} (CPU), {DEFAULTS[name]['quick']} (--quick), "
+            f"{DEFAULTS[name]['cuda']} (cuda)",
+        )
     p.add_argument("--gradcache-sizes", default="8,16,32,64")
     p.add_argument("--gradcache-mini-batch", type=int, default=4)
     p.add_argument("--gradcache-repeats", type=int, default=1)
-    p.add_argument("--gradcache-plain-max", type=int, default=16,
-                   help="largest batch also run without GradCache, for comparison")
+    p.add_argument(
+        "--gradcache-plain-max", type=int, default=16, help="largest batch also run without GradCache, for comparison"
+    )
     p.add_argument("--gradcache-vision-layers", type=int, default=1, help="row 4 on CPU: depth cut (64-pair steps)")
     p.add_argument("--gradcache-text-layers", type=int, default=1, help="row 4 on CPU: depth cut (64-pair steps)")
     args = p.parse_args(argv)
@@ -214,8 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     cpu_headline = not args.quick and not args.device.startswith("cuda")
     rows_arg = args.rows or ("1,2,3,5,6,7,8" if cpu_headline else "1,2,3,4,5,6,7,8")
     wanted = {int(x) for x in rows_arg.split(",") if x.strip()}
-    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / (
-        args.device.split(":")[0] + ("-quick" if args.quick else ""))
+    out = (
+        Path(args.out)
+        if args.out
+        else Path(__file__).resolve().parent
+        / "results"
+        / (args.device.split(":")[0] + ("-quick" if args.quick else ""))
+    )
     out.mkdir(parents=True, exist_ok=True)
 
     bench = Bench(args)
@@ -239,8 +261,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             row = fn(*fn_args)
         except Exception as err:  # noqa: BLE001 - a failed row is reported, the others still run
-            row = {"status": "error", "goal_met": None, "result": {}, "note": f"{type(err).__name__}: {err}",
-                   "error": traceback.format_exc()}
+            row = {
+                "status": "error",
+                "goal_met": None,
+                "result": {},
+                "note": f"{type(err).__name__}: {err}",
+                "error": traceback.format_exc(),
+            }
             log(f"row {i} failed: {err}")
         row = {"id": i, "name": ROW_NAMES[i], "goal": GOALS[i], **row, "duration_s": round(time.perf_counter() - t0, 1)}
         done[i] = row
@@ -260,10 +287,17 @@ def main(argv: list[str] | None = None) -> int:
         gc_between()
         run_row(4, gradcache.run, bench)
     elif args.rows is None and cpu_headline:
-        report["rows"].append({
-            "id": 4, "name": ROW_NAMES[4], "goal": GOALS[4], "status": "skipped", "goal_met": None, "result": {},
-            "note": gradcache.SKIPPED_NOTE,
-        })
+        report["rows"].append(
+            {
+                "id": 4,
+                "name": ROW_NAMES[4],
+                "goal": GOALS[4],
+                "status": "skipped",
+                "goal_met": None,
+                "result": {},
+                "note": gradcache.SKIPPED_NOTE,
+            }
+        )
     # The ceiling again at the end (background load drifts); row 5 uses the better of the two.
     end_peak = bench.measure_matmul_peak()
     report["meta"]["matmul_peak_end"] = end_peak

@@ -53,8 +53,11 @@ def main(argv=None) -> int:
             with H.num_threads(t):
                 times[t]["forward"].append(H.time_call(forward, "cpu"))
                 times[t]["mm"].append(H.time_call(lambda: torch.mm(a, a), "cpu"))
-            print(f"round {r + 1} threads {t}: forward {times[t]['forward'][-1]:.2f} s, "
-                  f"mm {2 * 4096**3 / times[t]['mm'][-1] / 1e12:.3f} TFLOP/s", flush=True)
+            print(
+                f"round {r + 1} threads {t}: forward {times[t]['forward'][-1]:.2f} s, "
+                f"mm {2 * 4096**3 / times[t]['mm'][-1] / 1e12:.3f} TFLOP/s",
+                flush=True,
+            )
     print(f"load average after: {H.load_average()}")
     print(f"\n| threads | embedding forward ({args.images} images) s | TFLOP/s | torch.mm 4096^3 TFLOP/s |")
     print("|---|---|---|---|")

@@ -1,7 +1,7 @@
 """Embeddings and generation from one CAFe model.
 
-    python examples/quickstart.py                       # offline, on a tiny locally built checkpoint
-    python examples/quickstart.py --model llava-hf/llava-onevision-qwen2-0.5b-si-hf   # a real one
+python examples/quickstart.py                       # offline, on a tiny locally built checkpoint
+python examples/quickstart.py --model llava-hf/llava-onevision-qwen2-0.5b-si-hf   # a real one
 """
 
 import argparse

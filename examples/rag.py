@@ -240,8 +240,9 @@ class Index:
         return index
 
 
-def build_index(model, images: list[Document], passages: list[Document], batch_size: int = 8,
-                backend: str = "faiss") -> Index:
+def build_index(
+    model, images: list[Document], passages: list[Document], batch_size: int = 8, backend: str = "faiss"
+) -> Index:
     """Embed the corpus (``model.encode``: length-sorted batches, progress bar on long corpora) into
     one `VectorIndex` per modality."""
     dim = model.config.get_text_config().hidden_size
@@ -263,14 +264,15 @@ def retrieve(index: Index, query: torch.Tensor, k_images: int = 1, k_passages: i
 
     def top(vectors: VectorIndex, documents: list[Document], k: int):
         scores, positions = vectors.search(query, k)
-        return [(score, documents[i]) for score, i in zip(scores, positions)]
+        return [(score, documents[i]) for score, i in zip(scores, positions, strict=True)]
 
     return top(index.image_vectors, index.images, k_images), top(index.passage_vectors, index.passages, k_passages)
 
 
 # ----------------------------------------------------------------------------- generation
-def build_rag_prompt(model, question: str, images: list[Document], passages: list[Document],
-                     question_image: Image.Image | None = None) -> str:
+def build_rag_prompt(
+    model, question: str, images: list[Document], passages: list[Document], question_image: Image.Image | None = None
+) -> str:
     """The answer prompt, in the conversation format the model was LM-trained on (``lm_chat_template``:
     ChatML with the CAFe system turn).
 
@@ -288,7 +290,8 @@ def build_rag_prompt(model, question: str, images: list[Document], passages: lis
             content.append({"type": "text", "text": context + "\n"})
     content.append({"type": "text", "text": "\nAnswer the question briefly."})
     return model.processor.apply_chat_template(
-        [{"role": "user", "content": content}], chat_template=model.cafe_settings.lm_chat_template,
+        [{"role": "user", "content": content}],
+        chat_template=model.cafe_settings.lm_chat_template,
         add_generation_prompt=True,
     )
 
@@ -301,8 +304,15 @@ class Answer:
     token_ids: list[int]
 
 
-def answer(model, question: str, images: list[Document], passages: list[Document], max_new_tokens: int = 64,
-           question_image: Image.Image | None = None, embedded: EmbeddedPrompt | None = None) -> Answer:
+def answer(
+    model,
+    question: str,
+    images: list[Document],
+    passages: list[Document],
+    max_new_tokens: int = 64,
+    question_image: Image.Image | None = None,
+    embedded: EmbeddedPrompt | None = None,
+) -> Answer:
     """Generate greedily; with ``embedded`` (from `embed_question`), the prompt's shared opening
     comes from the question's embedding pass instead of being computed again."""
     processor = model.processor
@@ -313,8 +323,9 @@ def answer(model, question: str, images: list[Document], passages: list[Document
     started = time.perf_counter()
     with torch.inference_mode():
         if embedded is not None:
-            output, reused = generate_reusing_prefix(model, embedded, batch, max_new_tokens=max_new_tokens,
-                                                     do_sample=False)
+            output, reused = generate_reusing_prefix(
+                model, embedded, batch, max_new_tokens=max_new_tokens, do_sample=False
+            )
         else:
             output, reused = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False), 0
     seconds = time.perf_counter() - started
@@ -452,14 +463,28 @@ def parse_args(argv=None):
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="auto", help='"auto", "bfloat16", "float16" or "float32"')
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--index", default="faiss", choices=INDEX_BACKENDS,
-                        help="vector store: FAISS (pip install 'cafe-vlm[rag]') or a torch matrix")
-    parser.add_argument("--index-dir", help="load the index from here if it holds one, else build it and save it "
-                        "here (default: a temporary folder, saved and reloaded once to show the round trip)")
-    parser.add_argument("--no-reuse", dest="reuse", action="store_false",
-                        help="answer without reusing the question's embedding computation")
-    parser.add_argument("--compare-reuse", action="store_true",
-                        help="answer with and without reuse: latencies, and whether the answers are identical")
+    parser.add_argument(
+        "--index",
+        default="faiss",
+        choices=INDEX_BACKENDS,
+        help="vector store: FAISS (pip install 'cafe-vlm[rag]') or a torch matrix",
+    )
+    parser.add_argument(
+        "--index-dir",
+        help="load the index from here if it holds one, else build it and save it "
+        "here (default: a temporary folder, saved and reloaded once to show the round trip)",
+    )
+    parser.add_argument(
+        "--no-reuse",
+        dest="reuse",
+        action="store_false",
+        help="answer without reusing the question's embedding computation",
+    )
+    parser.add_argument(
+        "--compare-reuse",
+        action="store_true",
+        help="answer with and without reuse: latencies, and whether the answers are identical",
+    )
     parser.add_argument("--skip-memory-comparison", action="store_true", help="do not load the second model")
     return parser.parse_args(argv)
 
@@ -516,24 +541,31 @@ def run(args, workdir: Path) -> dict:
     for score, document in found_passages:
         print(f"  passage {score:+.3f}  {document.source}: {document.text}")
     context = ([d for _, d in found_images], [d for _, d in found_passages])
-    reply = answer(model, args.question, *context, args.max_new_tokens, question_image,
-                   embedded if args.reuse else None)
-    print(f"Answer: {reply.text!r} ({reply.seconds:.2f} s, {reply.reused_tokens} prompt tokens reused from the "
-          "question's embedding pass)")
+    reply = answer(
+        model, args.question, *context, args.max_new_tokens, question_image, embedded if args.reuse else None
+    )
+    print(
+        f"Answer: {reply.text!r} ({reply.seconds:.2f} s, {reply.reused_tokens} prompt tokens reused from the "
+        "question's embedding pass)"
+    )
     plain = None
     if args.compare_reuse:
         # Both after the answer above, so neither pays a first call's warm-up.
         reused = answer(model, args.question, *context, args.max_new_tokens, question_image, embedded)
         plain = answer(model, args.question, *context, args.max_new_tokens, question_image, None)
-        print(f"Answer latency: {reused.seconds:.3f} s reusing {reused.reused_tokens} prompt tokens, "
-              f"{plain.seconds:.3f} s computing them; identical answer: {reused.token_ids == plain.token_ids}")
+        print(
+            f"Answer latency: {reused.seconds:.3f} s reusing {reused.reused_tokens} prompt tokens, "
+            f"{plain.seconds:.3f} s computing them; identical answer: {reused.token_ids == plain.token_ids}"
+        )
 
     comparison = None
     if not args.skip_memory_comparison:
         comparison = compare_memory(model, args.model, dtype, cafe_rss, cafe_accelerator)
         print(f"\nMemory ({args.device}, {model.dtype}):\n{comparison.format()}")
-        print(f"vector index: {index.nbytes:,} bytes ({len(index.image_vectors) + len(index.passage_vectors)} "
-              f"vectors of {index.image_vectors.dim} float32)")
+        print(
+            f"vector index: {index.nbytes:,} bytes ({len(index.image_vectors) + len(index.passage_vectors)} "
+            f"vectors of {index.image_vectors.dim} float32)"
+        )
         if comparison.cafe_parameter_bytes < 2**27:
             print("(tiny checkpoint: RSS growth is dominated by allocator noise; parameter bytes are exact)")
     return {

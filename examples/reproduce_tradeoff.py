@@ -83,9 +83,13 @@ def train(model_path, data_json, image_folder, output_dir, lm_weight, contrastiv
         model=model,
         args=training_args,
         train_dataset=load_records(str(data_json)),
-        data_collator=CafeCollator(model.processor, model=model, image_folder=str(image_folder),
-                                   compute_language_loss=lm_weight > 0,
-                                   compute_contrastive_loss=contrastive_weight > 0),
+        data_collator=CafeCollator(
+            model.processor,
+            model=model,
+            image_folder=str(image_folder),
+            compute_language_loss=lm_weight > 0,
+            compute_contrastive_loss=contrastive_weight > 0,
+        ),
         processing_class=model.processor,
     )
     trainer.train()
@@ -96,7 +100,7 @@ def train(model_path, data_json, image_folder, output_dir, lm_weight, contrastiv
 def caption_scores(captions: list[str], records: list[dict]) -> dict:
     """Attribute accuracy (colour, shape, size, position, count named correctly) and exact match."""
     correct, exact = 0, 0
-    for text, record in zip(captions, records):
+    for text, record in zip(captions, records, strict=True):
         a = record["attributes"]
         text_l = text.lower()
         words = set(re.findall(r"[a-z]+", text_l))
@@ -116,8 +120,14 @@ def evaluate(model_path, test_records, image_root: Path, plot_path: Path) -> dic
     model = CafeForConditionalGeneration.from_pretrained(model_path).eval()
     metrics = measure(model, test_records, image_root, plot_path, ks=(1,))
     images = [str(image_root / r["image"]) for r in test_records]
-    captions = generate_answers(model, images, ["Describe the picture."] * len(images), prompt_suffix="",
-                                max_new_tokens=24, show_progress_bar=False)
+    captions = generate_answers(
+        model,
+        images,
+        ["Describe the picture."] * len(images),
+        prompt_suffix="",
+        max_new_tokens=24,
+        show_progress_bar=False,
+    )
     return {
         "t2i_R@1": metrics["text_to_image_recall@1"],
         "i2t_R@1": metrics["image_to_text_recall@1"],
@@ -144,8 +154,12 @@ def main(argv=None):
     parser.add_argument("--finetune_steps", type=int, default=None)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--learning_rate", type=float, default=2e-3)
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
-                        help="bf16 autocast (faster on CPUs with bf16 matmul)")
+    parser.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="bf16 autocast (faster on CPUs with bf16 matmul)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     base_steps = args.base_steps or (4 if args.quick else 500)
@@ -156,8 +170,9 @@ def main(argv=None):
     logging.getLogger("transformers").setLevel(logging.ERROR)
     started = time.time()
 
-    paths = write_synthetic_dataset(out / "data", num_train=num_train, num_test=num_test, seed=args.seed,
-                                    num_captions=3)
+    paths = write_synthetic_dataset(
+        out / "data", num_train=num_train, num_test=num_test, seed=args.seed, num_captions=3
+    )
     train_json = training_records(paths["train"])
     test_records = json.loads(paths["test"].read_text())
 
@@ -176,9 +191,17 @@ def main(argv=None):
 
     table = markdown_table(results)
     seconds = time.time() - started
-    config = {"base_steps": base_steps, "finetune_steps": finetune_steps, "num_train": num_train,
-              "num_test": num_test, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
-              "bf16": args.bf16, "seed": args.seed, "seconds": round(seconds)}
+    config = {
+        "base_steps": base_steps,
+        "finetune_steps": finetune_steps,
+        "num_train": num_train,
+        "num_test": num_test,
+        "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
+        "bf16": args.bf16,
+        "seed": args.seed,
+        "seconds": round(seconds),
+    }
     (out / "results.json").write_text(json.dumps({"config": config, "results": results}, indent=1))
     (out / "results.md").write_text(table + f"\nconfig: {json.dumps(config)}\n")
     print(table)

@@ -49,7 +49,9 @@ CLIP_SIZE = 32  # the tiny processors' input size
 
 def measure(model, clips: list[dict]) -> dict:
     videos, motions = [r["video"] for r in clips], [r["attributes"]["motion"] for r in clips]
-    retrieval = evaluate_video_retrieval(model, videos, [r["captions"] for r in clips], ks=(1, 5), show_progress_bar=False)
+    retrieval = evaluate_video_retrieval(
+        model, videos, [r["captions"] for r in clips], ks=(1, 5), show_progress_bar=False
+    )
     described = evaluate_video_captions(model, videos, motions, show_progress_bar=False, max_new_tokens=16)
     answered = evaluate_video_captions(model, videos, motions, prompt=MOTION_QUESTION, show_progress_bar=False)
     return {
@@ -64,14 +66,30 @@ def measure(model, clips: list[dict]) -> dict:
 def train(model_path: Path, records: list[dict], settings: CafeSettings, output_dir: Path, args) -> tuple:
     model = CafeForConditionalGeneration.from_pretrained(model_path, cafe_settings=settings)
     training_args = CafeTrainingArguments(
-        output_dir=str(output_dir), per_device_train_batch_size=args.batch_size, max_steps=args.max_steps,
-        learning_rate=args.learning_rate, vision_tower_learning_rate=args.learning_rate, lr_scheduler_type="cosine",
-        warmup_steps=0.05, contrastive_weight=args.contrastive_weight, lm_weight=1.0, logging_steps=max(1, args.max_steps // 10),
-        save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), seed=args.seed, data_seed=args.seed,
+        output_dir=str(output_dir),
+        per_device_train_batch_size=args.batch_size,
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        vision_tower_learning_rate=args.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,
+        contrastive_weight=args.contrastive_weight,
+        lm_weight=1.0,
+        logging_steps=max(1, args.max_steps // 10),
+        save_strategy="no",
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        seed=args.seed,
+        data_seed=args.seed,
         disable_tqdm=True,
     )
-    trainer = CafeTrainer(model=model, args=training_args, train_dataset=records,
-                          data_collator=CafeCollator(model.processor, model=model), processing_class=model.processor)
+    trainer = CafeTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=records,
+        data_collator=CafeCollator(model.processor, model=model),
+        processing_class=model.processor,
+    )
     started = time.time()
     trainer.train()
     model.eval()
@@ -103,8 +121,9 @@ def main(argv=None) -> dict:
     train_clips = generate_clip_records(args.num_train, seed=args.seed, split="train", image_size=CLIP_SIZE)
     test_clips = generate_clip_records(args.num_test, seed=args.seed, split="test", image_size=CLIP_SIZE)
     # LLaVA records: LM on the description and the motion question, contrast on the caption.
-    records = [{"video": r["video"], "conversations": r["conversations"], "positives": [r["caption"]]}
-               for r in train_clips]
+    records = [
+        {"video": r["video"], "conversations": r["conversations"], "positives": [r["caption"]]} for r in train_clips
+    ]
 
     variants = [("zero-shot", None, CafeSettings())]
     variants.append(("CAFe, frames of the clip", "frames", CafeSettings()))
@@ -118,13 +137,24 @@ def main(argv=None) -> dict:
         else:
             model, seconds, log = train(model_path, records, settings, output / key, args)
         metrics = measure(model, test_clips)
-        rows.append({"model": name, "train_seconds": seconds, **metrics,
-                     "final_loss_con": next((h["loss_con"] for h in reversed(log) if "loss_con" in h), None),
-                     "final_loss_lm": next((h["loss_lm"] for h in reversed(log) if "loss_lm" in h), None)})
+        rows.append(
+            {
+                "model": name,
+                "train_seconds": seconds,
+                **metrics,
+                "final_loss_con": next((h["loss_con"] for h in reversed(log) if "loss_con" in h), None),
+                "final_loss_lm": next((h["loss_lm"] for h in reversed(log) if "loss_lm" in h), None),
+            }
+        )
         print({k: v for k, v in rows[-1].items() if not k.startswith("example")}, flush=True)
 
-    columns = ["text_to_video_recall@1", "text_to_video_recall@5", "video_to_text_recall@1", "caption_motion_accuracy",
-               "answer_motion_accuracy"]
+    columns = [
+        "text_to_video_recall@1",
+        "text_to_video_recall@5",
+        "video_to_text_recall@1",
+        "caption_motion_accuracy",
+        "answer_motion_accuracy",
+    ]
     lines = ["| model | t2v R@1 | t2v R@5 | v2t R@1 | motion (caption) | motion (answer) |", "|---" * 6 + "|"]
     lines += ["| " + row["model"] + " | " + " | ".join(f"{row[c]:.3f}" for c in columns) + " |" for row in rows]
     table = "\n".join(lines)

@@ -7,9 +7,16 @@ from PIL import Image
 from cafe import CafeCollator, CafeTrainer, CafeTrainingArguments
 
 # Different sizes: Qwen2-VL gives them different patch grids.
-IMAGES = {"red": ((40, 30), (255, 0, 0)), "green": ((24, 48), (0, 200, 0)), "blue": ((32, 32), (0, 0, 255)),
-          "yellow": ((32, 32), (255, 255, 0)), "white": ((32, 32), (255, 255, 255)), "black": ((36, 28), (0, 0, 0)),
-          "purple": ((32, 32), (128, 0, 128)), "orange": ((32, 40), (255, 140, 0))}
+IMAGES = {
+    "red": ((40, 30), (255, 0, 0)),
+    "green": ((24, 48), (0, 200, 0)),
+    "blue": ((32, 32), (0, 0, 255)),
+    "yellow": ((32, 32), (255, 255, 0)),
+    "white": ((32, 32), (255, 255, 255)),
+    "black": ((36, 28), (0, 0, 0)),
+    "purple": ((32, 32), (128, 0, 128)),
+    "orange": ((32, 40), (255, 140, 0)),
+}
 
 
 def write_training_data(folder, names=tuple(IMAGES)):
@@ -20,9 +27,15 @@ def write_training_data(folder, names=tuple(IMAGES)):
     for name in names:
         size, rgb = IMAGES[name]
         Image.new("RGB", size, rgb).save(images / f"{name}.png")
-        records.append({"image": f"{name}.png", "conversations": [
-            {"from": "human", "value": "<image>\nDescribe the picture."},
-            {"from": "gpt", "value": f"a {name} picture"}]})
+        records.append(
+            {
+                "image": f"{name}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nDescribe the picture."},
+                    {"from": "gpt", "value": f"a {name} picture"},
+                ],
+            }
+        )
     path = folder / "train.json"
     path.write_text(json.dumps(records))
     return path, images
@@ -32,13 +45,28 @@ def make_trainer(model, data, tmp_path, loss=None, **overrides):
     from cafe.training import load_records
 
     path, folder = data
-    kwargs = dict(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=4,
-                  learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
-                  seed=0, data_seed=0)
+    kwargs = dict(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=4,
+        max_steps=4,
+        learning_rate=1e-3,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+    )
     kwargs.update(overrides)
     collator = CafeCollator(model.processor, model=model, image_folder=str(folder))
-    return CafeTrainer(model=model, args=CafeTrainingArguments(**kwargs), train_dataset=load_records(str(path)),
-                       data_collator=collator, processing_class=model.processor, loss=loss)
+    return CafeTrainer(
+        model=model,
+        args=CafeTrainingArguments(**kwargs),
+        train_dataset=load_records(str(path)),
+        data_collator=collator,
+        processing_class=model.processor,
+        loss=loss,
+    )
 
 
 def first_batch(trainer):

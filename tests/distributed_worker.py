@@ -56,8 +56,11 @@ def main(checkpoint: str, output: str, mode: str):
     loss = loss.detach().reshape(1).clone()
     dist.all_reduce(loss)
     # FSDP keeps sharded DTensor gradients: `full_tensor()` (a collective) reassembles them.
-    grads = {n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad.clone()
-             for n, p in model.named_parameters() if p.grad is not None}
+    grads = {
+        n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad.clone()
+        for n, p in model.named_parameters()
+        if p.grad is not None
+    }
     grads.update({f"loss.{n}": p.grad.clone() for n, p in trainer.loss.named_parameters() if p.grad is not None})
     if rank == 0:
         torch.save({"loss": loss.item() / world, "grads": grads}, output)

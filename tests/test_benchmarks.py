@@ -22,7 +22,12 @@ def quick_report(tmp_path_factory):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((out / "results.json").read_text()), (out / "results.md").read_text()
@@ -32,8 +37,22 @@ def test_meta_states_the_setup(quick_report):
     report, _ = quick_report
     assert report["schema_version"] == 1
     meta = report["meta"]
-    for key in ("command", "device", "dtype", "torch", "transformers", "cpu", "torch_threads", "model",
-                "matmul_peak", "warmup", "repeats", "memory_method", "parameters", "duration_s"):
+    for key in (
+        "command",
+        "device",
+        "dtype",
+        "torch",
+        "transformers",
+        "cpu",
+        "torch_threads",
+        "model",
+        "matmul_peak",
+        "warmup",
+        "repeats",
+        "memory_method",
+        "parameters",
+        "duration_s",
+    ):
         assert key in meta, key
     assert meta["quick"] is True and meta["device"] == "cpu"
     assert meta["model"]["name"].startswith("tiny")  # --quick says it is not the real shape

@@ -93,8 +93,13 @@ def test_all_layouts_in_one_batch(collator, image_folder):
 
 
 def test_identical_texts_share_a_group(collator):
-    batch = collator([{"image": "red.png", "text": "same"}, {"image": "blue.png", "text": "same"},
-                      {"image": "red.png", "text": "other"}])
+    batch = collator(
+        [
+            {"image": "red.png", "text": "same"},
+            {"image": "blue.png", "text": "same"},
+            {"image": "red.png", "text": "other"},
+        ]
+    )
     assert batch.doc_groups[0] == batch.doc_groups[1] != batch.doc_groups[2]
     assert batch.query_groups[0] == batch.query_groups[2] != batch.query_groups[1]
     assert batch_image_count(batch) == 2  # the repeated image is encoded once
@@ -102,10 +107,15 @@ def test_identical_texts_share_a_group(collator):
 
 def test_truncation_never_cuts_image_tokens(cafe_model, image_folder):
     long_answer = " ".join(["red"] * 200)
-    records = [{"image": "red.png", "text": long_answer, "record_index": 0},
-               {"image": "blue.png", "text": "blue", "record_index": 1}]
-    n_image_tokens = int((collator_for(cafe_model, image_folder, 4096)(records).lm.input_ids[1]
-                          == cafe_model.config.image_token_id).sum())
+    records = [
+        {"image": "red.png", "text": long_answer, "record_index": 0},
+        {"image": "blue.png", "text": "blue", "record_index": 1},
+    ]
+    n_image_tokens = int(
+        (
+            collator_for(cafe_model, image_folder, 4096)(records).lm.input_ids[1] == cafe_model.config.image_token_id
+        ).sum()
+    )
     # Long enough for every image block, too short for the long answer: cut after the image.
     batch = collator_for(cafe_model, image_folder, n_image_tokens + 40)(records)
     assert batch.lm.input_ids.shape[1] == n_image_tokens + 40
@@ -122,7 +132,9 @@ def collator_for(model, folder, max_length):
 
 
 def test_multimodal_input_mode(cafe_model, image_folder):
-    collator = CafeCollator(cafe_model.processor, model=cafe_model, image_folder=str(image_folder), multimodal_input=True)
+    collator = CafeCollator(
+        cafe_model.processor, model=cafe_model, image_folder=str(image_folder), multimodal_input=True
+    )
     batch = collator([llava_record("red"), llava_record("blue")])
     tok = cafe_model.processor.tokenizer
     query = tok.decode(batch.query.input_ids[0][batch.query.attention_mask[0].bool()])
@@ -140,7 +152,9 @@ def test_missing_image_names_record_and_path(collator):
 
 
 def test_missing_image_skip_policy_counts(cafe_model, image_folder):
-    collator = CafeCollator(cafe_model.processor, model=cafe_model, image_folder=str(image_folder), missing_images="skip")
+    collator = CafeCollator(
+        cafe_model.processor, model=cafe_model, image_folder=str(image_folder), missing_images="skip"
+    )
     record = llava_record("red")
     record["image"] = "missing.png"
     batch = collator([record, llava_record("blue"), llava_record("green")])

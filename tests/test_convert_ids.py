@@ -13,10 +13,18 @@ from cafe.data.convert import convert_llava_onevision_data
 def _convert(tmp_path, ids):
     conversation = [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "a picture"}]
     # Record i's image is filled with grey level 10 * i: which file holds which record is visible.
-    rows = {"id": ids, "image": [PILImage.new("RGB", (8, 8), (10 * i,) * 3) for i in range(len(ids))],
-            "conversations": [conversation] * len(ids)}
-    features = Features({"id": Value("string"), "image": Image(),
-                         "conversations": [{"from": Value("string"), "value": Value("string")}]})
+    rows = {
+        "id": ids,
+        "image": [PILImage.new("RGB", (8, 8), (10 * i,) * 3) for i in range(len(ids))],
+        "conversations": [conversation] * len(ids),
+    }
+    features = Features(
+        {
+            "id": Value("string"),
+            "image": Image(),
+            "conversations": [{"from": Value("string"), "value": Value("string")}],
+        }
+    )
     report = convert_llava_onevision_data(Dataset.from_dict(rows, features=features), tmp_path, "subset")
     return report, json.loads(report.json_path.read_text())
 

@@ -17,9 +17,16 @@ NAMES = {"red": (255, 0, 0), "green": (0, 200, 0), "blue": (0, 0, 255), "yellow"
 
 
 def records():
-    out = [{"image": Image.new("RGB", (32, 32), rgb), "conversations": [
-        {"from": "human", "value": "<image>\nDescribe the picture."},
-        {"from": "gpt", "value": f"a {name} picture" + " indeed" * i}]} for i, (name, rgb) in enumerate(NAMES.items())]
+    out = [
+        {
+            "image": Image.new("RGB", (32, 32), rgb),
+            "conversations": [
+                {"from": "human", "value": "<image>\nDescribe the picture."},
+                {"from": "gpt", "value": f"a {name} picture" + " indeed" * i},
+            ],
+        }
+        for i, (name, rgb) in enumerate(NAMES.items())
+    ]
     out[0]["negatives"] = ["a purple picture"]
     out[3]["negatives"] = ["an orange picture"]
     return out
@@ -27,11 +34,17 @@ def records():
 
 def make_trainer(checkpoint, output_dir, **overrides):
     model = CafeForConditionalGeneration.from_pretrained(checkpoint).train()
-    kwargs = dict(output_dir=output_dir, per_device_train_batch_size=RECORDS_PER_RANK, report_to=[], use_cpu=True,
-                  save_strategy="no")
+    kwargs = dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=RECORDS_PER_RANK,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+    )
     kwargs.update(overrides)
-    trainer = CafeTrainer(model=model, args=CafeTrainingArguments(**kwargs),
-                          data_collator=CafeCollator(model.processor, model=model))
+    trainer = CafeTrainer(
+        model=model, args=CafeTrainingArguments(**kwargs), data_collator=CafeCollator(model.processor, model=model)
+    )
     return trainer, model
 
 
@@ -40,9 +53,21 @@ def run_two_processes(checkpoint, output, mode):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), str(Path(__file__).parent / "distributed_worker.py"),
-           str(checkpoint), str(output), mode]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        str(Path(__file__).parent / "distributed_worker.py"),
+        str(checkpoint),
+        str(output),
+        mode,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return torch.load(output)

@@ -33,15 +33,40 @@ def data(tmp_path):
 
 def _args(data, tiny_checkpoint, out, *extra):
     path, images = data
-    return ["embed", str(path), "--out", str(out), "--model", str(tiny_checkpoint), "--text-column", "text",
-            "--image-column", "image", "--image-folder", str(images), "--id-column", "id", "--shard-size", "3",
-            "--batch-size", "2", "--no-progress", *extra]
+    return [
+        "embed",
+        str(path),
+        "--out",
+        str(out),
+        "--model",
+        str(tiny_checkpoint),
+        "--text-column",
+        "text",
+        "--image-column",
+        "image",
+        "--image-folder",
+        str(images),
+        "--id-column",
+        "id",
+        "--shard-size",
+        "3",
+        "--batch-size",
+        "2",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def _expected(tiny_checkpoint, images, **encode_kwargs):
     model = CafeForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
-    inputs = [{key: (str(images / value) if key == "image" and value else value)
-               for key, value in row.items() if key != "id" and value is not None} for row in ROWS]
+    inputs = [
+        {
+            key: (str(images / value) if key == "image" and value else value)
+            for key, value in row.items()
+            if key != "id" and value is not None
+        }
+        for row in ROWS
+    ]
     return model.encode(inputs, **encode_kwargs)
 
 
@@ -90,7 +115,9 @@ def test_an_interrupted_job_resumes_from_its_shards(data, tiny_checkpoint, tmp_p
     assert not out.exists()
 
     calls.clear()
-    monkeypatch.setattr(CafeForConditionalGeneration, "encode", lambda self, *a, **k: calls.append(1) or encode(self, *a, **k))
+    monkeypatch.setattr(
+        CafeForConditionalGeneration, "encode", lambda self, *a, **k: calls.append(1) or encode(self, *a, **k)
+    )
     main(_args(data, tiny_checkpoint, out))
     assert len(calls) == 2  # shards 1 and 2 only
     assert "Resuming: 1 of 3 shards are done" in capsys.readouterr().err

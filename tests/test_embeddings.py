@@ -60,7 +60,9 @@ def test_embedding_prompts_follow_the_models_own_chat_template(cafe_model, image
             {"role": "assistant", "content": [{"type": "text", "text": ""}]},
         ]
         own = processor.apply_chat_template(conversation, tokenize=False)
-        item = to_embedding_inputs([{"image": images[0], "text": text} if image and text else images[0] if image else text])
+        item = to_embedding_inputs(
+            [{"image": images[0], "text": text} if image and text else images[0] if image else text]
+        )
         (rendered,) = render_embedding_prompts(processor, item, cafe_model.embedding_chat_template)
         assert own == rendered + "\n"
 

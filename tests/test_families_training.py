@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from _training import first_batch, make_trainer, write_training_data
 from PIL import Image
 
-from _training import first_batch, make_trainer, write_training_data
 from cafe import CafeCollator
 from cafe.testing import batch_image_count
 
 pytestmark = [pytest.mark.all_families, pytest.mark.released_formats]
+
 
 @pytest.fixture()
 def data(tmp_path):
@@ -58,7 +59,9 @@ def test_training_forward_equals_encode_and_the_stock_lm_loss(cafe_model, data):
     images = [Image.open(folder / f"{name}.png").convert("RGB") for name in names]
     conversations = [collator.parser(record, i).conversation for i, record in enumerate(records)]
     template = cafe_model.cafe_settings.lm_chat_template  # the reference's format, not the checkpoint's
-    prompts = [cafe_model.processor.apply_chat_template(c, chat_template=template, tokenize=False) for c in conversations]
+    prompts = [
+        cafe_model.processor.apply_chat_template(c, chat_template=template, tokenize=False) for c in conversations
+    ]
     stock_batch = cafe_model.processor(text=prompts, images=images, padding=True, return_tensors="pt")
     assert torch.equal(stock_batch["input_ids"], batch.lm.input_ids)
     with torch.no_grad():

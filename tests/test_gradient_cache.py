@@ -6,7 +6,14 @@ import pytest
 import torch
 from PIL import Image
 
-from cafe import CachedCafeLoss, CafeCollator, CafeForConditionalGeneration, CafeLoss, CafeTrainer, CafeTrainingArguments
+from cafe import (
+    CachedCafeLoss,
+    CafeCollator,
+    CafeForConditionalGeneration,
+    CafeLoss,
+    CafeTrainer,
+    CafeTrainingArguments,
+)
 from cafe.collator import MiniBatchCollator
 from cafe.losses import RandomState
 
@@ -16,10 +23,16 @@ NAMES = ["red", "green", "blue", "yellow", "white", "black"]
 
 def records():
     out = []
-    for rgb, name in zip(COLOURS, NAMES):
-        out.append({"image": Image.new("RGB", (32, 32), rgb), "conversations": [
-            {"from": "human", "value": "<image>\nDescribe the picture."},
-            {"from": "gpt", "value": f"a {name} picture" + " with more words" * (len(name) % 3)}]})
+    for rgb, name in zip(COLOURS, NAMES, strict=True):
+        out.append(
+            {
+                "image": Image.new("RGB", (32, 32), rgb),
+                "conversations": [
+                    {"from": "human", "value": "<image>\nDescribe the picture."},
+                    {"from": "gpt", "value": f"a {name} picture" + " with more words" * (len(name) % 3)},
+                ],
+            }
+        )
     out[1]["negatives"] = ["a purple picture"]
     return out
 
@@ -51,7 +64,8 @@ def zero(model, loss):
 def assert_same_grads(a, b, rel=1e-5):
     assert a.keys() == b.keys() and a
     for name in a:
-        err = (a[name] - b[name]).abs().max().item(); scale = b[name].abs().max().item()
+        err = (a[name] - b[name]).abs().max().item()
+        scale = b[name].abs().max().item()
         # 1e-7 absolute floor: some gradients are zero in exact arithmetic (a key bias under softmax).
         assert err <= rel * scale + 1e-7, (name, err, scale)
 
@@ -99,15 +113,22 @@ def test_matches_plain_computation_with_dropout(tiny_checkpoint, share_prefix):
             states.append(RandomState())
             model(cafe_batch=mb, cafe_share_prefix=share_prefix)
     outs = []
-    for state, mb in zip(states, mini_batches):
+    for state, mb in zip(states, mini_batches, strict=True):
         with state.restored():
             outs.append(model(cafe_batch=mb, cafe_share_prefix=share_prefix))
     total = sum(mb.supervised_tokens for mb in mini_batches)
-    lm = sum(o.lm_loss * mb.supervised_tokens / total for o, mb in zip(outs, mini_batches))
-    cat = lambda side: torch.cat([getattr(o, f"{side}_embeds") for o in outs if getattr(o, f"{side}_embeds") is not None])
-    con = loss.contrastive(cat("query"), cat("doc"), cat("negative"),
-                           torch.cat([mb.query_groups for mb in mini_batches]),
-                           torch.cat([mb.doc_groups for mb in mini_batches]))
+    lm = sum(o.lm_loss * mb.supervised_tokens / total for o, mb in zip(outs, mini_batches, strict=True))
+
+    def cat(side):
+        return torch.cat([getattr(o, f"{side}_embeds") for o in outs if getattr(o, f"{side}_embeds") is not None])
+
+    con = loss.contrastive(
+        cat("query"),
+        cat("doc"),
+        cat("negative"),
+        torch.cat([mb.query_groups for mb in mini_batches]),
+        torch.cat([mb.doc_groups for mb in mini_batches]),
+    )
     plain_loss = loss.lm_weight * lm + loss.contrastive_weight * con.loss
     model.zero_grad()
     plain_loss.backward()
@@ -149,18 +170,37 @@ def test_trainer_step_equals_plain_with_gradient_accumulation(tiny_checkpoint, t
 
     for i, rgb in enumerate(COLOURS):
         Image.new("RGB", (32, 32), rgb).save(tmp_path / f"img{i}.png")
-    dataset = Dataset.from_list([{"image": f"img{i}.png", "text": f"a {name} picture"} for i, name in enumerate(NAMES)]
-                                + [{"image": f"img{i}.png", "text": f"the {name} one"} for i, name in enumerate(NAMES)])
+    dataset = Dataset.from_list(
+        [{"image": f"img{i}.png", "text": f"a {name} picture"} for i, name in enumerate(NAMES)]
+        + [{"image": f"img{i}.png", "text": f"the {name} one"} for i, name in enumerate(NAMES)]
+    )
 
     def run(gradient_cache):
         model = load(tiny_checkpoint)
-        args = CafeTrainingArguments(output_dir=str(tmp_path / f"run{gradient_cache}"), per_device_train_batch_size=3,
-                                     gradient_accumulation_steps=2, max_steps=2, learning_rate=1e-2, optim="sgd",
-                                     gradient_cache=gradient_cache, gradient_cache_mini_batch_size=1,
-                                     learnable_logit_scale=True, logging_steps=1, report_to=[], use_cpu=True,
-                                     save_strategy="no", seed=0, data_seed=0, vision_tower_learning_rate=None)
-        trainer = CafeTrainer(model=model, args=args, train_dataset=dataset,
-                              data_collator=CafeCollator(model.processor, model=model, image_folder=str(tmp_path)))
+        args = CafeTrainingArguments(
+            output_dir=str(tmp_path / f"run{gradient_cache}"),
+            per_device_train_batch_size=3,
+            gradient_accumulation_steps=2,
+            max_steps=2,
+            learning_rate=1e-2,
+            optim="sgd",
+            gradient_cache=gradient_cache,
+            gradient_cache_mini_batch_size=1,
+            learnable_logit_scale=True,
+            logging_steps=1,
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            seed=0,
+            data_seed=0,
+            vision_tower_learning_rate=None,
+        )
+        trainer = CafeTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            data_collator=CafeCollator(model.processor, model=model, image_folder=str(tmp_path)),
+        )
         trainer.train()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         return model, trainer.loss, losses
@@ -184,17 +224,37 @@ def test_trainer_runs_with_gradient_cache(tiny_checkpoint, tmp_path):
     dataset = Dataset.from_list([{"image": f"img{i}.png", "text": name} for i, name in enumerate(NAMES[:4])])
     for i, rgb in enumerate(COLOURS[:4]):
         Image.new("RGB", (32, 32), rgb).save(tmp_path / f"img{i}.png")
-    args = CafeTrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=2,
-                                 gradient_cache=True, gradient_cache_mini_batch_size=2, logging_steps=1,
-                                 report_to=[], use_cpu=True, save_strategy="no")
-    trainer = CafeTrainer(model=model, args=args, train_dataset=dataset,
-                          data_collator=CafeCollator(model.processor, model=model, image_folder=str(tmp_path)))
+    args = CafeTrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=4,
+        max_steps=2,
+        gradient_cache=True,
+        gradient_cache_mini_batch_size=2,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+    )
+    trainer = CafeTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=CafeCollator(model.processor, model=model, image_folder=str(tmp_path)),
+    )
     trainer.train()
     logged = trainer.state.log_history[0]
     assert {"loss", "loss_con", "loss_lm", "acc_q2d"} <= set(logged)
 
 
 def test_mini_batch_larger_than_batch_is_an_error(tmp_path):
-    with pytest.raises(ValueError, match=r"gradient_cache_mini_batch_size \(16\) must be between 1 and per_device_train_batch_size \(8\)"):
-        CafeTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, gradient_cache=True,
-                              gradient_cache_mini_batch_size=16, use_cpu=True)
+    with pytest.raises(
+        ValueError,
+        match=r"gradient_cache_mini_batch_size \(16\) must be between 1 and per_device_train_batch_size \(8\)",
+    ):
+        CafeTrainingArguments(
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=8,
+            gradient_cache=True,
+            gradient_cache_mini_batch_size=16,
+            use_cpu=True,
+        )

@@ -28,7 +28,9 @@ def uploaded(monkeypatch):
     def upload_folder(self, *, repo_id, folder_path, allow_patterns=None, ignore_patterns=None, **kwargs):
         folder = Path(folder_path)
         files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-        calls["files"] = list(filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
+        calls["files"] = list(
+            filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns)
+        )
         return "commit-info"
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
@@ -58,7 +60,15 @@ def test_pickles_are_never_uploaded(trained_folder, uploaded, caplog):
     push_folder_to_hub(trained_folder, "someone/cafe")
     files = set(uploaded["files"])
     assert {"model.safetensors", "config.json", "README.md", "modules.json", "vectors.bin"} <= files
-    left_out = {"training_args.bin", "pytorch_model.bin", "optimizer.pt", "rng_state.pth", "notes.pkl", "EXTRA.PT", "sub/scheduler.pt"}
+    left_out = {
+        "training_args.bin",
+        "pytorch_model.bin",
+        "optimizer.pt",
+        "rng_state.pth",
+        "notes.pkl",
+        "EXTRA.PT",
+        "sub/scheduler.pt",
+    }
     assert not files & left_out
     assert "training_args.bin" in caplog.text and "pickle" in caplog.text
 

@@ -227,7 +227,8 @@ def test_length_buckets_batch_similar_lengths_longest_first(cafe_model, images):
     for sort in (True, False):
         seen = []
         handle = cafe_model.model.register_forward_pre_hook(
-            lambda module, args, kwargs: seen.append(kwargs["attention_mask"].sum(1).tolist()), with_kwargs=True
+            lambda module, args, kwargs, seen=seen: seen.append(kwargs["attention_mask"].sum(1).tolist()),
+            with_kwargs=True,
         )
         try:
             cafe_model.encode(inputs, batch_size=3, sort_by_length=sort, use_prefix_cache=False)
@@ -270,10 +271,14 @@ def test_generation_continues_from_the_embedded_prompt(cafe_model, images, caplo
     with torch.inference_mode():
         embedded = embed_keeping_cache(cafe_model, question)
     torch.testing.assert_close(embedded.embedding, cafe_model.encode([question], use_prefix_cache=False)[0])
-    content = [{"type": "image"}, {"type": "text", "text": question["text"]},
-               {"type": "text", "text": "\nAnswer the question briefly."}]
+    content = [
+        {"type": "image"},
+        {"type": "text", "text": question["text"]},
+        {"type": "text", "text": "\nAnswer the question briefly."},
+    ]
     prompt = cafe_model.processor.apply_chat_template(
-        [{"role": "user", "content": content}], chat_template=cafe_model.cafe_settings.lm_chat_template,
+        [{"role": "user", "content": content}],
+        chat_template=cafe_model.cafe_settings.lm_chat_template,
         add_generation_prompt=True,
     )
     batch = cafe_model.processor(images=[images[0]], text=prompt, return_tensors="pt")

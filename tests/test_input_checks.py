@@ -93,7 +93,9 @@ def test_negatives_as_a_single_dict_is_rejected(parser):
 
 
 def test_a_misspelt_key_is_rejected_with_the_known_keys(parser):
-    with pytest.raises(RecordError, match=r"record 0: unknown key 'negatvies' \(did you mean 'negatives'\?\).*known keys"):
+    with pytest.raises(
+        RecordError, match=r"record 0: unknown key 'negatvies' \(did you mean 'negatives'\?\).*known keys"
+    ):
         parser({"image": "red.png", "text": "red", "negatvies": ["blue"]})
     with pytest.raises(RecordError, match=r"unknown key 'imgae' \(did you mean 'image'\?\)"):
         parser({"imgae": "red.png", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}]})
@@ -101,8 +103,17 @@ def test_a_misspelt_key_is_rejected_with_the_known_keys(parser):
 
 def test_metadata_keys_that_resemble_no_layout_key_are_kept_out_of_the_way(parser):
     # LLaVA-OneVision-Data's `data_source`, cafe's synthetic ground truth: not layout keys.
-    example = parser({"id": "a", "image": "red.png", "text": "red", "data_source": "coco", "boxes": [[0, 0, 1, 1]],
-                      "captions": ["red", "a red picture"], "pope": []})
+    example = parser(
+        {
+            "id": "a",
+            "image": "red.png",
+            "text": "red",
+            "data_source": "coco",
+            "boxes": [[0, 0, 1, 1]],
+            "captions": ["red", "a red picture"],
+            "pope": [],
+        }
+    )
     assert example.positive.text == "red"
 
 
@@ -120,8 +131,10 @@ def test_mixed_record_layouts_in_one_json_file(image_folder):
     from cafe.training import load_records
 
     records = [
-        {"image": "red.png", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
-                                               {"from": "gpt", "value": "red"}]},
+        {
+            "image": "red.png",
+            "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "red"}],
+        },
         {"image": "blue.png", "text": "a blue picture"},
         {"query": "a query", "positive": "its answer", "negatives": ["not it"]},
         {"query_text": "find the red one", "target_image": "red.png"},
@@ -141,8 +154,10 @@ def test_mixed_layouts_make_one_batch(image_folder, cafe_model):
     from cafe.training import load_records
 
     records = [
-        {"image": "red.png", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
-                                               {"from": "gpt", "value": "red"}]},
+        {
+            "image": "red.png",
+            "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "red"}],
+        },
         {"image": "blue.png", "text": "a blue picture"},
         {"query": "a query", "positive": "its answer"},
     ]
@@ -172,7 +187,9 @@ def bomb(tmp_path, monkeypatch):
 
 def test_a_decompression_bomb_names_the_record_and_the_limit(bomb):
     parser = RecordParser(str(bomb))
-    with pytest.raises(ImageRecordError, match=r"record 5 \(pair image\).*bomb\.png.*2 x PIL\.Image\.MAX_IMAGE_PIXELS = 2000"):
+    with pytest.raises(
+        ImageRecordError, match=r"record 5 \(pair image\).*bomb\.png.*2 x PIL\.Image\.MAX_IMAGE_PIXELS = 2000"
+    ):
         parser({"image": "bomb.png", "text": "x"}, 5)
 
 
@@ -189,8 +206,9 @@ def test_missing_images_skip_skips_a_decompression_bomb(bomb, cafe_model):
     Image.new("RGB", (16, 16), (255, 0, 0)).save(bomb / "red.png")
     Image.new("RGB", (16, 16), (0, 0, 255)).save(bomb / "blue.png")
     collator = CafeCollator(cafe_model.processor, model=cafe_model, image_folder=str(bomb), missing_images="skip")
-    batch = collator([{"image": "bomb.png", "text": "x"}, {"image": "red.png", "text": "red"},
-                      {"image": "blue.png", "text": "blue"}])
+    batch = collator(
+        [{"image": "bomb.png", "text": "x"}, {"image": "red.png", "text": "red"}, {"image": "blue.png", "text": "blue"}]
+    )
     assert batch.counts["skipped_records"] == 1 and len(batch.query) == 2
 
 

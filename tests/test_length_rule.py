@@ -20,12 +20,16 @@ def test_a_text_over_the_limit_gets_one_vector_on_every_path(tiny_checkpoint, tm
 
     from sentence_transformers import SentenceTransformer
 
-    model = CafeForConditionalGeneration.from_pretrained(tiny_checkpoint, cafe_settings=CafeSettings(max_text_chars=300))
+    model = CafeForConditionalGeneration.from_pretrained(
+        tiny_checkpoint, cafe_settings=CafeSettings(max_text_chars=300)
+    )
     model.eval()
     text = long_text(450)  # ~2,700 characters, 9x the limit
     assert len(text) > 8 * 300
-    records = [{"image": Image.new("RGB", (32, 32), (255, 0, 0)), "text": text},
-               {"image": Image.new("RGB", (32, 32), (0, 0, 255)), "text": "a blue square"}]
+    records = [
+        {"image": Image.new("RGB", (32, 32), (255, 0, 0)), "text": text},
+        {"image": Image.new("RGB", (32, 32), (0, 0, 255)), "text": "a blue square"},
+    ]
     with caplog.at_level(logging.WARNING, logger="cafe.collator"):
         batch = CafeCollator(model.processor, model=model)(records)
     assert batch.counts["embedding_text_truncated"] == 1
@@ -43,7 +47,9 @@ def test_a_text_over_the_limit_gets_one_vector_on_every_path(tiny_checkpoint, tm
 
 
 def test_no_limit_and_a_prompt_past_the_context_is_a_clear_error(tiny_checkpoint):
-    model = CafeForConditionalGeneration.from_pretrained(tiny_checkpoint, cafe_settings=CafeSettings(max_text_chars=None))
+    model = CafeForConditionalGeneration.from_pretrained(
+        tiny_checkpoint, cafe_settings=CafeSettings(max_text_chars=None)
+    )
     context = model.config.get_text_config().max_position_embeddings
     with pytest.raises(ValueError, match=r"longer than the model's context \(2048 positions\).*max_text_chars"):
         model.encode([long_text(context + 100)])

@@ -1,6 +1,5 @@
 """Eq. 1 and Eq. 2 against hand computations."""
 
-
 import pytest
 import torch
 import torch.nn.functional as F

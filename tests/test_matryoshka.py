@@ -26,7 +26,7 @@ def test_matryoshka_term_is_the_weighted_sum_of_truncated_infonce():
     plain = ContrastiveLoss(0.05)
     expected = sum(
         w * plain(F.normalize(q[:, :k], dim=-1), F.normalize(d[:, :k], dim=-1), neg[:, :k], None, groups).loss
-        for k, w in zip(DIMS, weights)
+        for k, w in zip(DIMS, weights, strict=True)
     )
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
     assert sorted(out.loss_by_dim) == sorted(DIMS)

@@ -83,9 +83,10 @@ def test_save_with_cafe_loads_in_stock_classes(tiny_checkpoint, family, stock_cl
     # Same file layout as the stock class writes (the published keys, e.g. `language_model.lm_head`).
     from safetensors import safe_open
 
-    with safe_open(tmp_path / "model.safetensors", "pt") as saved, safe_open(
-        tiny_checkpoint / "model.safetensors", "pt"
-    ) as original:
+    with (
+        safe_open(tmp_path / "model.safetensors", "pt") as saved,
+        safe_open(tiny_checkpoint / "model.safetensors", "pt") as original,
+    ):
         assert set(saved.keys()) == set(original.keys())
         assert PUBLISHED_KEYS[family] in saved.keys()
 
@@ -122,10 +123,22 @@ def test_unsupported_backbone_gives_clear_error(tmp_path):
     from transformers import LlavaConfig, LlavaForConditionalGeneration, Qwen2Config, SiglipVisionConfig
 
     config = LlavaConfig(
-        vision_config=SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, image_size=16, patch_size=8),
-        text_config=Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                num_attention_heads=2, num_key_value_heads=1),
+        vision_config=SiglipVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=8,
+        ),
+        text_config=Qwen2Config(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        ),
     )
     LlavaForConditionalGeneration(config).save_pretrained(tmp_path)
     # A real image-text-to-text checkpoint (the Auto class takes it), just not a CAFe family.

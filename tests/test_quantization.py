@@ -48,8 +48,10 @@ def test_truncate_dim_is_cafes_truncation(saved, images):
     assert truncated.similarity_fn_name == "cosine"
 
 
-@pytest.mark.parametrize("precision, dtype, width", [("int8", np.int8, 64), ("uint8", np.uint8, 64),
-                                                     ("binary", np.int8, 8), ("ubinary", np.uint8, 8)])
+@pytest.mark.parametrize(
+    "precision, dtype, width",
+    [("int8", np.int8, 64), ("uint8", np.uint8, 64), ("binary", np.int8, 8), ("ubinary", np.uint8, 8)],
+)
 def test_encode_precision(st_model, precision, dtype, width):
     from sentence_transformers.quantization import quantize_embeddings
 

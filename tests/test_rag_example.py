@@ -39,8 +39,9 @@ def run(rag, tmp_path_factory):
 
     output = io.StringIO()
     with contextlib.redirect_stdout(output):
-        result = rag.main(["--max-new-tokens", "6", "--k-images", "2", "--k-passages", "2", "--compare-reuse",
-                           "--index", BACKEND])
+        result = rag.main(
+            ["--max-new-tokens", "6", "--k-images", "2", "--k-passages", "2", "--compare-reuse", "--index", BACKEND]
+        )
     return result, output.getvalue()
 
 
@@ -107,7 +108,11 @@ def test_faiss_index_persists_and_reloads(rag, run, tmp_path):
     assert isinstance(index.image_vectors._faiss, faiss.IndexFlatIP)
     corpus = rag.build_demo_corpus(tmp_path / "corpus")  # the run's own folder is gone; same files
     index.save(tmp_path / "saved")
-    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == ["documents.json", "images.faiss", "passages.faiss"]
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == [
+        "documents.json",
+        "images.faiss",
+        "passages.faiss",
+    ]
     reloaded = rag.Index.load(tmp_path / "saved", corpus)
     query = result["question"].embedding
     for name in ("image_vectors", "passage_vectors"):

@@ -27,10 +27,20 @@ def photo(width, height, seed):
 
 def photo_records():
     return [
-        {"image": photo(640, 480, 1), "conversations": [
-            {"from": "human", "value": "<image>\nDescribe the photo."}, {"from": "gpt", "value": "a grey gradient"}]},
-        {"image": photo(1920, 1080, 2), "conversations": [
-            {"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "a wide gradient"}]},
+        {
+            "image": photo(640, 480, 1),
+            "conversations": [
+                {"from": "human", "value": "<image>\nDescribe the photo."},
+                {"from": "gpt", "value": "a grey gradient"},
+            ],
+        },
+        {
+            "image": photo(1920, 1080, 2),
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat is shown?"},
+                {"from": "gpt", "value": "a wide gradient"},
+            ],
+        },
     ]
 
 
@@ -130,16 +140,30 @@ def test_multimodal_mode_end_to_end(tiny_checkpoint, tmp_path):
     records = []
     for i, colour in enumerate(["red", "green", "blue", "yellow"]):
         photo(32, 32, i).save(images / f"{colour}.png")
-        records.append({"image": f"{colour}.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": colour},
-            {"from": "human", "value": "And the shape?"}, {"from": "gpt", "value": "a square"}]})
+        records.append(
+            {
+                "image": f"{colour}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat colour?"},
+                    {"from": "gpt", "value": colour},
+                    {"from": "human", "value": "And the shape?"},
+                    {"from": "gpt", "value": "a square"},
+                ],
+            }
+        )
     collator = CafeCollator(model.processor, model=model, image_folder=str(images), multimodal_input=True)
     batch = collator(records[:2])
     query = model.processor.tokenizer.decode(batch.query.input_ids[0][batch.query.attention_mask[0].bool()])
     assert "What colour? And the shape?<|im_end|>" in query and "Compress" not in query
 
-    args = CafeTrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=1,
-                                 report_to=[], use_cpu=True, save_strategy="no")
+    args = CafeTrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=4,
+        max_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+    )
     trainer = CafeTrainer(model=model, args=args, train_dataset=Dataset.from_list(records), data_collator=collator)
     trainer.train()
     trainer.save_model(str(tmp_path / "saved"))

@@ -180,7 +180,9 @@ def test_an_earlier_saves_sentence_transformers_modules_do_not_survive(tiny_chec
     folder = tmp_path / "model"
     CafeForConditionalGeneration.from_pretrained(tiny_checkpoint).save_pretrained(folder)
     assert (folder / "2_Normalize").is_dir()
-    unnormalised = CafeForConditionalGeneration.from_pretrained(tiny_checkpoint, cafe_settings=CafeSettings(normalize=False))
+    unnormalised = CafeForConditionalGeneration.from_pretrained(
+        tiny_checkpoint, cafe_settings=CafeSettings(normalize=False)
+    )
     unnormalised.save_pretrained(folder)
     assert not (folder / "2_Normalize").exists()
     modules = json.loads((folder / "modules.json").read_text())
@@ -252,9 +254,9 @@ def test_saving_into_a_file_path_is_an_error(new, tmp_path):
 
 # ----------------------------------------------------------------------------- cafe train's final/
 def test_cafe_train_final_folder_holds_the_last_run_and_says_how_to_load_it(tiny_checkpoint, tmp_path, capsys):
+    from _training import write_training_data
     from peft import PeftModel
 
-    from _training import write_training_data
     from cafe.cli import main
 
     path, images = write_training_data(tmp_path)
@@ -262,10 +264,35 @@ def test_cafe_train_final_folder_holds_the_last_run_and_says_how_to_load_it(tiny
 
     def train(merge: bool) -> str:
         capsys.readouterr()
-        main(["train", "--model_name_or_path", str(tiny_checkpoint), "--data_path", str(path),
-              "--image_folder", str(images), "--output_dir", str(output_dir), "--max_steps", "2",
-              "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--report_to", "none",
-              "--use_cpu", "True", "--save_strategy", "no", "--use_lora", "True", "--merge_lora", str(merge)])
+        main(
+            [
+                "train",
+                "--model_name_or_path",
+                str(tiny_checkpoint),
+                "--data_path",
+                str(path),
+                "--image_folder",
+                str(images),
+                "--output_dir",
+                str(output_dir),
+                "--max_steps",
+                "2",
+                "--per_device_train_batch_size",
+                "4",
+                "--learning_rate",
+                "1e-2",
+                "--report_to",
+                "none",
+                "--use_cpu",
+                "True",
+                "--save_strategy",
+                "no",
+                "--use_lora",
+                "True",
+                "--merge_lora",
+                str(merge),
+            ]
+        )
         return capsys.readouterr().out
 
     base = CafeForConditionalGeneration.from_pretrained(tiny_checkpoint)

@@ -9,8 +9,8 @@ import json
 
 import pytest
 import torch
-
 from _training import write_training_data
+
 from cafe import CafeCollator
 from cafe.shared_prefix import common_prefix_length, shared_prefix_attention_mask
 
@@ -174,4 +174,6 @@ def test_an_attention_kernel_without_masks_says_sharing_is_off(cafe_model, data,
     finally:
         hf_logging.disable_propagation()
     assert packed is None
-    assert any("Prefix sharing is off" in r.getMessage() and "flash_attention_2" in r.getMessage() for r in caplog.records)
+    assert any(
+        "Prefix sharing is off" in r.getMessage() and "flash_attention_2" in r.getMessage() for r in caplog.records
+    )

@@ -35,14 +35,14 @@ def records():
 def test_same_seed_gives_byte_identical_images_and_identical_text():
     first = generate_records(25, seed=3, num_captions=3)
     second = generate_records(25, seed=3, num_captions=3)
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         assert png_bytes(a["image"]) == png_bytes(b["image"])
         assert {k: v for k, v in a.items() if k != "image"} == {k: v for k, v in b.items() if k != "image"}
 
 
 def test_sample_does_not_depend_on_how_many_are_generated():
     few, many = generate_records(4, seed=3), generate_records(30, seed=3)
-    for a, b in zip(few, many):
+    for a, b in zip(few, many, strict=True):
         assert a["caption"] == b["caption"] and a["image"].tobytes() == b["image"].tobytes()
 
 
@@ -216,7 +216,7 @@ def test_llava_json_round_trips_through_load_dataset(tmp_path):
     assert list(raw[0])[:3] == ["id", "image", "conversations"]
     loaded = datasets.load_dataset("json", data_files=str(path), split="train")
     assert len(loaded) == 6
-    for row, record in zip(loaded, recs):
+    for row, record in zip(loaded, recs, strict=True):
         assert row["id"] == record["id"]
         assert row["image"] == f"images/train/{record['id']}.png"
         assert row["conversations"] == record["conversations"]

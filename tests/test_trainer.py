@@ -7,9 +7,9 @@ tests/test_families_training.py.
 
 import pytest
 import torch
+from _training import first_batch, make_trainer, write_training_data
 from PIL import Image
 
-from _training import first_batch, make_trainer, write_training_data
 from cafe import CafeForConditionalGeneration
 
 
@@ -48,8 +48,9 @@ def test_a_user_loss_plugs_in_without_editing_the_trainer(cafe_model, data, tmp_
             acc = (logits.argmax(1) == labels).float().mean()
             return ContrastiveOutput(loss, acc, acc, torch.tensor(10.0))
 
-    custom = make_trainer(cafe_model, data, tmp_path, max_steps=2,
-                          loss=OneWayInfoNCE(contrastive_weight=2.0, lm_weight=0.0))
+    custom = make_trainer(
+        cafe_model, data, tmp_path, max_steps=2, loss=OneWayInfoNCE(contrastive_weight=2.0, lm_weight=0.0)
+    )
     assert isinstance(custom.loss, OneWayInfoNCE)
     batch = first_batch(custom)
     with torch.no_grad():
@@ -62,8 +63,16 @@ def test_a_user_loss_plugs_in_without_editing_the_trainer(cafe_model, data, tmp_
 
 
 def test_train_logs_cafe_metrics_and_param_groups(cafe_model, data, tmp_path):
-    trainer = make_trainer(cafe_model, data, tmp_path, max_steps=2, gradient_accumulation_steps=2,
-                           vision_tower_learning_rate=2e-6, learning_rate=1e-5, activation_checkpointing=True)
+    trainer = make_trainer(
+        cafe_model,
+        data,
+        tmp_path,
+        max_steps=2,
+        gradient_accumulation_steps=2,
+        vision_tower_learning_rate=2e-6,
+        learning_rate=1e-5,
+        activation_checkpointing=True,
+    )
     trainer.train()
     logged = trainer.state.log_history[0]
     for key in ("loss_lm", "loss_con", "acc_q2d", "acc_d2q", "logit_scale", "data/lm_truncated"):
@@ -88,12 +97,17 @@ def test_lora_merged_and_unmerged_give_same_embeddings(cafe_model, data, tmp_pat
 
     from cafe.training import LORA_TARGETS
 
-    peft_model = get_peft_model(cafe_model, LoraConfig(
-        r=4, lora_alpha=8, target_modules=rf".*language_model.*\.({'|'.join(LORA_TARGETS)})"))
+    peft_model = get_peft_model(
+        cafe_model, LoraConfig(r=4, lora_alpha=8, target_modules=rf".*language_model.*\.({'|'.join(LORA_TARGETS)})")
+    )
     trainer = make_trainer(peft_model, data, tmp_path, max_steps=3, learning_rate=1e-2)
     trainer.train()
     base = peft_model.get_base_model()
-    inputs = [Image.new("RGB", (32, 32), (255, 0, 0)), "a red picture", {"image": Image.new("RGB", (32, 32), (0, 0, 255)), "text": "blue"}]
+    inputs = [
+        Image.new("RGB", (32, 32), (255, 0, 0)),
+        "a red picture",
+        {"image": Image.new("RGB", (32, 32), (0, 0, 255)), "text": "blue"},
+    ]
     adapter_emb = base.encode(inputs)
     with peft_model.disable_adapter():
         without_adapters = base.encode(inputs)
@@ -124,8 +138,16 @@ def test_resume_reproduces_the_loss_curve(tiny_checkpoint, data, tmp_path):
 
     def run(output_dir, resume=None, stop_at=None):
         model = CafeForConditionalGeneration.from_pretrained(tiny_checkpoint)
-        trainer = make_trainer(model, data, tmp_path, output_dir=str(output_dir), max_steps=4,
-                               save_strategy="steps", save_steps=2, per_device_train_batch_size=2)
+        trainer = make_trainer(
+            model,
+            data,
+            tmp_path,
+            output_dir=str(output_dir),
+            max_steps=4,
+            save_strategy="steps",
+            save_steps=2,
+            per_device_train_batch_size=2,
+        )
         if stop_at:
             trainer.add_callback(StopAt(stop_at))
         trainer.train(resume_from_checkpoint=resume)
@@ -142,11 +164,35 @@ def test_cafe_train_cli_end_to_end(tiny_checkpoint, data, tmp_path):
     from cafe.cli import main
 
     path, folder = data
-    code = main(["train", "--model_name_or_path", str(tiny_checkpoint), "--data_path", str(path),
-                 "--image_folder", str(folder), "--output_dir", str(tmp_path / "cli"), "--max_steps", "2",
-                 "--per_device_train_batch_size", "4", "--con_weight", "5", "--compute_language_loss", "True",
-                 "--compute_contrastive_loss", "True", "--report_to", "none", "--use_cpu", "True",
-                 "--save_strategy", "no"])
+    code = main(
+        [
+            "train",
+            "--model_name_or_path",
+            str(tiny_checkpoint),
+            "--data_path",
+            str(path),
+            "--image_folder",
+            str(folder),
+            "--output_dir",
+            str(tmp_path / "cli"),
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "4",
+            "--con_weight",
+            "5",
+            "--compute_language_loss",
+            "True",
+            "--compute_contrastive_loss",
+            "True",
+            "--report_to",
+            "none",
+            "--use_cpu",
+            "True",
+            "--save_strategy",
+            "no",
+        ]
+    )
     assert code == 0
     model = CafeForConditionalGeneration.from_pretrained(tmp_path / "cli" / "final")
     assert model.processor is not None
@@ -185,8 +231,18 @@ def test_resume_restores_the_learned_logit_scale_exactly(tiny_checkpoint, data, 
 
     def trainer_for(output_dir):
         model = CafeForConditionalGeneration.from_pretrained(tiny_checkpoint)
-        return make_trainer(model, data, tmp_path, output_dir=str(output_dir), max_steps=4, save_strategy="steps",
-                            save_steps=2, per_device_train_batch_size=2, learnable_logit_scale=True, learning_rate=5e-2)
+        return make_trainer(
+            model,
+            data,
+            tmp_path,
+            output_dir=str(output_dir),
+            max_steps=4,
+            save_strategy="steps",
+            save_steps=2,
+            per_device_train_batch_size=2,
+            learnable_logit_scale=True,
+            learning_rate=5e-2,
+        )
 
     full = trainer_for(tmp_path / "full")
     full.train()
@@ -219,9 +275,16 @@ def test_lora_merged_save_writes_the_learned_temperature(tiny_checkpoint, data, 
     data_args = DataArguments(data_path=str(path), image_folder=str(folder))
     from cafe import CafeTrainingArguments
 
-    training_args = CafeTrainingArguments(output_dir=str(tmp_path / "lora"), max_steps=3, learning_rate=5e-2,
-                                          per_device_train_batch_size=4, learnable_logit_scale=True,
-                                          report_to=[], use_cpu=True, save_strategy="no")
+    training_args = CafeTrainingArguments(
+        output_dir=str(tmp_path / "lora"),
+        max_steps=3,
+        learning_rate=5e-2,
+        per_device_train_batch_size=4,
+        learnable_logit_scale=True,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+    )
     trainer = build_trainer(model_args, data_args, training_args)
     trainer.train()
     learned_temperature = 1 / math.exp(trainer.loss.contrastive.log_logit_scale.item())

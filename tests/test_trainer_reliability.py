@@ -4,11 +4,11 @@ saved folders, record sampling resumed exactly, a clear word on an incomplete ch
 import json
 
 import pytest
+from _training import make_trainer, write_training_data
 from datasets import Dataset
 from PIL import Image
 from transformers import TrainerCallback
 
-from _training import make_trainer, write_training_data
 from cafe import CafeCollator, CafeForConditionalGeneration, CafeTrainer, CafeTrainingArguments
 from cafe.data.validation import DataValidationError
 
@@ -27,12 +27,23 @@ class CountSteps(TrainerCallback):
 
 
 def trainer_on(model, records, folder, tmp_path, missing_images="raise", **overrides):
-    kwargs = dict(output_dir=str(tmp_path / "run"), per_device_train_batch_size=2, max_steps=2, report_to=[],
-                  use_cpu=True, save_strategy="no", logging_steps=1)
+    kwargs = dict(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=2,
+        max_steps=2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+    )
     kwargs.update(overrides)
     collator = CafeCollator(model.processor, model=model, image_folder=str(folder), missing_images=missing_images)
-    return CafeTrainer(model=model, args=CafeTrainingArguments(**kwargs), train_dataset=Dataset.from_list(records),
-                       data_collator=collator)
+    return CafeTrainer(
+        model=model,
+        args=CafeTrainingArguments(**kwargs),
+        train_dataset=Dataset.from_list(records),
+        data_collator=collator,
+    )
 
 
 def test_a_bad_record_anywhere_stops_the_run_before_step_1(cafe_model, data, tmp_path):
@@ -83,8 +94,11 @@ def test_trainer_push_to_hub_goes_through_cafes_upload(cafe_model, data, tmp_pat
     import cafe.hub
 
     pushed = {}
-    monkeypatch.setattr(cafe.hub, "push_folder_to_hub",
-                        lambda folder, repo_id, **kwargs: pushed.update(folder=folder, repo_id=repo_id) or "ok")
+    monkeypatch.setattr(
+        cafe.hub,
+        "push_folder_to_hub",
+        lambda folder, repo_id, **kwargs: pushed.update(folder=folder, repo_id=repo_id) or "ok",
+    )
     trainer = make_trainer(cafe_model, data, tmp_path, max_steps=1, hub_model_id="someone/cafe-run")
     trainer.train()
     assert trainer.push_to_hub() == "ok"
@@ -99,8 +113,12 @@ def test_resume_with_positives_draws_what_the_uninterrupted_run_draws(tiny_check
     records = []
     for name, rgb in colours.items():
         Image.new("RGB", (32, 32), rgb).save(folder / f"{name}.png")
-        records.append({"image": f"{name}.png", "positives": [f"a {name} picture", f"{name}", f"the colour {name}",
-                                                              f"something {name} here"]})
+        records.append(
+            {
+                "image": f"{name}.png",
+                "positives": [f"a {name} picture", f"{name}", f"the colour {name}", f"something {name} here"],
+            }
+        )
 
     class StopAt2(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -109,8 +127,19 @@ def test_resume_with_positives_draws_what_the_uninterrupted_run_draws(tiny_check
 
     def run(output_dir, stop=False, resume=None):
         model = CafeForConditionalGeneration.from_pretrained(tiny_checkpoint)
-        trainer = trainer_on(model, records, folder, tmp_path, output_dir=str(output_dir), max_steps=4,
-                             save_strategy="steps", save_steps=2, learning_rate=1e-3, seed=0, data_seed=0)
+        trainer = trainer_on(
+            model,
+            records,
+            folder,
+            tmp_path,
+            output_dir=str(output_dir),
+            max_steps=4,
+            save_strategy="steps",
+            save_steps=2,
+            learning_rate=1e-3,
+            seed=0,
+            data_seed=0,
+        )
         if stop:
             trainer.add_callback(StopAt2())
         trainer.train(resume_from_checkpoint=resume)

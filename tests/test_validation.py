@@ -15,8 +15,10 @@ COLOURS = {"red": (255, 0, 0), "green": (0, 200, 0), "blue": (0, 0, 255), "white
 
 
 def llava(image, answer="a picture"):
-    return {"image": image, "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
-                                              {"from": "gpt", "value": answer}]}
+    return {
+        "image": image,
+        "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": answer}],
+    }
 
 
 @pytest.fixture()
@@ -58,7 +60,13 @@ def test_every_bad_record_is_reported_at_once(tmp_path, folder):
         validate_records(dataset, image_folder=folder)
     problems = info.value.problems
     assert [(p.index, p.record_id) for p in problems] == [
-        (3, "r3"), (7, "r7"), (11, "r11"), (15, "r15"), (19, "r19"), (23, "r23")]
+        (3, "r3"),
+        (7, "r7"),
+        (11, "r11"),
+        (15, "r15"),
+        (19, "r19"),
+        (23, "r23"),
+    ]
     assert [p.image_problem for p in problems] == [True, True, False, False, False, True]
     message = str(info.value)
     assert message.startswith("6 of 40 records cannot be used.")
@@ -148,7 +156,10 @@ def test_results_are_cached_until_the_image_folder_changes(tmp_path, folder):
 def test_metadata_columns_are_not_loaded_but_named(tmp_path, folder):
     records = good_records(3)
     records[1] = {"id": "r1", "picture": "red.png", "caption": "red"}
-    with pytest.raises(DataValidationError, match=r"#1 .*fits no supported layout; it has keys \['caption', 'id', 'picture', 'record_index'\]"):
+    with pytest.raises(
+        DataValidationError,
+        match=r"#1 .*fits no supported layout; it has keys \['caption', 'id', 'picture', 'record_index'\]",
+    ):
         validate_records(write(tmp_path, records), image_folder=folder)
 
 

@@ -49,8 +49,10 @@ def clip_record(clip, text="a shape moving left"):
 
 
 def video_conversation(clip, question="What happens?", answer="it grows"):
-    return {"video": clip, "conversations": [{"from": "human", "value": f"<video>\n{question}"},
-                                             {"from": "gpt", "value": answer}]}
+    return {
+        "video": clip,
+        "conversations": [{"from": "human", "value": f"<video>\n{question}"}, {"from": "gpt", "value": answer}],
+    }
 
 
 def video_token_id(model):
@@ -61,8 +63,12 @@ def video_token_id(model):
 def test_collator_output_for_video_records(cafe_model, clips, family):
     """Video pairs, a <video> conversation, an image pair and a repeated clip in one batch."""
     red = Image.new("RGB", (40, 30), (255, 0, 0))
-    records = [clip_record(clips[0]), video_conversation(clips[1]), {"image": red, "text": "a red picture"},
-               clip_record(clips[0])]
+    records = [
+        clip_record(clips[0]),
+        video_conversation(clips[1]),
+        {"image": red, "text": "a red picture"},
+        clip_record(clips[0]),
+    ]
     collator = CafeCollator(cafe_model.processor, model=cafe_model)
     batch = collator(records)
     vision = batch.vision
@@ -86,15 +92,17 @@ def test_collator_output_for_video_records(cafe_model, clips, family):
     # The embedding prompt of a clip is the reference's image prompt with "video".
     prompt = tok.decode(batch.query.input_ids[0][batch.query.attention_mask[0].bool()])
     tokens_per_clip = int((batch.query.input_ids[0] == video_token_id(cafe_model)).sum())
-    assert prompt == REFERENCE_VIDEO.format(video=VIDEO[family].replace(
-        cafe_model.processor.video_token, cafe_model.processor.video_token * tokens_per_clip))
+    assert prompt == REFERENCE_VIDEO.format(
+        video=VIDEO[family].replace(
+            cafe_model.processor.video_token, cafe_model.processor.video_token * tokens_per_clip
+        )
+    )
 
 
 def test_a_mixed_batch_keeps_image_and_video_features_apart(cafe_model, clips):
     """Text-only, image-only and video-only sides in one batch, each gets its own features."""
     red = Image.new("RGB", (40, 30), (255, 0, 0))
-    records = [{"query": "a question", "positive": "its answer"}, {"image": red, "text": "red"},
-               clip_record(clips[2])]
+    records = [{"query": "a question", "positive": "its answer"}, {"image": red, "text": "red"}, clip_record(clips[2])]
     batch = CafeCollator(cafe_model.processor, model=cafe_model)(records)
     with torch.no_grad():
         out = cafe_model(cafe_batch=batch)
@@ -105,8 +113,12 @@ def test_a_mixed_batch_keeps_image_and_video_features_apart(cafe_model, clips):
 def test_one_vision_pass_per_video(cafe_model, clips, family):
     """Two distinct clips shown by four records (query and LM sequences): the vision tower runs
     once, over the two clips' frames, in the whole training step."""
-    records = [clip_record(clips[0]), video_conversation(clips[1]), clip_record(clips[0], "again"),
-               video_conversation(clips[1], answer="it moves")]
+    records = [
+        clip_record(clips[0]),
+        video_conversation(clips[1]),
+        clip_record(clips[0], "again"),
+        video_conversation(clips[1], answer="it moves"),
+    ]
     batch = CafeCollator(cafe_model.processor, model=cafe_model)(records)
     tower = getattr(cafe_model.model, type(cafe_model).cafe_vision_modules[0])
     rows = []
@@ -136,8 +148,9 @@ def test_video_embedding_equals_an_independent_computation(tiny_checkpoint, stoc
     video = load_video(clips[0], sampling)
     # Written out by hand, not through cafe's templates.
     prompts = [REFERENCE_VIDEO.format(video=VIDEO[family]), REFERENCE_VIDEO_TEXT.format(video=VIDEO[family])]
-    inputs = processor(text=prompts, videos=[video.frames] * 2, video_metadata=[video.metadata] * 2,
-                       padding=True, return_tensors="pt")
+    inputs = processor(
+        text=prompts, videos=[video.frames] * 2, video_metadata=[video.metadata] * 2, padding=True, return_tensors="pt"
+    )
     with torch.no_grad():
         hidden = stock.model(**inputs, use_cache=False).last_hidden_state
         expected = torch.nn.functional.normalize(last_token_pool(hidden, inputs["attention_mask"]).float(), dim=-1)
@@ -154,11 +167,20 @@ def test_training_forward_equals_encode_for_videos(cafe_model, clips):
     collator = CafeCollator(cafe_model.processor, model=cafe_model)
     batch = collator(records)
     conversations = [collator.parser(record, i).conversation for i, record in enumerate(records)]
-    prompts = [cafe_model.processor.apply_chat_template(c, chat_template=cafe_model.cafe_settings.lm_chat_template,
-                                                        tokenize=False) for c in conversations]
+    prompts = [
+        cafe_model.processor.apply_chat_template(
+            c, chat_template=cafe_model.cafe_settings.lm_chat_template, tokenize=False
+        )
+        for c in conversations
+    ]
     videos = [load_video(clips[i], collator.parser.video_sampling) for i in range(3)]
-    stock_batch = cafe_model.processor(text=prompts, videos=[v.frames for v in videos],
-                                       video_metadata=[v.metadata for v in videos], padding=True, return_tensors="pt")
+    stock_batch = cafe_model.processor(
+        text=prompts,
+        videos=[v.frames for v in videos],
+        video_metadata=[v.metadata for v in videos],
+        padding=True,
+        return_tensors="pt",
+    )
     assert torch.equal(stock_batch["input_ids"], batch.lm.input_ids)
     with torch.no_grad():
         shared = cafe_model.cafe_forward(batch, share_prefix=True)
@@ -191,7 +213,10 @@ def test_prefix_sharing_covers_video_records(cafe_model, clips):
     finally:
         hook.remove()
         cafe_model.eval()
-    (shared, shared_grads, shared_positions), (separate, separate_grads, separate_positions) = results[True], results[False]
+    (shared, shared_grads, shared_positions), (separate, separate_grads, separate_positions) = (
+        results[True],
+        results[False],
+    )
     video_tokens = int((batch.query.input_ids == video_token_id(cafe_model)).sum())
     assert separate_positions - shared_positions >= video_tokens  # every clip's tokens saved once
     assert (shared.query_embeds - separate.query_embeds).abs().max().item() <= 1e-5
@@ -203,10 +228,21 @@ def test_prefix_sharing_covers_video_records(cafe_model, clips):
 
 def test_encode_takes_videos_with_and_without_text(cafe_model, clips):
     with torch.no_grad():
-        batched = cafe_model.encode([{"video": clips[0]}, "text", {"video": clips[1], "text": "what moves?"},
-                                     Video(clips[2], fps=2.0)], batch_size=4)
-        alone = torch.cat([cafe_model.encode([item]) for item in
-                           [{"video": clips[0]}, "text", {"video": clips[1], "text": "what moves?"}, Video(clips[2], fps=2.0)]])
+        batched = cafe_model.encode(
+            [{"video": clips[0]}, "text", {"video": clips[1], "text": "what moves?"}, Video(clips[2], fps=2.0)],
+            batch_size=4,
+        )
+        alone = torch.cat(
+            [
+                cafe_model.encode([item])
+                for item in [
+                    {"video": clips[0]},
+                    "text",
+                    {"video": clips[1], "text": "what moves?"},
+                    Video(clips[2], fps=2.0),
+                ]
+            ]
+        )
     assert batched.shape == (4, cafe_model.config.get_text_config().hidden_size)
     assert (batched - alone).abs().max().item() <= 1e-5
     assert (batched @ batched.T - torch.eye(4)).abs().max() > 1e-4
@@ -246,7 +282,8 @@ def test_generate_on_a_video_matches_the_stock_class(tiny_checkpoint, stock_clas
     video = load_video(clips[0], frame_sampling(processor, model.cafe_settings))
     prompt = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Describe the video."}]}],
-        add_generation_prompt=True, tokenize=False,
+        add_generation_prompt=True,
+        tokenize=False,
     )
     inputs = processor(text=[prompt], videos=[video.frames], video_metadata=[video.metadata], return_tensors="pt")
     with torch.no_grad():
@@ -265,16 +302,34 @@ def test_video_evaluation_runs_on_paths_and_arrays(cafe_model, tmp_path):
     import json
 
     entries = json.loads(path.read_text())
-    from_files = evaluate_video_retrieval(cafe_model, [e["video"] for e in entries], [e["captions"] for e in entries],
-                                          ks=(1, 2), video_root=tmp_path, return_scores=True)
-    in_memory = evaluate_video_retrieval(cafe_model, [r["video"] for r in records], [r["captions"] for r in records],
-                                         ks=(1, 2), return_scores=True)
-    assert set(from_files) == {"text_to_video_recall@1", "text_to_video_recall@2", "video_to_text_recall@1",
-                               "video_to_text_recall@2", "num_videos", "num_captions", "scores"}
+    from_files = evaluate_video_retrieval(
+        cafe_model,
+        [e["video"] for e in entries],
+        [e["captions"] for e in entries],
+        ks=(1, 2),
+        video_root=tmp_path,
+        return_scores=True,
+    )
+    in_memory = evaluate_video_retrieval(
+        cafe_model, [r["video"] for r in records], [r["captions"] for r in records], ks=(1, 2), return_scores=True
+    )
+    assert set(from_files) == {
+        "text_to_video_recall@1",
+        "text_to_video_recall@2",
+        "video_to_text_recall@1",
+        "video_to_text_recall@2",
+        "num_videos",
+        "num_captions",
+        "scores",
+    }
     assert torch.allclose(from_files["scores"], in_memory["scores"], atol=1e-5)  # PNG frames are lossless
-    captions = evaluate_video_captions(cafe_model, [r["video"] for r in records],
-                                       [r["attributes"]["motion"] for r in records], max_new_tokens=4,
-                                       show_progress_bar=False)
+    captions = evaluate_video_captions(
+        cafe_model,
+        [r["video"] for r in records],
+        [r["attributes"]["motion"] for r in records],
+        max_new_tokens=4,
+        show_progress_bar=False,
+    )
     assert len(captions["captions"]) == 4 and 0.0 <= captions["motion_accuracy"] <= 1.0
 
 
@@ -289,14 +344,29 @@ def test_a_short_training_run_lifts_text_to_video_recall_above_chance(cafe_model
     videos, captions = [r["video"] for r in records], [r["caption"] for r in records]
     before = evaluate_video_retrieval(cafe_model, videos, captions, ks=(1,))["text_to_video_recall@1"]
     args = CafeTrainingArguments(
-        output_dir=str(tmp_path / "run"), per_device_train_batch_size=8, max_steps=30, learning_rate=5e-4,
-        vision_tower_learning_rate=5e-4, lr_scheduler_type="cosine", warmup_steps=0.05, contrastive_weight=10.0,
-        logging_steps=10, report_to=[], save_strategy="no", use_cpu=True, seed=0, data_seed=0, disable_tqdm=True,
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=8,
+        max_steps=30,
+        learning_rate=5e-4,
+        vision_tower_learning_rate=5e-4,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,
+        contrastive_weight=10.0,
+        logging_steps=10,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
     )
-    trainer = CafeTrainer(model=cafe_model, args=args,
-                          train_dataset=[{"video": v, "text": c} for v, c in zip(videos, captions)],
-                          data_collator=CafeCollator(cafe_model.processor, model=cafe_model),
-                          processing_class=cafe_model.processor)
+    trainer = CafeTrainer(
+        model=cafe_model,
+        args=args,
+        train_dataset=[{"video": v, "text": c} for v, c in zip(videos, captions, strict=True)],
+        data_collator=CafeCollator(cafe_model.processor, model=cafe_model),
+        processing_class=cafe_model.processor,
+    )
     trainer.train()
     cafe_model.eval()
     after = evaluate_video_retrieval(cafe_model, videos, captions, ks=(1,))["text_to_video_recall@1"]
@@ -317,10 +387,17 @@ def test_cafe_train_reads_video_records_and_saves_the_frame_rule(tiny_checkpoint
 
     path = write_clip_records(generate_clip_records(4, seed=0, image_size=32), tmp_path / "data")
     model_args = ModelArguments(model_name_or_path=str(tiny_checkpoint))
-    data_args = DataArguments(data_path=str(path), image_folder=str(tmp_path / "data"), video_num_frames=4,
-                              video_fps=1.0)
-    training_args = CafeTrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=4,
-                                          report_to=[], use_cpu=True, save_strategy="no")
+    data_args = DataArguments(
+        data_path=str(path), image_folder=str(tmp_path / "data"), video_num_frames=4, video_fps=1.0
+    )
+    training_args = CafeTrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=1,
+        per_device_train_batch_size=4,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+    )
     trainer = build_trainer(model_args, data_args, training_args)
     sampling = trainer.data_collator.parser.video_sampling
     assert sampling.num_frames == 4 or sampling.fps == 1.0

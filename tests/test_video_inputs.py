@@ -28,8 +28,10 @@ def clip_record(clip, text="a shape moving left"):
 
 
 def video_conversation(clip, question="What happens?", answer="it grows"):
-    return {"video": clip, "conversations": [{"from": "human", "value": f"<video>\n{question}"},
-                                             {"from": "gpt", "value": answer}]}
+    return {
+        "video": clip,
+        "conversations": [{"from": "human", "value": f"<video>\n{question}"}, {"from": "gpt", "value": answer}],
+    }
 
 
 def test_frame_sampling_is_the_processors():
@@ -112,14 +114,26 @@ def test_records_carry_video_where_they_carry_images(clips, tmp_path):
     assert pair.conversation[0]["content"] == [{"type": "video"}, {"type": "text", "text": "Describe the video."}]
     llava = parser(video_conversation(clips[1]), 1)
     assert llava.conversation_visuals == [llava.query] and llava.conversation[0]["content"][0] == {"type": "video"}
-    interleaved = parser({"query_video": clips[0], "query_text": "what moves?", "target_text": "a square",
-                          "negatives": [{"video": clips[2]}]}, 2)
+    interleaved = parser(
+        {
+            "query_video": clips[0],
+            "query_text": "what moves?",
+            "target_text": "a square",
+            "negatives": [{"video": clips[2]}],
+        },
+        2,
+    )
     assert interleaved.query.video is not None and interleaved.negatives[0].video is not None
     with pytest.raises(RecordError, match="both an image and a video"):
         parser({"image": Image.new("RGB", (8, 8)), "video": clips[0], "text": "x"}, 3)
     with pytest.raises(RecordError, match=r"1 '<image>' placeholder.*one video"):
-        parser({"video": clips[0], "conversations": [{"from": "human", "value": "<image>\nHi"},
-                                                   {"from": "gpt", "value": "a"}]}, 4)
+        parser(
+            {
+                "video": clips[0],
+                "conversations": [{"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "a"}],
+            },
+            4,
+        )
     with pytest.raises(ImageRecordError, match="Video file not found for record 5"):
         parser({"video": str(tmp_path / "missing.mp4"), "text": "x"}, 5)
     with pytest.raises(RecordError, match=r"did you mean 'video'"):
@@ -131,7 +145,10 @@ def test_clips_are_deterministic_and_captions_name_the_motion():
     from cafe.data import MOTIONS, parse_motion
 
     first, second = generate_clip_records(30, seed=5), generate_clip_records(30, seed=5)
-    assert all(np.array_equal(a["video"], b["video"]) and a["caption"] == b["caption"] for a, b in zip(first, second))
+    assert all(
+        np.array_equal(a["video"], b["video"]) and a["caption"] == b["caption"]
+        for a, b in zip(first, second, strict=True)
+    )
     assert [r["caption"] for r in first] != [r["caption"] for r in generate_clip_records(30, seed=5, split="test")]
     records = generate_clip_records(120, seed=0)
     assert {r["attributes"]["motion"] for r in records} == set(MOTIONS)

@@ -50,10 +50,14 @@ def run(bench: Bench) -> dict:
     texts = [W.caption(bench.opt("text_tokens"), 50_000 + i) for i in range(n_texts)]
     results = {}
     profiles = {}
-    for kind, items in (("images", [EmbeddingInput(image=im) for im in images]),
-                        ("texts", [EmbeddingInput(text=t) for t in texts])):
-        batches = [W.to_device(b.data if hasattr(b, "data") else b, device, bench.dtype)
-                   for b in W.embedding_batches(processor, model, items, batch_size)]
+    for kind, items in (
+        ("images", [EmbeddingInput(image=im) for im in images]),
+        ("texts", [EmbeddingInput(text=t) for t in texts]),
+    ):
+        batches = [
+            W.to_device(b.data if hasattr(b, "data") else b, device, bench.dtype)
+            for b in W.embedding_batches(processor, model, items, batch_size)
+        ]
         singles = [W.to_device(s, device, bench.dtype) for s in _single_inputs(batches, model.config.image_token_id)]
 
         last = {}
@@ -69,8 +73,9 @@ def run(bench: Bench) -> dict:
         # Row 5's ceiling, timed inside the same alternation (neighbouring runs share the background load).
         contestants.append(bench.matmul_contestant())
         log(f"row 2 ({kind}): {len(items)} inputs, cafe batch {batch_size}")
-        H.run_side_by_side(contestants, device, warmup=bench.opt("warmup"), repeats=bench.opt("repeats"),
-                           between=gc_between, log=log)
+        H.run_side_by_side(
+            contestants, device, warmup=bench.opt("warmup"), repeats=bench.opt("repeats"), between=gc_between, log=log
+        )
         # Same embeddings either way (up to bf16 noise from padding and batching).
         agreement = float((last["cafe"] * last["ref"]).sum(-1).min())
         ref_c, cafe_c = contestants[:2]
@@ -89,9 +94,12 @@ def run(bench: Bench) -> dict:
         }
         if len(contestants) > 2:
             mm = contestants[2]
-            results[kind]["matmul_ceiling"] = {**mm.summary(), "per_round_tflops": [mm.flops / t / 1e12 for t in mm.times]}
+            results[kind]["matmul_ceiling"] = {
+                **mm.summary(),
+                "per_round_tflops": [mm.flops / t / 1e12 for t in mm.times],
+            }
             results[kind]["per_round_fraction_of_matmul"] = [
-                (cafe_c.flops / tc) / (mm.flops / tm) for tc, tm in zip(cafe_c.times, mm.times)
+                (cafe_c.flops / tc) / (mm.flops / tm) for tc, tm in zip(cafe_c.times, mm.times, strict=True)
             ]
         if bench.args.profile and not bench.args.quick and ratio["median"] < GOALS[2]["value"]:
             profiles[f"{kind}/reference-style"] = H.profile_table(ref_embed, device)
@@ -112,5 +120,4 @@ def run(bench: Bench) -> dict:
             "of a GPU idle): run --device cuda. Closing it on CPU would need fewer FLOPs per input, e.g. fewer "
             "vision tokens (token pooling) or a shorter prompt."
         )
-    return {"status": "measured", "goal_met": met, "result": results, "note": note,
-            "profile": profiles}
+    return {"status": "measured", "goal_met": met, "result": results, "note": note, "profile": profiles}

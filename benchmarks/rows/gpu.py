@@ -23,9 +23,13 @@ def gpu_nominal_peak(name: str) -> float | None:
 
 def run(bench: Bench, training_row: dict | None) -> dict:
     if not bench.device.startswith("cuda"):
-        return {"status": "skipped", "goal_met": None, "result": {},
-                "note": "No GPU in this run. GPU mode: python benchmarks/run.py --device cuda (bf16, sdpa, CUDA "
-                "events, full 0.5B shape; reports step time, samples/s and MFU)."}
+        return {
+            "status": "skipped",
+            "goal_met": None,
+            "result": {},
+            "note": "No GPU in this run. GPU mode: python benchmarks/run.py --device cuda (bf16, sdpa, CUDA "
+            "events, full 0.5B shape; reports step time, samples/s and MFU).",
+        }
     if not training_row or training_row.get("status") != "measured":
         return {"status": "skipped", "goal_met": None, "result": {}, "note": "needs row 1"}
     name = torch.cuda.get_device_name()
@@ -43,7 +47,11 @@ def run(bench: Bench, training_row: dict | None) -> dict:
             "mfu_vs_measured_matmul": s["mfu_vs_measured_matmul"],
             "peak_memory_mib": s["peak_memory_mib"],
         }
-    return {"status": "measured", "goal_met": None, "result": result,
-            "note": "Row 1's measurements on the GPU. MFU = model FLOPs (3 x counted forward FLOPs) / step time / peak; HFU "
-            "counts the executed FLOPs (activation-checkpointing recompute included). Peak: nominal dense bf16 of the "
-            "GPU and the measured torch.mm of the same run."}
+    return {
+        "status": "measured",
+        "goal_met": None,
+        "result": result,
+        "note": "Row 1's measurements on the GPU. MFU = model FLOPs (3 x counted forward FLOPs) / step time / peak; HFU "
+        "counts the executed FLOPs (activation-checkpointing recompute included). Peak: nominal dense bf16 of the "
+        "GPU and the measured torch.mm of the same run.",
+    }

@@ -59,11 +59,17 @@ def run(bench: Bench) -> dict:
                 if not use_cache and size > plain_max:
                     continue
                 training_args = CafeTrainingArguments(
-                    output_dir=tmp, per_device_train_batch_size=size, report_to=[], save_strategy="no",
-                    use_cpu=not device.startswith("cuda"), gradient_cache=use_cache,
+                    output_dir=tmp,
+                    per_device_train_batch_size=size,
+                    report_to=[],
+                    save_strategy="no",
+                    use_cpu=not device.startswith("cuda"),
+                    gradient_cache=use_cache,
                     **({"gradient_cache_mini_batch_size": mini} if use_cache else {}),
                 )
-                trainer = CafeTrainer(model=model, args=training_args, data_collator=CafeCollator(processor, model=model))
+                trainer = CafeTrainer(
+                    model=model, args=training_args, data_collator=CafeCollator(processor, model=model)
+                )
                 records = W.training_records(size, spec.image_size, bench.opt("caption_tokens"), seed=size)
                 # With GradCache on, the trainer's loss is a CachedCafeLoss and its collator a
                 # MiniBatchCollator (MiniBatches of `mini` records); off, a plain CafeBatch.
@@ -90,10 +96,15 @@ def run(bench: Bench) -> dict:
     if "8" in cached and "64" in cached:
         value = cached["64"]["peak_memory_mib"] / cached["8"]["peak_memory_mib"]
     met = goal_met(4, value)
-    note = (f"Model: {spec.name}. Peak = memory above the process floor (before any model was built): weights, "
-            f"grads, batch, activations. GradCache mini-batch {mini}.")
+    note = (
+        f"Model: {spec.name}. Peak = memory above the process floor (before any model was built): weights, "
+        f"grads, batch, activations. GradCache mini-batch {mini}."
+    )
     if value is None:
         note += " peak(64)/peak(8) needs sizes 8 and 64 (--gradcache-sizes)."
-    return {"status": "measured", "goal_met": met,
-            "result": {"model": spec.name, "mini_batch": mini, "series": series, "peak64_over_peak8": value},
-            "note": note}
+    return {
+        "status": "measured",
+        "goal_met": met,
+        "result": {"model": spec.name, "mini_batch": mini, "series": series, "peak64_over_peak8": value},
+        "note": note,
+    }

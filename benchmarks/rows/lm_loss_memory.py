@@ -36,16 +36,28 @@ def run(bench: Bench) -> dict:
             loss.backward()
             hidden.grad = None
             model.zero_grad(set_to_none=True)
+
         return step
 
     contestants = [
-        H.Contestant("full logits, fp32 loss (stock / reference)", run(lambda: R.full_logits_lm_loss(hidden, labels, head, True))),
+        H.Contestant(
+            "full logits, fp32 loss (stock / reference)", run(lambda: R.full_logits_lm_loss(hidden, labels, head, True))
+        ),
         H.Contestant("full logits, bf16 loss", run(lambda: R.full_logits_lm_loss(hidden, labels, head, False))),
-        H.Contestant("cafe (logits at supervised positions)", run(lambda: lm_loss_at_supervised_positions(hidden, labels, head))),
+        H.Contestant(
+            "cafe (logits at supervised positions)", run(lambda: lm_loss_at_supervised_positions(hidden, labels, head))
+        ),
     ]
     log(f"row 3: LM loss on [{batch} x {seq}] tokens, {supervised} supervised per sequence, vocab {vocab}")
-    H.run_side_by_side(contestants, device, warmup=bench.opt("warmup"), repeats=bench.opt("repeats"),
-                       count_flops=False, between=gc_between, log=log)
+    H.run_side_by_side(
+        contestants,
+        device,
+        warmup=bench.opt("warmup"),
+        repeats=bench.opt("repeats"),
+        count_flops=False,
+        between=gc_between,
+        log=log,
+    )
     stock, bf16, cafe = contestants
     deltas = {c.name: [m.delta_bytes for m in c.memory] for c in contestants}
     ratio_stock = H.ratio_stats(deltas[cafe.name], deltas[stock.name])

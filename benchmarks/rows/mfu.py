@@ -43,8 +43,12 @@ def run(bench: Bench, embedding_row: dict | None) -> dict:
     )
     if met is False:
         note += " Missed: see row 2's cafe profile for the non-matmul ops that take the rest of the time."
-    return {"status": "measured", "goal_met": met, "result": {"matmul_peak": peak, **results,
-            "fraction_of_matmul_peak": value}, "note": note}
+    return {
+        "status": "measured",
+        "goal_met": met,
+        "result": {"matmul_peak": peak, **results, "fraction_of_matmul_peak": value},
+        "note": note,
+    }
 
 
 def rerate(row: dict, end_peak: dict) -> None:

@@ -38,10 +38,14 @@ def _prefix_part(bench: Bench) -> dict:
     # of a batch's tokens (images); the images part shows why.
     cache = EmbeddingPrefixCache(model.prefix_cache_for(processor).prefix_ids, min_prefix_fraction=0)
     results = {}
-    for kind, items in (("texts", [EmbeddingInput(text=t) for t in texts]),
-                        ("images", [EmbeddingInput(image=im) for im in images])):
-        batches = [W.to_device(b.data if hasattr(b, "data") else b, device, bench.dtype)
-                   for b in W.embedding_batches(processor, model, items, batch_size)]
+    for kind, items in (
+        ("texts", [EmbeddingInput(text=t) for t in texts]),
+        ("images", [EmbeddingInput(image=im) for im in images]),
+    ):
+        batches = [
+            W.to_device(b.data if hasattr(b, "data") else b, device, bench.dtype)
+            for b in W.embedding_batches(processor, model, items, batch_size)
+        ]
         tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         last = {}
 
@@ -55,8 +59,9 @@ def _prefix_part(bench: Bench) -> dict:
 
         contestants = [H.Contestant("uncached", uncached), H.Contestant("prefix cache", cached)]
         log(f"row 7 ({kind}): {len(items)} inputs, batch {batch_size}, prefix {len(cache)} tokens")
-        H.run_side_by_side(contestants, device, warmup=bench.opt("warmup"), repeats=bench.opt("repeats"),
-                           between=gc_between, log=log)
+        H.run_side_by_side(
+            contestants, device, warmup=bench.opt("warmup"), repeats=bench.opt("repeats"), between=gc_between, log=log
+        )
         plain, fast = contestants
         ratio = H.ratio_stats(plain.times, fast.times)  # throughput ratio = time_uncached / time_cached
         saved = len(cache) * len(items) / tokens
@@ -96,7 +101,8 @@ def _bucket_part(bench: Bench) -> dict:
 
         items = to_embedding_inputs(texts)
         counts = approximate_token_lengths(
-            processor, items, render_embedding_prompts(processor, items, model.embedding_chat_template))
+            processor, items, render_embedding_prompts(processor, items, model.embedding_chat_template)
+        )
         order = length_sorted_order(counts) if sort else list(range(n))
         chunks = [[counts[i] for i in order[s : s + batch_size]] for s in range(0, n, batch_size)]
         return sum(map(sum, chunks)), sum(len(c) * max(c) for c in chunks)
@@ -109,8 +115,15 @@ def _bucket_part(bench: Bench) -> dict:
 
     contestants = [H.Contestant("input order", unsorted), H.Contestant("length buckets", sorted_)]
     log(f"row 7 (length buckets): {n} texts of {low}-{high} text tokens, batch {batch_size}")
-    H.run_side_by_side(contestants, device, warmup=bench.opt("warmup"), repeats=bench.opt("repeats"),
-                       count_flops=False, between=gc_between, log=log)
+    H.run_side_by_side(
+        contestants,
+        device,
+        warmup=bench.opt("warmup"),
+        repeats=bench.opt("repeats"),
+        count_flops=False,
+        between=gc_between,
+        log=log,
+    )
     plain, fast = contestants
     ratio = H.ratio_stats(plain.times, fast.times)
     real, padded_unsorted = padding_of(False)

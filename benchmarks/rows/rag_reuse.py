@@ -39,8 +39,9 @@ def run(bench: Bench) -> dict:
     rag = load_example()
     model, device = bench.model, bench.device
     model.eval()
-    passages = [rag.Document(source=f"p{i}", text=W.caption(bench.opt("text_tokens") * 3, 80_000 + i))
-                for i in range(2)]
+    passages = [
+        rag.Document(source=f"p{i}", text=W.caption(bench.opt("text_tokens") * 3, 80_000 + i)) for i in range(2)
+    ]
     (photo,) = W.random_images(1, bench.spec.image_size, seed=3)
     new_tokens = bench.opt("answer_tokens")
     results = {}
@@ -58,13 +59,23 @@ def run(bench: Bench) -> dict:
 
         contestants = [H.Contestant("computed anew", anew), H.Contestant("reusing the question", reuse)]
         log(f"row 8 ({kind}): {new_tokens} new tokens")
-        H.run_side_by_side(contestants, device, warmup=bench.opt("warmup"), repeats=bench.opt("repeats"),
-                           count_flops=False, between=gc_between, log=log)
+        H.run_side_by_side(
+            contestants,
+            device,
+            warmup=bench.opt("warmup"),
+            repeats=bench.opt("repeats"),
+            count_flops=False,
+            between=gc_between,
+            log=log,
+        )
         plain, fast = contestants
         ratio = H.ratio_stats(plain.times, fast.times)
-        prompt_tokens = len(model.processor(images=[image] if image is not None else None,
-                                            text=rag.build_rag_prompt(model, question, [], passages, image))
-                            ["input_ids"][0])
+        prompt_tokens = len(
+            model.processor(
+                images=[image] if image is not None else None,
+                text=rag.build_rag_prompt(model, question, [], passages, image),
+            )["input_ids"][0]
+        )
         results[kind] = {
             "prompt_tokens": prompt_tokens,
             "reused_tokens": last["reuse"].reused_tokens,

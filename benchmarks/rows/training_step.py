@@ -94,16 +94,23 @@ def run(bench: Bench) -> dict:
     mm = bench.matmul_contestant()
     mm.fn()
     H.run_side_by_side(
-        contestants + [mm], device, warmup=0, repeats=bench.opt("train_repeats"), count_flops=False,
-        between=gc_between, log=log,
+        contestants + [mm],
+        device,
+        warmup=0,
+        repeats=bench.opt("train_repeats"),
+        count_flops=False,
+        between=gc_between,
+        log=log,
     )
     ref_c, cafe_c, unshared_c = contestants
     ratio = H.ratio_stats(cafe_c.times, ref_c.times)
     unshared_ratio = H.ratio_stats(unshared_c.times, ref_c.times)
     sharing_ratio = H.ratio_stats(cafe_c.times, unshared_c.times)
-    mem_ratio = H.ratio_stats(
-        [m.delta_bytes for m in cafe_c.memory], [m.delta_bytes for m in ref_c.memory]
-    ) if all(m.delta_bytes for m in ref_c.memory + cafe_c.memory) else None
+    mem_ratio = (
+        H.ratio_stats([m.delta_bytes for m in cafe_c.memory], [m.delta_bytes for m in ref_c.memory])
+        if all(m.delta_bytes for m in ref_c.memory + cafe_c.memory)
+        else None
+    )
     peak = statistics.median(mm.flops / t / 1e12 for t in mm.times)
     sides = {}
     for c in contestants:
@@ -152,8 +159,13 @@ def run(bench: Bench) -> dict:
             " Missed: see the profile tables (rows[0].profile) for where the time goes; the LLM and vision work "
             "that remains is the same model computation the reference does once."
         )
-    return {"status": "measured", "goal_met": met, "result": result, "note": note,
-            "profile": profiles if (met is False or bench.args.quick) else {}}
+    return {
+        "status": "measured",
+        "goal_met": met,
+        "result": result,
+        "note": note,
+        "profile": profiles if (met is False or bench.args.quick) else {},
+    }
 
 
 def shared_prefix_tokens(batch) -> dict:
@@ -169,8 +181,10 @@ def shared_prefix_tokens(batch) -> dict:
     if lm is not None and batch.query_lm_index is not None:
         for row, lm_row in enumerate(batch.query_lm_index.tolist()):
             if lm_row >= 0:
-                shared += common_prefix_length(query.input_ids[row][query.attention_mask[row].bool()],
-                                               lm.input_ids[lm_row][lm.attention_mask[lm_row].bool()])
+                shared += common_prefix_length(
+                    query.input_ids[row][query.attention_mask[row].bool()],
+                    lm.input_ids[lm_row][lm.attention_mask[lm_row].bool()],
+                )
     sequences = list(batch.embedding_sides.values()) + ([lm] if lm is not None else [])
     unshared = sum(int(side.attention_mask.sum()) for side in sequences)
     return {"shared_prefix_tokens": shared, "llm_tokens_unshared": unshared, "llm_tokens_shared": unshared - shared}

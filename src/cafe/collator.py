@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -210,7 +211,7 @@ class CafeCollator:
     # ------------------------------------------------------------------ embedding sides
     def _embedding_side(self, sides: list[Side], visuals: _UniqueVisuals, counts: dict[str, int]) -> EmbeddingSequences:
         texts = self._cut_texts([s.text for s in sides], counts)
-        items = [EmbeddingInput(s.image, text, s.video) for s, text in zip(sides, texts)]
+        items = [EmbeddingInput(s.image, text, s.video) for s, text in zip(sides, texts, strict=True)]
         prompts = render_embedding_prompts(self.processor, items, self.embedding_chat_template)
         encoded = self._process(prompts, sides, "embedding_chat_template")
         return EmbeddingSequences(encoded["input_ids"], encoded["attention_mask"], *visuals.indices(sides))
@@ -237,7 +238,8 @@ class CafeCollator:
                     "%d embedding text(s) in this batch are longer than max_text_chars=%d and are cut to it (inside "
                     "the prompt, as encode() and sentence-transformers cut them). Raise CafeSettings.max_text_chars "
                     "to keep more; further cuts are counted in the logged metric data/embedding_text_truncated.",
-                    cut, limit,
+                    cut,
+                    limit,
                 )
         return texts
 
@@ -284,7 +286,7 @@ class CafeCollator:
         self._warn_once_about_lengths(counts, len(with_lm))
         if not keep.all():
             input_ids, attention_mask, labels = input_ids[keep], attention_mask[keep], labels[keep]
-            with_lm = [e for e, k in zip(with_lm, keep.tolist()) if k]
+            with_lm = [e for e, k in zip(with_lm, keep.tolist(), strict=True) if k]
             lm_visuals = [side for example in with_lm for side in example.conversation_visuals]
             if not len(input_ids):
                 return None, []
@@ -298,7 +300,9 @@ class CafeCollator:
                 "%d of %d LM sequences in this batch left the LM loss: their image tokens reach past max_length=%d, "
                 "so they train contrastively only. Raise max_length (default: the model's context length); further "
                 "drops are counted in the logged metric data/lm_dropped_image_cut.",
-                counts["lm_dropped_image_cut"], rows, self.max_length,
+                counts["lm_dropped_image_cut"],
+                rows,
+                self.max_length,
             )
         if counts["lm_truncated"] and "truncated" not in self._warned:
             self._warned.add("truncated")
@@ -306,7 +310,9 @@ class CafeCollator:
                 "%d of %d LM sequences in this batch were cut at max_length=%d (after their image tokens; the answer "
                 "tokens past the limit are not trained on). Raise max_length to keep them whole; further cuts are "
                 "counted in the logged metric data/lm_truncated.",
-                counts["lm_truncated"], rows, self.max_length,
+                counts["lm_truncated"],
+                rows,
+                self.max_length,
             )
 
     def assistant_labels(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -372,7 +378,9 @@ class _UniqueVisuals:
             store, result = (self.videos, videos) if side.video is not None else (self.images, images)
             key = side.visual_key
             if key is None:
-                raise ValueError("A visual side without a content key: build examples with RecordParser(hash_images=True).")
+                raise ValueError(
+                    "A visual side without a content key: build examples with RecordParser(hash_images=True)."
+                )
             if key not in self._index:
                 self._index[key] = len(store)
                 store.append(side.video if side.video is not None else side.image)

@@ -101,7 +101,9 @@ class CafeSettings:
         if self.matryoshka_dims is not None:
             dims = [int(d) for d in self.matryoshka_dims]
             if not dims or any(d < 1 for d in dims) or len(set(dims)) != len(dims):
-                raise ValueError(f"matryoshka_dims must be distinct positive sizes or None, got {self.matryoshka_dims}.")
+                raise ValueError(
+                    f"matryoshka_dims must be distinct positive sizes or None, got {self.matryoshka_dims}."
+                )
             self.matryoshka_dims = sorted(dims, reverse=True)
 
     def to_dict(self) -> dict[str, Any]:

@@ -19,8 +19,9 @@ import argparse
 import json
 import logging
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 from .data import write_synthetic_dataset
 from .evaluation import evaluate_modality_gap, evaluate_pope, evaluate_retrieval
@@ -70,11 +71,16 @@ def measure_video(
     from .evaluation import evaluate_video_captions, evaluate_video_retrieval
 
     videos = [r["video"] for r in test_clips]
-    retrieval = evaluate_video_retrieval(model, videos, [r["captions"] for r in test_clips], ks=ks,
-                                         video_root=root, show_progress_bar=False)
-    captions = evaluate_video_captions(model, videos, [r["attributes"]["motion"] for r in test_clips],
-                                       video_root=root, show_progress_bar=False)
-    return {**{k: v for k, v in retrieval.items() if "recall" in k}, "video_motion_accuracy": captions["motion_accuracy"]}
+    retrieval = evaluate_video_retrieval(
+        model, videos, [r["captions"] for r in test_clips], ks=ks, video_root=root, show_progress_bar=False
+    )
+    captions = evaluate_video_captions(
+        model, videos, [r["attributes"]["motion"] for r in test_clips], video_root=root, show_progress_bar=False
+    )
+    return {
+        **{k: v for k, v in retrieval.items() if "recall" in k},
+        "video_motion_accuracy": captions["motion_accuracy"],
+    }
 
 
 def training_records(json_path: Path, extra: list[dict] | None = None) -> Path:
@@ -109,15 +115,21 @@ def measure(
 ) -> dict:
     """Retrieval recall@K both ways, the POPE-style probe and the modality gap on synthetic test records."""
     images = [str(image_root / r["image"]) for r in test_records]
-    retrieval = evaluate_retrieval(model, images, [r["captions"] for r in test_records], ks=ks,
-                                   show_progress_bar=False)
+    retrieval = evaluate_retrieval(model, images, [r["captions"] for r in test_records], ks=ks, show_progress_bar=False)
     questions = [q for r in test_records for q in r["pope"]]
     pope_images = [str(image_root / r["image"]) for r in test_records for _ in r["pope"]]
     # Yes/no answers: a few tokens are enough for the parser.
-    pope = evaluate_pope(model, pope_images, [q["question"] for q in questions], [q["answer"] for q in questions],
-                         max_new_tokens=4, show_progress_bar=False)
-    gap = evaluate_modality_gap(model, images, [r["caption"] for r in test_records], plot_path=plot_path,
-                                show_progress_bar=False)
+    pope = evaluate_pope(
+        model,
+        pope_images,
+        [q["question"] for q in questions],
+        [q["answer"] for q in questions],
+        max_new_tokens=4,
+        show_progress_bar=False,
+    )
+    gap = evaluate_modality_gap(
+        model, images, [r["caption"] for r in test_records], plot_path=plot_path, show_progress_bar=False
+    )
     return {
         **{k: v for k, v in retrieval.items() if "recall" in k},
         "pope_accuracy": pope["accuracy"],
@@ -165,7 +177,9 @@ def demo_main(argv: list[str] | None = None) -> dict:
         print(f"      + {num_train_clips} train / {num_test_clips} test clips of moving shapes")
         clip_paths = {
             split: write_clip_records(
-                generate_clip_records(n, seed=args.seed, split=split, image_size=CLIP_IMAGE_SIZE), output / "data", split
+                generate_clip_records(n, seed=args.seed, split=split, image_size=CLIP_IMAGE_SIZE),
+                output / "data",
+                split,
             )
             for split, n in (("train", num_train_clips), ("test", num_test_clips))
         }
@@ -181,8 +195,10 @@ def demo_main(argv: list[str] | None = None) -> dict:
     print("[3/5] zero-shot evaluation")
     before = measure_all(output / "modality_gap_before.png")
 
-    print(f"[4/5] CAFe fine-tuning: {max_steps} steps, batch {batch_size}, "
-          f"alpha_lm={args.lm_weight}, alpha_con={args.contrastive_weight}")
+    print(
+        f"[4/5] CAFe fine-tuning: {max_steps} steps, batch {batch_size}, "
+        f"alpha_lm={args.lm_weight}, alpha_con={args.contrastive_weight}"
+    )
     training_args = CafeTrainingArguments(
         output_dir=str(output / "run"),
         per_device_train_batch_size=batch_size,
@@ -229,6 +245,8 @@ def demo_main(argv: list[str] | None = None) -> dict:
         "seconds": round(time.time() - started, 1),
     }
     (output / "report.json").write_text(json.dumps(report, indent=1, default=str))
-    print(f"Saved {checkpoint} (loads in transformers and sentence-transformers), plots and report.json "
-          f"in {output} ({report['seconds']} s)")
+    print(
+        f"Saved {checkpoint} (loads in transformers and sentence-transformers), plots and report.json "
+        f"in {output} ({report['seconds']} s)"
+    )
     return report

@@ -47,4 +47,3 @@ def check_same_batch_size(tensor: torch.Tensor) -> None:
             f"Contrastive batch sizes differ across processes {counts}; gathering negatives needs equal sizes. "
             "Keep dataloader_drop_last=True (CafeTrainingArguments' default) so the uneven last batch is dropped."
         )
-

@@ -38,7 +38,9 @@ MANIFEST = "manifest.json"
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="cafe embed", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="cafe embed",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n\n".join(__doc__.split("\n\n")[2:]),
     )
     parser.add_argument("data", help="a .json/.jsonl/.csv/.parquet file, a save_to_disk folder or a Hub data set id")
@@ -50,8 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--id-column", default=None, help="a column copied to the output next to each vector")
     parser.add_argument("--split", default="train", help="split of a Hub data set or a DatasetDict (default: train)")
     parser.add_argument("--instruction", default=None, help="task instruction placed before each text (MMEB style)")
-    parser.add_argument("--truncate-dim", type=int, default=None,
-                        help="keep the first D dimensions (for a model trained with matryoshka_dims)")
+    parser.add_argument(
+        "--truncate-dim",
+        type=int,
+        default=None,
+        help="keep the first D dimensions (for a model trained with matryoshka_dims)",
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--shard-size", type=int, default=4096, help="rows per resumable shard")
     parser.add_argument("--dtype", default="auto", help='"auto", "bfloat16", "float16" or "float32"')
@@ -153,18 +159,23 @@ def embed_main(argv: list[str] | None = None) -> Path:
             start, stop = index * args.shard_size, min((index + 1) * args.shard_size, len(dataset))
             rows = dataset.select(range(start, stop)).select_columns(columns).to_dict()
             vectors = model.encode(
-                _row_inputs(rows, args), instruction=args.instruction, batch_size=args.batch_size,
-                show_progress_bar=args.progress, truncate_dim=args.truncate_dim,
+                _row_inputs(rows, args),
+                instruction=args.instruction,
+                batch_size=args.batch_size,
+                show_progress_bar=args.progress,
+                truncate_dim=args.truncate_dim,
             )
             table = {"row": list(range(start, stop))}
             if args.id_column:
                 table[args.id_column] = rows[args.id_column]
             table["embedding"] = vectors.numpy().tolist()
-            features = datasets.Features({
-                "row": datasets.Value("int64"),
-                **({args.id_column: dataset.features[args.id_column]} if args.id_column else {}),
-                "embedding": datasets.Sequence(datasets.Value("float32")),
-            })
+            features = datasets.Features(
+                {
+                    "row": datasets.Value("int64"),
+                    **({args.id_column: dataset.features[args.id_column]} if args.id_column else {}),
+                    "embedding": datasets.Sequence(datasets.Value("float32")),
+                }
+            )
             final = shard_path(shards, index, count)
             partial = final.with_suffix(".partial")
             datasets.Dataset.from_dict(table, features=features).to_parquet(str(partial))

@@ -20,9 +20,10 @@ import json
 import logging
 import os
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo, ModelCard
@@ -323,7 +324,9 @@ def push_folder_to_hub(
     if pickles:
         logger.warning(
             "Not uploading %d pickle file(s) of %s: %s. Loading a pickle runs code; the checkpoint does not need them.",
-            len(pickles), folder, ", ".join(pickles),
+            len(pickles),
+            folder,
+            ", ".join(pickles),
         )
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id

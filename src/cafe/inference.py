@@ -57,8 +57,9 @@ does) so a batch pads to similar lengths; ``encode`` restores the caller's order
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.utils import logging
@@ -304,8 +305,12 @@ class EmbeddingPrefixCache:
             else:
                 split = cut
         if split is None:  # then `reason` says why
-            warn_once(model, f"prefix-cache: {reason}", f"Embedding without the shared-prefix cache: {reason}. Same "
-                      "results, the prefix is recomputed for every input.")
+            warn_once(
+                model,
+                f"prefix-cache: {reason}",
+                f"Embedding without the shared-prefix cache: {reason}. Same "
+                "results, the prefix is recomputed for every input.",
+            )
             return None
         positions = model.embedding_position_ids(input_ids, attention_mask, **vision_inputs)
         p = len(self)
@@ -314,8 +319,12 @@ class EmbeddingPrefixCache:
         expected = torch.arange(p, device=positions.device)
         if not bool((positions.gather(-1, prefix_cols) == expected).all()):
             # A family whose positions do not count the prefix from 0 (none of the supported ones).
-            warn_once(model, "prefix-cache: positions", "Embedding without the shared-prefix cache: this model's "
-                      "position ids of the prefix are not 0..prefix-1, so the cached keys would be rotated wrongly.")
+            warn_once(
+                model,
+                "prefix-cache: positions",
+                "Embedding without the shared-prefix cache: this model's "
+                "position ids of the prefix are not 0..prefix-1, so the cached keys would be rotated wrongly.",
+            )
             return None
         columns = split.columns.expand(*positions.shape[:-2], -1, -1)
         suffix_positions = positions.gather(-1, columns)
@@ -364,7 +373,7 @@ def approximate_token_lengths(
             "by their text length only (batches may pad more; results are unchanged)."
         )
         return lengths
-    for (i, _, _), count in zip(sized, counts):
+    for (i, _, _), count in zip(sized, counts, strict=True):
         lengths[i] += int(count) - 1  # the placeholder token itself is replaced by the expansion
     return lengths
 
@@ -502,8 +511,12 @@ def generate_reusing_prefix(
     while 0 < shared < len(image) and image[shared] and image[shared - 1]:
         shared -= 1
     if reason or shared == 0:
-        warn_once(model, f"reuse: {reason or 'no shared tokens'}", "Generating without reusing the embedded prompt's "
-                  f"cache: {reason or 'the generation prompt shares no leading tokens with it'}.")
+        warn_once(
+            model,
+            f"reuse: {reason or 'no shared tokens'}",
+            "Generating without reusing the embedded prompt's "
+            f"cache: {reason or 'the generation prompt shares no leading tokens with it'}.",
+        )
         return model.generate(**inputs, **generate_kwargs), 0
     cached_images = sum(1 for i in range(shared) if image[i] and (i == 0 or not image[i - 1]))
     total_images = sum(1 for i in range(len(image)) if image[i] and (i == 0 or not image[i - 1]))

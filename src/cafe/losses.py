@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from transformers.utils import logging
 
 from .distributed import gather_no_grad, gather_with_grad, is_distributed
@@ -297,14 +297,22 @@ class CafeLoss(nn.Module):
     ):
         super().__init__()
         if contrastive_weight < 0 or lm_weight < 0:
-            raise ValueError(f"Loss weights must be >= 0, got contrastive_weight={contrastive_weight}, lm_weight={lm_weight}.")
+            raise ValueError(
+                f"Loss weights must be >= 0, got contrastive_weight={contrastive_weight}, lm_weight={lm_weight}."
+            )
         if contrastive_weight == 0 and lm_weight == 0:
-            raise ValueError("Both loss terms are off (weights 0): give contrastive_weight or lm_weight a positive value.")
+            raise ValueError(
+                "Both loss terms are off (weights 0): give contrastive_weight or lm_weight a positive value."
+            )
         if contrastive_gradient not in CONTRASTIVE_GRADIENTS:
-            raise ValueError(f"contrastive_gradient must be one of {CONTRASTIVE_GRADIENTS}, got {contrastive_gradient!r}.")
+            raise ValueError(
+                f"contrastive_gradient must be one of {CONTRASTIVE_GRADIENTS}, got {contrastive_gradient!r}."
+            )
         self.contrastive_weight = contrastive_weight
         self.lm_weight = lm_weight
-        self.contrastive = contrastive if contrastive is not None else ContrastiveLoss(temperature, learnable_logit_scale)
+        self.contrastive = (
+            contrastive if contrastive is not None else ContrastiveLoss(temperature, learnable_logit_scale)
+        )
         self.mask_false_negatives = mask_false_negatives
         self.gather_negatives = gather_negatives
         self.contrastive_gradient = contrastive_gradient
@@ -441,10 +449,13 @@ class CafeLoss(nn.Module):
         total: torch.Tensor | None = None
         by_dim: dict[int, torch.Tensor] = {}
         largest: tuple[int, ContrastiveOutput] | None = None
-        for dim, weight in zip(dims, weights):
+        for dim, weight in zip(dims, weights, strict=True):
             out = self.contrastive(
-                query[..., :dim], doc[..., :dim], None if negatives is None else negatives[..., :dim],
-                query_groups, doc_groups,
+                query[..., :dim],
+                doc[..., :dim],
+                None if negatives is None else negatives[..., :dim],
+                query_groups,
+                doc_groups,
             )
             by_dim[dim] = out.loss.detach()
             term = weight * out.loss
@@ -465,7 +476,9 @@ def _check_matryoshka(
     """Validated ``(dims, weights)``; ``(None, None)`` when Matryoshka is off."""
     if not dims:
         if weights:
-            raise ValueError("matryoshka_weights is set but matryoshka_dims is not: give the sizes the weights are for.")
+            raise ValueError(
+                "matryoshka_weights is set but matryoshka_dims is not: give the sizes the weights are for."
+            )
         return None, None
     dims = tuple(int(d) for d in dims)
     if any(d < 1 for d in dims) or len(set(dims)) != len(dims):
@@ -486,7 +499,9 @@ class RandomState:
 
     def __init__(self) -> None:
         self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        self.cuda = (
+            torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        )
 
     @contextlib.contextmanager
     def restored(self) -> Iterator[None]:
@@ -558,26 +573,32 @@ class CachedCafeLoss(CafeLoss):
             denominator = self.lm_denominator(total_tokens, next(iter(model.parameters())).device)
             lm_shares = [
                 None if out.lm_loss is None else out.lm_loss * (mb.supervised_tokens / denominator)
-                for out, mb in zip(outputs, mini_batches)
+                for out, mb in zip(outputs, mini_batches, strict=True)
             ]
         lm = sum(share for share in lm_shares if share is not None) if lm_shares else None
 
         total, contrastive, cached_grads = None, None, {}
         if self.uses_contrastive:
             groups = {
-                key: None if getattr(mini_batches[0], key) is None else torch.cat([getattr(mb, key) for mb in mini_batches])
+                key: None
+                if getattr(mini_batches[0], key) is None
+                else torch.cat([getattr(mb, key) for mb in mini_batches])
                 for key in ("query_groups", "doc_groups")
             }
             with torch.enable_grad():
                 contrastive = self.contrastive_term(
-                    leaves.get("query"), leaves.get("doc"), leaves.get("negative"), groups["query_groups"], groups["doc_groups"]
+                    leaves.get("query"),
+                    leaves.get("doc"),
+                    leaves.get("negative"),
+                    groups["query_groups"],
+                    groups["doc_groups"],
                 )
                 total = self.contrastive_weight * contrastive.loss
                 if torch.is_grad_enabled() and leaves:
                     # retain_graph: the trainer's backward on the returned loss walks this graph
                     # again for the loss's own parameters (a learnable logit scale).
                     grads = torch.autograd.grad(total, list(leaves.values()), retain_graph=True, allow_unused=True)
-                    cached_grads = {side: g for side, g in zip(leaves, grads) if g is not None}
+                    cached_grads = {side: g for side, g in zip(leaves, grads, strict=True) if g is not None}
         if lm is not None:
             lm_value = (self.lm_weight * lm).to(torch.float32)
             total = lm_value if total is None else total + lm_value
@@ -617,7 +638,7 @@ def _regrad_mini_batches(
     # Every backward but the last under DDP's no_sync, so gradients are reduced once per step.
     no_sync = getattr(model, "no_sync", None)
     with torch.enable_grad():
-        for i, (mb, state) in enumerate(zip(mini_batches, states)):
+        for i, (mb, state) in enumerate(zip(mini_batches, states, strict=True)):
             sync = no_sync() if (no_sync is not None and i < len(mini_batches) - 1) else contextlib.nullcontext()
             with sync:
                 with state.restored():

@@ -17,9 +17,10 @@ import fnmatch
 import functools
 import json
 import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -107,7 +108,11 @@ class CafeForConditionalGeneration(PreTrainedModel):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         backbone_forward = next(
-            (b.__dict__["forward"] for b in cls.__mro__ if b.__module__.startswith("transformers.") and "forward" in b.__dict__),
+            (
+                b.__dict__["forward"]
+                for b in cls.__mro__
+                if b.__module__.startswith("transformers.") and "forward" in b.__dict__
+            ),
             None,
         )
         if backbone_forward is None or "forward" in cls.__dict__:
@@ -173,7 +178,9 @@ class CafeForConditionalGeneration(PreTrainedModel):
         if config is None:
             config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         if cafe_settings is not None:
-            settings = cafe_settings if isinstance(cafe_settings, CafeSettings) else CafeSettings.from_dict(cafe_settings)
+            settings = (
+                cafe_settings if isinstance(cafe_settings, CafeSettings) else CafeSettings.from_dict(cafe_settings)
+            )
             config.cafe = settings.to_dict()
         target = cls._resolve_family_class(config) if cls is CafeForConditionalGeneration else cls
         model = super(CafeForConditionalGeneration, target).from_pretrained(
@@ -225,7 +232,9 @@ class CafeForConditionalGeneration(PreTrainedModel):
         # transformers would upload from inside its save_pretrained, before the files below exist,
         # and with a generic card in place of ours: take the upload over and do it last.
         push = kwargs.pop("push_to_hub", False)
-        hub_kwargs = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "private", "create_pr") if key in kwargs}
+        hub_kwargs = {
+            key: kwargs.pop(key) for key in ("repo_id", "commit_message", "private", "create_pr") if key in kwargs
+        }
         if self.processor is not None:
             _check_processor_matches(self, self.processor)
         is_main_process = kwargs.get("is_main_process", True)
@@ -352,7 +361,9 @@ class CafeForConditionalGeneration(PreTrainedModel):
         """
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
-    def select_vision_features(self, features: dict[str, Any], index: torch.Tensor, modality: str = "image") -> dict[str, Any]:
+    def select_vision_features(
+        self, features: dict[str, Any], index: torch.Tensor, modality: str = "image"
+    ) -> dict[str, Any]:
         """The ``mm_encoder_outputs`` entry of the images (``modality="image"``) or videos
         (``"video"``) ``index`` (``[n]`` positions in `get_vision_features`'s input, in order)."""
         raise NotImplementedError
@@ -525,9 +536,14 @@ class CafeForConditionalGeneration(PreTrainedModel):
         q_ids, q_mask = query.input_ids[query_rows], query.attention_mask[query_rows]
         q_vision = {"mm_encoder_outputs": vision_for(query, query_rows)}
         packed = pack_shared_prefix(
-            lm.input_ids, lm.attention_mask, lm.labels, lm_positions,
-            q_ids, q_mask, self.embedding_position_ids(q_ids, q_mask, **q_vision),
-            pairs=list(zip(range(len(query_rows)), pair_index[query_rows].tolist())),
+            lm.input_ids,
+            lm.attention_mask,
+            lm.labels,
+            lm_positions,
+            q_ids,
+            q_mask,
+            self.embedding_position_ids(q_ids, q_mask, **q_vision),
+            pairs=list(zip(range(len(query_rows)), pair_index[query_rows].tolist(), strict=True)),
             visual_token_ids=[token for token in self._visual_token_ids.values() if token is not None],
             attention_implementation=attention,
             dtype=self.dtype,
@@ -597,7 +613,11 @@ class CafeForConditionalGeneration(PreTrainedModel):
             vision_inputs = {"mm_encoder_outputs": mm_encoder_outputs}
         if prefix_cache is True:
             prefix_cache = self.prefix_cache_for()
-        elif prefix_cache is not None and prefix_cache is not False and not isinstance(prefix_cache, EmbeddingPrefixCache):
+        elif (
+            prefix_cache is not None
+            and prefix_cache is not False
+            and not isinstance(prefix_cache, EmbeddingPrefixCache)
+        ):
             raise TypeError(
                 f"prefix_cache must be True, False, None or an EmbeddingPrefixCache, got {type(prefix_cache).__name__}."
             )
@@ -685,7 +705,9 @@ class CafeForConditionalGeneration(PreTrainedModel):
         _check_processor_matches(self, processor)
         hidden_size = self.config.get_text_config().hidden_size
         if truncate_dim is not None and not 0 < truncate_dim <= hidden_size:
-            raise ValueError(f"truncate_dim must be between 1 and the embedding size {hidden_size}, got {truncate_dim}.")
+            raise ValueError(
+                f"truncate_dim must be between 1 and the embedding size {hidden_size}, got {truncate_dim}."
+            )
         items = to_embedding_inputs(
             inputs, images=images, texts=texts, video_sampling=frame_sampling(processor, self.cafe_settings)
         )

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .configuration import CafeSettings
 
@@ -303,7 +304,7 @@ def to_embedding_inputs(
                     f"`images` and `texts` are paired but have different lengths ({len(images)} vs {len(texts)}). "
                     "Pass lists of equal length, or embed them in two separate calls."
                 )
-            inputs = [{"image": image, "text": text} for image, text in zip(images, texts)]
+            inputs = [{"image": image, "text": text} for image, text in zip(images, texts, strict=True)]
         elif images is not None:
             inputs = [{"image": image} for image in images]
         else:

@@ -30,9 +30,10 @@ import io
 import json
 import os
 import random
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from .prompting import check_image_pixels, decompression_bomb_message, load_image
 from .video import FrameSampling, Video, VideoError, load_video
@@ -266,7 +267,7 @@ class RecordParser:
             raise RecordError(
                 f"{where}: 'negatives' must be a list of texts or {{'image', 'text'}} dicts, got a "
                 f"{type(value).__name__} (a string would become one negative per character); write "
-                f"\"negatives\": [{shown}]."
+                f'"negatives": [{shown}].'
             )
         if "conversations" in record:
             example = self._llava(record, where)
@@ -275,13 +276,18 @@ class RecordParser:
         elif ("image" in record or "video" in record) and ("text" in record or "positives" in record):
             example = self._pair(record, where)
         elif {"query_text", "query_image", "query_video"} & set(record) and {
-            "target_text", "target_image", "target_video", "positives"
+            "target_text",
+            "target_image",
+            "target_video",
+            "positives",
         } & set(record):
             example = TrainingExample(self._prefixed_side(record, "query", where), None)
             if {"target_text", "target_image", "target_video"} & set(record):
                 example.positive = self._prefixed_side(record, "target", where)
         else:
-            raise RecordError(f"{where} fits no supported layout; it has keys {sorted(record)}, expected {EXPECTED_LAYOUTS}.")
+            raise RecordError(
+                f"{where} fits no supported layout; it has keys {sorted(record)}, expected {EXPECTED_LAYOUTS}."
+            )
 
         if example.positive is None or "positives" in record:
             example.positive = self._sample_positive(record, where, example.positive)
@@ -294,7 +300,11 @@ class RecordParser:
     def _prefixed_side(self, record: dict, prefix: str, where: str) -> Side:
         """The side of ``{prefix}_image`` / ``{prefix}_video`` / ``{prefix}_text`` (interleaved layout)."""
         return self.side(
-            record.get(f"{prefix}_image"), record.get(f"{prefix}_text"), where, prefix, video=record.get(f"{prefix}_video")
+            record.get(f"{prefix}_image"),
+            record.get(f"{prefix}_text"),
+            where,
+            prefix,
+            video=record.get(f"{prefix}_video"),
         )
 
     def rng_state(self) -> list:
@@ -401,7 +411,9 @@ class RecordParser:
             question = " ".join(q for q in questions if q) or None
             query = dataclasses.replace(visual, text=question) if visual is not None else Side(text=question)
             if not query.has_visual and query.text is None:
-                raise RecordError(f"{where}: multimodal_input needs an image, a video or a question text in the first turn.")
+                raise RecordError(
+                    f"{where}: multimodal_input needs an image, a video or a question text in the first turn."
+                )
         else:
             if visual is None:
                 raise RecordError(f"{where}: a LLaVA record without an image or video has no pair to contrast.")

@@ -27,8 +27,8 @@ separate passes there.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -138,7 +138,7 @@ def pack_shared_prefix(
     input_ids = lm_input_ids.new_zeros((n, length))
     position_ids = lm_position_ids.new_zeros(lm_position_ids.shape[:-2] + (n, length))
     labels = lm_labels.new_full((n, length), IGNORE_INDEX)
-    for i, (ids, pos, lab) in enumerate(zip(parts_ids, parts_pos, parts_labels)):
+    for i, (ids, pos, lab) in enumerate(zip(parts_ids, parts_pos, parts_labels, strict=True)):
         input_ids[i, : ids.numel()] = ids
         position_ids[..., i, : ids.numel()] = pos
         labels[i, : ids.numel()] = lab

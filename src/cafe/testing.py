@@ -8,8 +8,9 @@ written with the real ``save_pretrained`` so that every consumer goes through ``
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -315,7 +316,10 @@ def tiny_qwen2_vl_config(
     )
     text = Qwen2VLTextConfig(**_tiny_qwen_text_kwargs(tokenizer, hidden_size, num_layers, tie_word_embeddings))
     return Qwen2VLConfig(
-        vision_config=vision, text_config=text, tie_word_embeddings=tie_word_embeddings, **_tiny_qwen_token_ids(tokenizer)
+        vision_config=vision,
+        text_config=text,
+        tie_word_embeddings=tie_word_embeddings,
+        **_tiny_qwen_token_ids(tokenizer),
     )
 
 
@@ -341,7 +345,10 @@ def tiny_qwen2_5_vl_config(
     )
     text = Qwen2_5_VLTextConfig(**_tiny_qwen_text_kwargs(tokenizer, hidden_size, num_layers, tie_word_embeddings))
     return Qwen2_5_VLConfig(
-        vision_config=vision, text_config=text, tie_word_embeddings=tie_word_embeddings, **_tiny_qwen_token_ids(tokenizer)
+        vision_config=vision,
+        text_config=text,
+        tie_word_embeddings=tie_word_embeddings,
+        **_tiny_qwen_token_ids(tokenizer),
     )
 
 

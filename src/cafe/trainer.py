@@ -59,35 +59,45 @@ class CafeTrainingArguments(TrainingArguments):
     )
     gradient_cache: bool = field(
         default=False,
-        metadata={"help": "GradCache: contrastive batch in mini-batches without keeping activations (see docs/scaling.md)."},
+        metadata={
+            "help": "GradCache: contrastive batch in mini-batches without keeping activations (see docs/scaling.md)."
+        },
     )
     gradient_cache_mini_batch_size: int = field(
         default=8, metadata={"help": "Records per GradCache mini-batch (<= per_device_train_batch_size)."}
     )
     contrastive_gradient: str = field(
         default="exact",
-        metadata={"help": "Under several processes: 'exact' = gradient of the global contrastive loss; 'reference' = "
-                          "the paper's code (DDP average, i.e. an effective con_weight / world_size). See docs/scaling.md."},
+        metadata={
+            "help": "Under several processes: 'exact' = gradient of the global contrastive loss; 'reference' = "
+            "the paper's code (DDP average, i.e. an effective con_weight / world_size). See docs/scaling.md."
+        },
     )
     share_prefix: bool = field(
         default=True,
-        metadata={"help": "Run a record's image-embedding sequence in its LM sequence's LLM pass, computing their "
-                          "shared prefix (system turn + image tokens) once. Same results, less compute; needs "
-                          "sdpa or eager attention (other kernels fall back to separate passes)."},
+        metadata={
+            "help": "Run a record's image-embedding sequence in its LM sequence's LLM pass, computing their "
+            "shared prefix (system turn + image tokens) once. Same results, less compute; needs "
+            "sdpa or eager attention (other kernels fall back to separate passes)."
+        },
     )
     validate_data: bool = field(
         default=True,
-        metadata={"help": "Check every training record (layout, texts, images) before step 1 and report all bad "
-                          "ones at once (cafe.data.validation.validate_records)."},
+        metadata={
+            "help": "Check every training record (layout, texts, images) before step 1 and report all bad "
+            "ones at once (cafe.data.validation.validate_records)."
+        },
     )
     data_validation_num_proc: int | None = field(
         default=None, metadata={"help": "Processes for the pre-flight data check (datasets.map num_proc)."}
     )
     matryoshka_dims: list[int] | None = field(
         default=None,
-        metadata={"help": "Matryoshka training: InfoNCE also at these truncated, re-normalised embedding sizes (e.g. "
-                          "896 512 256 128 64; list the full size too). Saved in config.cafe and the "
-                          "sentence-transformers config, for truncate_dim. See CafeLoss."},
+        metadata={
+            "help": "Matryoshka training: InfoNCE also at these truncated, re-normalised embedding sizes (e.g. "
+            "896 512 256 128 64; list the full size too). Saved in config.cafe and the "
+            "sentence-transformers config, for truncate_dim. See CafeLoss."
+        },
     )
     matryoshka_weights: list[float] | None = field(
         default=None, metadata={"help": "Weight of each matryoshka_dims term (default 1 each, summed)."}
@@ -311,8 +321,12 @@ class CafeTrainer(Trainer):
 
         if self.is_world_process_zero():
             model = self._cafe_model()
-            write_model_card(str(self.args.output_dir), card_data=getattr(model, "model_card_data", None),
-                             source=model.name_or_path, tags=getattr(model, "model_tags", None))
+            write_model_card(
+                str(self.args.output_dir),
+                card_data=getattr(model, "model_card_data", None),
+                source=model.name_or_path,
+                tags=getattr(model, "model_tags", None),
+            )
 
     def write_learned_settings(self) -> None:
         """Write what the loss learned (the temperature, if learnable) into the model's ``config.cafe``.
@@ -380,8 +394,13 @@ class CafeTrainer(Trainer):
 
     # Returns None on non-main processes, as Trainer.push_to_hub does (it is annotated CommitInfo only).
     def push_to_hub(  # type: ignore[override]
-        self, commit_message: str | None = "End of training", blocking: bool = True, token: str | None = None,
-        revision: str | None = None, private: bool | None = None, **kwargs: Any,
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs: Any,
     ) -> CommitInfo | None:
         """Save the model to ``output_dir`` and upload what `save_pretrained` writes through
         `cafe.hub.push_folder_to_hub` (cafe's model card; no pickles, no checkpoints)."""
@@ -394,8 +413,12 @@ class CafeTrainer(Trainer):
         output_dir = str(self.args.output_dir)
         repo_id = self.args.hub_model_id or os.path.basename(os.path.normpath(output_dir))
         return push_folder_to_hub(
-            output_dir, repo_id, commit_message=commit_message, token=token or self.args.hub_token,
-            revision=revision, private=self.args.hub_private_repo if private is None else private,
+            output_dir,
+            repo_id,
+            commit_message=commit_message,
+            token=token or self.args.hub_token,
+            revision=revision,
+            private=self.args.hub_private_repo if private is None else private,
             card_data=getattr(model, "model_card_data", None),
         )
 
@@ -407,7 +430,9 @@ class CafeTrainer(Trainer):
             return
         state = self.loss.state_dict()
         if state:
-            torch.save({key: value.detach().cpu() for key, value in state.items()}, os.path.join(output_dir, LOSS_STATE_NAME))
+            torch.save(
+                {key: value.detach().cpu() for key, value in state.items()}, os.path.join(output_dir, LOSS_STATE_NAME)
+            )
         parser = getattr(self._cafe_collator(), "parser", None)
         if parser is not None:
             with open(os.path.join(output_dir, DATA_RNG_STATE_NAME), "w") as f:
@@ -423,7 +448,8 @@ class CafeTrainer(Trainer):
         elif self.loss.state_dict():
             logger.warning(
                 "%s has no %s: the loss's parameters (e.g. a learned logit scale) start from their initial values.",
-                checkpoint, LOSS_STATE_NAME,
+                checkpoint,
+                LOSS_STATE_NAME,
             )
         parser = getattr(self._cafe_collator(), "parser", None)
         rng_path = os.path.join(checkpoint, DATA_RNG_STATE_NAME)
@@ -444,7 +470,9 @@ class CafeTrainer(Trainer):
         if not plain or not (os.path.isfile(weights) or os.path.isfile(index)):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         try:
-            loaded = type(unwrapped).from_pretrained(resume_from_checkpoint, load_processor=False, dtype=unwrapped.dtype)
+            loaded = type(unwrapped).from_pretrained(
+                resume_from_checkpoint, load_processor=False, dtype=unwrapped.dtype
+            )
         except Exception as err:  # safetensors / json errors of a folder an interrupted save left half-written
             raise RuntimeError(
                 f"Cannot resume from {resume_from_checkpoint!r}: its weights do not load ({type(err).__name__}: {err}). "

@@ -33,21 +33,31 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 @dataclass
 class ModelArguments:
     model_name_or_path: str = field(metadata={"help": "Hub id or folder of a supported VLM, or 'tiny'."})
-    torch_dtype: str | None = field(default=None, metadata={"help": "float32 | bfloat16 | float16 (default: checkpoint's)."})
+    torch_dtype: str | None = field(
+        default=None, metadata={"help": "float32 | bfloat16 | float16 (default: checkpoint's)."}
+    )
     attn_implementation: str | None = field(default=None, metadata={"help": "e.g. sdpa (the reference's), eager."})
     use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters on the LLM's linear layers."})
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    merge_lora: bool = field(default=True, metadata={"help": "Save the merged model (a vanilla checkpoint) at the end."})
+    merge_lora: bool = field(
+        default=True, metadata={"help": "Save the merged model (a vanilla checkpoint) at the end."}
+    )
     freeze_vision_tower: bool = False
 
 
 @dataclass
 class DataArguments:
-    data_path: str = field(metadata={"help": "JSON / JSONL file(s) (comma-separated), a saved dataset folder or a Hub id."})
-    image_folder: str | None = field(default=None, metadata={"help": "Folder that image and video paths are relative to."})
-    multimodal_input: bool = field(default=False, metadata={"help": "Reference flag: (image + question) vs answer pairs."})
+    data_path: str = field(
+        metadata={"help": "JSON / JSONL file(s) (comma-separated), a saved dataset folder or a Hub id."}
+    )
+    image_folder: str | None = field(
+        default=None, metadata={"help": "Folder that image and video paths are relative to."}
+    )
+    multimodal_input: bool = field(
+        default=False, metadata={"help": "Reference flag: (image + question) vs answer pairs."}
+    )
     max_length: int | None = field(
         default=None, metadata={"help": "Longest LM sequence (default: the model's context length)."}
     )

@@ -169,7 +169,9 @@ class FrameSampling:
     def describe(self) -> str:
         if self.num_frames is not None:
             return f"{self.num_frames} frames"
-        return f"{self.fps:g} fps ({self.min_frames}-{self.max_frames or 'all'} frames, multiple of {self.frame_factor})"
+        return (
+            f"{self.fps:g} fps ({self.min_frames}-{self.max_frames or 'all'} frames, multiple of {self.frame_factor})"
+        )
 
 
 def _sampled_fps(kept: int, total: int, source_fps: float | None, sampling: FrameSampling) -> float | None:
@@ -299,7 +301,9 @@ def _decoder_backend() -> str:
         return "pyav"
     if is_torchcodec_available():
         return "torchcodec"
-    raise ImportError(f"Decoding video files needs a decoder: {VIDEO_DECODER_HINT}. Or pass the frames as a list of images.")
+    raise ImportError(
+        f"Decoding video files needs a decoder: {VIDEO_DECODER_HINT}. Or pass the frames as a list of images."
+    )
 
 
 def _stack_frames(frames: list[Any] | tuple[Any, ...], folder: str | os.PathLike | None, where: str) -> np.ndarray:

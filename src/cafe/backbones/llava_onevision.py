@@ -42,7 +42,9 @@ class CafeLlavaOnevisionForConditionalGeneration(CafeForConditionalGeneration, L
             features["video"] = self.model.get_video_features(pixel_values_videos.to(self.dtype), return_dict=True)
         return features
 
-    def select_vision_features(self, features: dict[str, Any], index: torch.Tensor, modality: str = "image") -> dict[str, Any]:
+    def select_vision_features(
+        self, features: dict[str, Any], index: torch.Tensor, modality: str = "image"
+    ) -> dict[str, Any]:
         pooled = features[modality].pooler_output
         if modality == "video":
             # One row per clip of a stacked tensor (the stock forward flattens it).

@@ -84,10 +84,13 @@ class _QwenVLMixin:
         if pixel_values is not None:
             outputs = self.model.get_image_features(pixel_values.to(self.dtype), image_grid_thw, return_dict=True)
             features["image"] = QwenImageFeatures(
-                pooler_output=tuple(outputs.pooler_output), image_grid_thw=image_grid_thw  # type: ignore[arg-type]
+                pooler_output=tuple(outputs.pooler_output),  # type: ignore[arg-type]
+                image_grid_thw=image_grid_thw,
             )
         if pixel_values_videos is not None:
-            outputs = self.model.get_video_features(pixel_values_videos.to(self.dtype), video_grid_thw, return_dict=True)
+            outputs = self.model.get_video_features(
+                pixel_values_videos.to(self.dtype), video_grid_thw, return_dict=True
+            )
             features["video"] = QwenVideoFeatures(
                 pooler_output=tuple(outputs.pooler_output),  # type: ignore[arg-type]
                 video_grid_thw=video_grid_thw,
@@ -95,7 +98,9 @@ class _QwenVLMixin:
             )
         return features
 
-    def select_vision_features(self, features: dict[str, Any], index: torch.Tensor, modality: str = "image") -> dict[str, Any]:
+    def select_vision_features(
+        self, features: dict[str, Any], index: torch.Tensor, modality: str = "image"
+    ) -> dict[str, Any]:
         selected = features[modality]
         grid = getattr(selected, f"{modality}_grid_thw", None)
         if grid is None:

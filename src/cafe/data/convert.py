@@ -16,9 +16,9 @@ Like the reference's ``prepare_data.py``, with the failure modes fixed and repor
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
-import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,8 +110,13 @@ def convert_llava_onevision_data(
     report.json_path.write_text(json.dumps(records, ensure_ascii=False, indent=1))
     logger.info(
         "Converted %s: %d records, %d images, %d without image, %d ids renamed, %d duplicate ids, %d problems",
-        subset, report.records, report.images_written, report.without_image, report.renamed_ids,
-        report.duplicate_ids, len(report.problems),
+        subset,
+        report.records,
+        report.images_written,
+        report.without_image,
+        report.renamed_ids,
+        report.duplicate_ids,
+        len(report.problems),
     )
     for problem in report.problems:
         logger.warning(problem)
@@ -131,6 +136,8 @@ def convert_main(argv: list[str] | None = None) -> ConversionReport:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     report = convert_llava_onevision_data(args.dataset, args.output_dir, args.subset, args.split, args.max_records)
-    print(f"Wrote {report.json_path} ({report.records} records, {report.images_written} images); "
-          f"train with --data_path {report.json_path} --image_folder {args.output_dir}")
+    print(
+        f"Wrote {report.json_path} ({report.records} records, {report.images_written} images); "
+        f"train with --data_path {report.json_path} --image_folder {args.output_dir}"
+    )
     return report

@@ -26,9 +26,10 @@ import json
 import os
 import random
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -86,7 +87,9 @@ class SyntheticClipsConfig:
 
     def __post_init__(self) -> None:
         if self.image_size < 32 or self.num_frames < 2:
-            raise ValueError(f"Clips need image_size >= 32 and num_frames >= 2, got {self.image_size}, {self.num_frames}.")
+            raise ValueError(
+                f"Clips need image_size >= 32 and num_frames >= 2, got {self.image_size}, {self.num_frames}."
+            )
         if set(self.motions) - set(MOTIONS) or not self.motions:
             raise ValueError(f"motions must be a non-empty subset of {MOTIONS}, got {self.motions}.")
         if set(self.shapes) - set(DEFAULT_SHAPES) or not self.shapes:

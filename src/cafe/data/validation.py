@@ -132,9 +132,7 @@ def validate_records(
         load_from_cache_file=load_from_cache_file,
         desc="Validating records",
     )
-    problems = [
-        RecordProblem(row["index"], row["record_id"], row["reason"], row["image_problem"]) for row in found
-    ]
+    problems = [RecordProblem(row["index"], row["record_id"], row["reason"], row["image_problem"]) for row in found]
     if not problems:
         return dataset
     problems.sort(key=lambda problem: problem.index)
@@ -143,7 +141,9 @@ def validate_records(
         raise DataValidationError(_report(fatal, len(dataset), missing_images, problems), fatal)
     logger.warning(
         "Dropping %d of %d records whose image cannot be used (missing_images='skip'); first: %s",
-        len(problems), len(dataset), problems[0],
+        len(problems),
+        len(dataset),
+        problems[0],
     )
     bad = {problem.index for problem in problems}
     return dataset.select([i for i in range(len(dataset)) if i not in bad])
@@ -205,9 +205,8 @@ def _report(fatal: list[RecordProblem], total: int, missing_images: str, problem
         )
     elif missing_images == "skip":
         skipped = len(problems) - len(fatal)
-        hint = (
-            " These are not image problems, which missing_images='skip' would drop: fix the records."
-            + (f" ({skipped} records with image problems would be dropped.)" if skipped else "")
+        hint = " These are not image problems, which missing_images='skip' would drop: fix the records." + (
+            f" ({skipped} records with image problems would be dropped.)" if skipped else ""
         )
     else:
         hint = " Fix or remove these records."

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import os
 import re
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -164,7 +165,7 @@ def _candidates(row: Mapping[str, Any]) -> list[tuple[str, str]]:
         paths = [paths or ""] * len(texts)
     if len(texts) != len(paths) or not texts:
         raise ValueError(f"tgt_text ({len(texts)}) and tgt_img_path ({len(paths)}) must be equally long and non-empty.")
-    return list(zip(texts, paths))
+    return list(zip(texts, paths, strict=True))
 
 
 def evaluate_mmeb_subset(
@@ -198,7 +199,7 @@ def evaluate_mmeb_subset(
         show_progress_bar=show_progress_bar,
     ).float()
     scores = []
-    for query, cands in zip(queries, candidates):
+    for query, cands in zip(queries, candidates, strict=True):
         target = embeddings[[position[c] for c in cands]]  # [num_candidates, hidden]
         scores.append(target @ embeddings[position[query]])
     return precision_at_1(scores)

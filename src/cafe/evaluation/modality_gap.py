@@ -12,8 +12,9 @@ the two points of each pair, so no plotting library is needed.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -135,7 +136,7 @@ def draw_scatter(
     image_px = [pixel(p) for p in image_coords]
     text_px = [pixel(p) for p in text_coords]
     if connect_pairs:
-        for a, b in zip(image_px, text_px):
+        for a, b in zip(image_px, text_px, strict=True):
             draw.line([a, b], fill=PAIR_COLOUR, width=1)
     r = max(2, size // 128)
     for x, y in image_px:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 import re
-from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 from ._common import (
     check_batch_size,
@@ -114,8 +115,8 @@ def pope_metrics(predictions: Sequence[str], labels: Sequence[str | bool]) -> di
     check_same_length(predictions, labels, "predictions", "labels")
     parsed = [parse_yes_no(p) for p in predictions]
     truth = [_label(v, i) for i, v in enumerate(labels)]
-    tp = sum(p == "yes" and t == "yes" for p, t in zip(parsed, truth))
-    tn = sum(p == "no" and t == "no" for p, t in zip(parsed, truth))
+    tp = sum(p == "yes" and t == "yes" for p, t in zip(parsed, truth, strict=True))
+    tn = sum(p == "no" and t == "no" for p, t in zip(parsed, truth, strict=True))
     predicted_yes = parsed.count("yes")
     true_yes = truth.count("yes")
     n = len(parsed)
@@ -182,7 +183,15 @@ def generate_answers(
     """
     check_sequence(images, "images", "PIL images or image paths")
     return generate_visual_answers(
-        model, images, questions, "image", processor, batch_size, max_new_tokens, prompt_suffix, image_root,
+        model,
+        images,
+        questions,
+        "image",
+        processor,
+        batch_size,
+        max_new_tokens,
+        prompt_suffix,
+        image_root,
         show_progress_bar,
     )
 

@@ -16,8 +16,9 @@ a model uses the frames together.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -113,7 +114,7 @@ def motion_accuracy(captions: Sequence[str], motions: Sequence[str]) -> dict[str
         raise ValueError(f"Unknown motions {unknown}; expected some of {MOTIONS}.")
     parsed = [parse_motion(caption) for caption in captions]
     return {
-        "motion_accuracy": sum(p == m for p, m in zip(parsed, motions)) / len(motions),
+        "motion_accuracy": sum(p == m for p, m in zip(parsed, motions, strict=True)) / len(motions),
         "motion_answered": sum(p is not None for p in parsed) / len(motions),
     }
 
