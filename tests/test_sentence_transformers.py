@@ -195,7 +195,9 @@ def test_load_report_only_mentions_the_unused_lm_head(st_run):
 @pytest.mark.parametrize("key", ["texts", "images", "image_paths", "pairs", "mixed", "videos", "video_pairs"])
 def test_vectors_match_get_embeddings(saved, st_run, key):
     model, images, clips = saved["model"], st_run["images"], st_run["clips"]
-    pairs = [{"text": text, "image": image} for text, image in zip(PAIR_TEXTS, images, strict=True)]
+    pairs = [
+        {"text": text, "image": image} for text, image in zip(PAIR_TEXTS, images, strict=False)
+    ]  # fewer texts: the first images
     inputs = {
         "texts": TEXTS,
         "images": images,
@@ -218,7 +220,9 @@ def test_encode_query_and_document_apply_their_prompts(saved, st_run):
     assert st_run["prompts"] == PROMPTS
     queries = model.encode(TEXTS, instruction=PROMPTS["query"])
     documents = model.encode(images, instruction=PROMPTS["document"])
-    pairs = [{"text": text, "image": image} for text, image in zip(PAIR_TEXTS, images, strict=True)]
+    pairs = [
+        {"text": text, "image": image} for text, image in zip(PAIR_TEXTS, images, strict=False)
+    ]  # fewer texts: the first images
     named = model.encode(pairs, instruction=PROMPTS["vqa"])
     assert _cosines(st_run["embeddings"]["queries"], queries).min() >= MIN_COSINE
     assert _cosines(st_run["embeddings"]["documents"], documents).min() >= MIN_COSINE

@@ -42,7 +42,7 @@ def test_same_seed_gives_byte_identical_images_and_identical_text():
 
 def test_sample_does_not_depend_on_how_many_are_generated():
     few, many = generate_records(4, seed=3), generate_records(30, seed=3)
-    for a, b in zip(few, many, strict=True):
+    for a, b in zip(few, many[: len(few)], strict=True):  # the first 4 of 30 are the 4
         assert a["caption"] == b["caption"] and a["image"].tobytes() == b["image"].tobytes()
 
 
