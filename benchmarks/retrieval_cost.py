@@ -174,7 +174,10 @@ def measure(model, folder: Path, images, captions_per_image, records, image_root
         torch.from_numpy((q_texts.astype(np.int32) @ q_images.astype(np.int32).T).astype(np.float32)), owners)
     low, high = st_images.min(0), st_images.max(0)
     step = np.where(high > low, (high - low) / 255, 1)
-    decode = lambda codes: torch.from_numpy(low + (codes.astype(np.float32) + 128.5) * step)  # noqa: E731
+
+    def decode(codes: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(low + (codes.astype(np.float32) + 128.5) * step)
+
     precision["int8, decoded (cosine)"] = recall_at_1(
         F.normalize(decode(q_texts), dim=-1) @ F.normalize(decode(q_images), dim=-1).T, owners)
     # encode(precision="int8") calibrates each call on its own batch: texts and images get different ranges.

@@ -227,7 +227,8 @@ def test_length_buckets_batch_similar_lengths_longest_first(cafe_model, images):
     for sort in (True, False):
         seen = []
         handle = cafe_model.model.register_forward_pre_hook(
-            lambda module, args, kwargs: seen.append(kwargs["attention_mask"].sum(1).tolist()), with_kwargs=True
+            lambda module, args, kwargs, seen=seen: seen.append(kwargs["attention_mask"].sum(1).tolist()),
+            with_kwargs=True,
         )
         try:
             cafe_model.encode(inputs, batch_size=3, sort_by_length=sort, use_prefix_cache=False)

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from transformers.utils import logging
 
 from .distributed import gather_no_grad, gather_with_grad, is_distributed
