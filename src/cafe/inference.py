@@ -155,7 +155,7 @@ def split_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_i
     Returns:
         The `SuffixBatch`, or a string saying why the batch cannot be split.
     """
-    batch, seq = input_ids.shape
+    seq = input_ids.shape[1]
     p = prefix_ids.numel()
     mask = attention_mask.bool()
     lengths = mask.sum(1)
