@@ -108,8 +108,12 @@ def recall_at_1(scores: torch.Tensor, owners: torch.Tensor) -> dict[str, float]:
     from cafe.evaluation.retrieval import retrieval_recall
 
     result = retrieval_recall(scores, owners, ks=(1, 5))
-    return {"t2i_r1": result["text_to_image_recall@1"], "i2t_r1": result["image_to_text_recall@1"],
-            "t2i_r5": result["text_to_image_recall@5"], "i2t_r5": result["image_to_text_recall@5"]}
+    return {
+        "t2i_r1": result["text_to_image_recall@1"],
+        "i2t_r1": result["image_to_text_recall@1"],
+        "t2i_r5": result["text_to_image_recall@5"],
+        "i2t_r5": result["image_to_text_recall@5"],
+    }
 
 
 def hamming_scores(texts: np.ndarray, images: np.ndarray) -> torch.Tensor:
@@ -171,7 +175,8 @@ def measure(model, folder: Path, images, captions_per_image, records, image_root
     q_images = quantize_embeddings(st_images, "int8", calibration_embeddings=st_images)
     q_texts = quantize_embeddings(st_texts, "int8", calibration_embeddings=st_images)
     precision["int8, codes' inner product"] = recall_at_1(
-        torch.from_numpy((q_texts.astype(np.int32) @ q_images.astype(np.int32).T).astype(np.float32)), owners)
+        torch.from_numpy((q_texts.astype(np.int32) @ q_images.astype(np.int32).T).astype(np.float32)), owners
+    )
     low, high = st_images.min(0), st_images.max(0)
     step = np.where(high > low, (high - low) / 255, 1)
 
@@ -179,12 +184,14 @@ def measure(model, folder: Path, images, captions_per_image, records, image_root
         return torch.from_numpy(low + (codes.astype(np.float32) + 128.5) * step)
 
     precision["int8, decoded (cosine)"] = recall_at_1(
-        F.normalize(decode(q_texts), dim=-1) @ F.normalize(decode(q_images), dim=-1).T, owners)
+        F.normalize(decode(q_texts), dim=-1) @ F.normalize(decode(q_images), dim=-1).T, owners
+    )
     # encode(precision="int8") calibrates each call on its own batch: texts and images get different ranges.
     e_images = st.encode(images, batch_size=32, precision="int8")
     e_texts = st.encode(captions, batch_size=32, precision="int8")
     precision["int8, encode(precision=) per call"] = recall_at_1(
-        torch.from_numpy((e_texts.astype(np.int32) @ e_images.astype(np.int32).T).astype(np.float32)), owners)
+        torch.from_numpy((e_texts.astype(np.int32) @ e_images.astype(np.int32).T).astype(np.float32)), owners
+    )
     b_images = st.encode(images, batch_size=32, precision="ubinary")
     b_texts = st.encode(captions, batch_size=32, precision="ubinary")
     precision["binary (Hamming)"] = recall_at_1(hamming_scores(b_texts, b_images), owners)
@@ -194,8 +201,14 @@ def measure(model, folder: Path, images, captions_per_image, records, image_root
 
     questions = [q for r in records for q in r["pope"]]
     pope_images = [str(image_root / r["image"]) for r in records for _ in r["pope"]]
-    pope = evaluate_pope(model, pope_images, [q["question"] for q in questions], [q["answer"] for q in questions],
-                         max_new_tokens=4, show_progress_bar=False)
+    pope = evaluate_pope(
+        model,
+        pope_images,
+        [q["question"] for q in questions],
+        [q["answer"] for q in questions],
+        max_new_tokens=4,
+        show_progress_bar=False,
+    )
     return {
         "recall_by_dim": by_dim,
         "sentence_transformers_recall_by_dim": st_by_dim,
@@ -231,26 +244,44 @@ def markdown(report: dict) -> str:
         for run in runs.values():
             r, full = run["recall_by_dim"][str(dim)], run["recall_by_dim"][str(DIMS[0])]
             rel = [r[k] / full[k] if full[k] else float("nan") for k in ("t2i_r1", "i2t_r1")]
-            cells.append(f"{r['t2i_r1']:.3f} / {r['i2t_r1']:.3f} ({rel[0]:.0%} / {rel[1]:.0%} of full); "
-                         f"R@5 {r['t2i_r5']:.3f} / {r['i2t_r5']:.3f}")
+            cells.append(
+                f"{r['t2i_r1']:.3f} / {r['i2t_r1']:.3f} ({rel[0]:.0%} / {rel[1]:.0%} of full); "
+                f"R@5 {r['t2i_r5']:.3f} / {r['i2t_r5']:.3f}"
+            )
         lines.append(f"| {dim} | " + " | ".join(cells) + " |")
     lines += ["", "sentence-transformers, `SentenceTransformer(folder, truncate_dim=d)`:", ""]
     for name, run in runs.items():
-        parts = [f"d={dim}: {r['t2i_r1']:.3f} / {r['i2t_r1']:.3f}" for dim, r in run["sentence_transformers_recall_by_dim"].items()]
+        parts = [
+            f"d={dim}: {r['t2i_r1']:.3f} / {r['i2t_r1']:.3f}"
+            for dim, r in run["sentence_transformers_recall_by_dim"].items()
+        ]
         lines.append(f"- {name}: " + "; ".join(parts))
-    lines += ["", "## Recall@1 by precision, full size (sentence-transformers)", "",
-              "| precision | bytes / vector | " + " | ".join(runs) + " |", "|---|---|" + "---|" * len(runs)]
+    lines += [
+        "",
+        "## Recall@1 by precision, full size (sentence-transformers)",
+        "",
+        "| precision | bytes / vector | " + " | ".join(runs) + " |",
+        "|---|---|" + "---|" * len(runs),
+    ]
     first = next(iter(runs.values()))
     for precision, size in first["bytes_per_vector"].items():
-        cells = [f"{run['recall_by_precision'][precision]['t2i_r1']:.3f} / {run['recall_by_precision'][precision]['i2t_r1']:.3f}"
-                 for run in runs.values()]
+        cells = [
+            f"{run['recall_by_precision'][precision]['t2i_r1']:.3f} / {run['recall_by_precision'][precision]['i2t_r1']:.3f}"
+            for run in runs.values()
+        ]
         lines.append(f"| {precision} | {size} | " + " | ".join(cells) + " |")
-    lines += ["", "## Generation (test split: teacher-forced LM loss; POPE-style probe, greedy)", "",
-              "| | held-out LM loss | POPE accuracy | F1 | yes ratio |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Generation (test split: teacher-forced LM loss; POPE-style probe, greedy)",
+        "",
+        "| | held-out LM loss | POPE accuracy | F1 | yes ratio |",
+        "|---|---|---|---|---|",
+    ]
     for name, run in runs.items():
         p = run["pope"]
-        lines.append(f"| {name} | {run['heldout_lm_loss']:.3f} | {p['accuracy']:.3f} | {p['f1']:.3f} | "
-                     f"{p['yes_ratio']:.3f} |")
+        lines.append(
+            f"| {name} | {run['heldout_lm_loss']:.3f} | {p['accuracy']:.3f} | {p['f1']:.3f} | {p['yes_ratio']:.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -264,16 +295,32 @@ def main(argv=None) -> int:
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
-    parser.add_argument("--matryoshka-weights", type=float, nargs="+", default=None,
-                        help="default: 1 / len(sizes) each, so the contrastive term keeps the scale of the run "
-                        "without Matryoshka (summed weights of 1 would multiply it by the number of sizes)")
+    parser.add_argument(
+        "--matryoshka-weights",
+        type=float,
+        nargs="+",
+        default=None,
+        help="default: 1 / len(sizes) each, so the contrastive term keeps the scale of the run "
+        "without Matryoshka (summed weights of 1 would multiply it by the number of sizes)",
+    )
     parser.add_argument("--image-size", type=int, default=64, help="processor / vision tower image size (px)")
-    parser.add_argument("--dims", type=int, nargs="+", default=DIMS,
-                        help=f"Matryoshka sizes, the full size {HIDDEN} first (default {DIMS})")
-    parser.add_argument("--st-check-dim", type=int, default=64, help="a truncated size also run in sentence-transformers")
+    parser.add_argument(
+        "--dims",
+        type=int,
+        nargs="+",
+        default=DIMS,
+        help=f"Matryoshka sizes, the full size {HIDDEN} first (default {DIMS})",
+    )
+    parser.add_argument(
+        "--st-check-dim", type=int, default=64, help="a truncated size also run in sentence-transformers"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1: on a shared 2-core machine 2 threads ran a step 3x slower)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: on a shared 2-core machine 2 threads ran a step 3x slower)",
+    )
     args = parser.parse_args(argv)
     args.num_train = args.num_train or (32 if args.quick else 384)
     args.num_test = args.num_test or (12 if args.quick else 200)
@@ -307,7 +354,9 @@ def main(argv=None) -> int:
         print(f"  {seconds:.0f} s; measuring", flush=True)
         result = measure(model, folder, images, captions, test, work / "data", args)
         result["train_seconds"] = seconds
-        result["final_losses"] = {k: v for k, v in history[-2].items() if k.startswith("loss")} if len(history) > 1 else {}
+        result["final_losses"] = (
+            {k: v for k, v in history[-2].items() if k.startswith("loss")} if len(history) > 1 else {}
+        )
         runs[name] = json.loads(json.dumps(result, default=float))
         print(json.dumps(runs[name]["recall_by_dim"]), flush=True)
     report = {
