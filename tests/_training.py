@@ -2,6 +2,7 @@
 
 import json
 
+import torch
 from PIL import Image
 
 from cafe import CafeCollator, CafeTrainer, CafeTrainingArguments
@@ -71,3 +72,17 @@ def make_trainer(model, data, tmp_path, loss=None, **overrides):
 
 def first_batch(trainer):
     return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+
+def llm_token_positions(model, batch, share_prefix):
+    """Token positions the language model runs in one CAFe forward (rows x length summed over its calls)."""
+    seen = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["inputs_embeds"].shape[:2].numel()), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            model.cafe_forward(batch, share_prefix=share_prefix)
+    finally:
+        hook.remove()
+    return sum(seen)

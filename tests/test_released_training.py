@@ -10,6 +10,7 @@ import logging
 
 import pytest
 import torch
+from _training import llm_token_positions
 from PIL import Image
 
 from cafe import CafeCollator, CafeForConditionalGeneration, CafeTrainer, CafeTrainingArguments
@@ -47,19 +48,6 @@ def photo_records():
 @pytest.fixture(scope="module", params=RELEASED_FORMAT_FAMILIES)
 def released_model(request, _released_checkpoints):
     return CafeForConditionalGeneration.from_pretrained(_released_checkpoints(request.param)).eval()
-
-
-def llm_token_positions(model, batch, share_prefix):
-    seen = []
-    hook = model.model.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(kwargs["inputs_embeds"].shape[:2].numel()), with_kwargs=True
-    )
-    try:
-        with torch.no_grad():
-            model.cafe_forward(batch, share_prefix=share_prefix)
-    finally:
-        hook.remove()
-    return sum(seen)
 
 
 def test_real_photos_keep_their_lm_rows_and_share_the_prefix(released_model, caplog):

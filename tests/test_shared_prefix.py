@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from _training import write_training_data
+from _training import llm_token_positions, write_training_data
 
 from cafe import CafeCollator
 from cafe.shared_prefix import common_prefix_length, shared_prefix_attention_mask
@@ -26,20 +26,6 @@ def collate(model, data, records=None, **kwargs):
     path, folder = data
     records = records if records is not None else json.loads(path.read_text())
     return CafeCollator(model.processor, model=model, image_folder=str(folder), **kwargs)(records)
-
-
-def llm_token_positions(model, batch, share_prefix):
-    """Token positions the language model runs (rows x length summed over its calls)."""
-    seen = []
-    hook = model.model.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(kwargs["inputs_embeds"].shape[:2].numel()), with_kwargs=True
-    )
-    try:
-        with torch.no_grad():
-            model.cafe_forward(batch, share_prefix=share_prefix)
-    finally:
-        hook.remove()
-    return sum(seen)
 
 
 def forward_and_grads(model, batch, share_prefix):
