@@ -55,3 +55,18 @@ def gc_between() -> None:
     """Collect garbage between measured calls (skipped in --quick: ~0.5 s a time with transformers loaded)."""
     if _FULL_GC[0]:
         gc.collect()
+
+
+def alternate(bench, contestants: list, count_flops: bool = True) -> None:
+    """Run ``contestants`` side by side with the run's warm-up and repeats (every row's timing call)."""
+    import harness as H
+
+    H.run_side_by_side(
+        contestants,
+        bench.device,
+        warmup=bench.opt("warmup"),
+        repeats=bench.opt("repeats"),
+        count_flops=count_flops,
+        between=gc_between,
+        log=log,
+    )

@@ -14,7 +14,7 @@ import reference_style as R
 import torch
 import workload as W
 
-from . import GOALS, gc_between, goal_met, log
+from . import GOALS, alternate, goal_met, log
 
 if TYPE_CHECKING:
     from run import Bench
@@ -73,9 +73,7 @@ def run(bench: Bench) -> dict:
         # Row 5's ceiling, timed inside the same alternation (neighbouring runs share the background load).
         contestants.append(bench.matmul_contestant())
         log(f"row 2 ({kind}): {len(items)} inputs, cafe batch {batch_size}")
-        H.run_side_by_side(
-            contestants, device, warmup=bench.opt("warmup"), repeats=bench.opt("repeats"), between=gc_between, log=log
-        )
+        alternate(bench, contestants)
         # Same embeddings either way (up to bf16 noise from padding and batching).
         agreement = float((last["cafe"] * last["ref"]).sum(-1).min())
         ref_c, cafe_c = contestants[:2]

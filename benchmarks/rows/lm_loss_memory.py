@@ -9,7 +9,7 @@ import harness as H
 import reference_style as R
 import torch
 
-from . import gc_between, goal_met, log
+from . import alternate, goal_met, log
 
 if TYPE_CHECKING:
     from run import Bench
@@ -49,15 +49,7 @@ def run(bench: Bench) -> dict:
         ),
     ]
     log(f"row 3: LM loss on [{batch} x {seq}] tokens, {supervised} supervised per sequence, vocab {vocab}")
-    H.run_side_by_side(
-        contestants,
-        device,
-        warmup=bench.opt("warmup"),
-        repeats=bench.opt("repeats"),
-        count_flops=False,
-        between=gc_between,
-        log=log,
-    )
+    alternate(bench, contestants, count_flops=False)
     stock, bf16, cafe = contestants
     deltas = {c.name: [m.delta_bytes for m in c.memory] for c in contestants}
     ratio_stock = H.ratio_stats(deltas[cafe.name], deltas[stock.name])

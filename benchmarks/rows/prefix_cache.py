@@ -19,7 +19,7 @@ import harness as H
 import torch
 import workload as W
 
-from . import gc_between, goal_met, log
+from . import alternate, goal_met, log
 
 if TYPE_CHECKING:
     from run import Bench
@@ -59,9 +59,7 @@ def _prefix_part(bench: Bench) -> dict:
 
         contestants = [H.Contestant("uncached", uncached), H.Contestant("prefix cache", cached)]
         log(f"row 7 ({kind}): {len(items)} inputs, batch {batch_size}, prefix {len(cache)} tokens")
-        H.run_side_by_side(
-            contestants, device, warmup=bench.opt("warmup"), repeats=bench.opt("repeats"), between=gc_between, log=log
-        )
+        alternate(bench, contestants)
         plain, fast = contestants
         ratio = H.ratio_stats(plain.times, fast.times)  # throughput ratio = time_uncached / time_cached
         saved = len(cache) * len(items) / tokens
@@ -86,7 +84,7 @@ def _prefix_part(bench: Bench) -> dict:
 
 
 def _bucket_part(bench: Bench) -> dict:
-    model, processor, device = bench.model, bench.processor, bench.device
+    model, processor = bench.model, bench.processor
     n, batch_size = bench.opt("bucket_texts"), bench.opt("bucket_batch")
     low, high = 10, bench.opt("bucket_max_tokens")
     rng = random.Random(7)
@@ -115,15 +113,7 @@ def _bucket_part(bench: Bench) -> dict:
 
     contestants = [H.Contestant("input order", unsorted), H.Contestant("length buckets", sorted_)]
     log(f"row 7 (length buckets): {n} texts of {low}-{high} text tokens, batch {batch_size}")
-    H.run_side_by_side(
-        contestants,
-        device,
-        warmup=bench.opt("warmup"),
-        repeats=bench.opt("repeats"),
-        count_flops=False,
-        between=gc_between,
-        log=log,
-    )
+    alternate(bench, contestants, count_flops=False)
     plain, fast = contestants
     ratio = H.ratio_stats(plain.times, fast.times)
     real, padded_unsorted = padding_of(False)

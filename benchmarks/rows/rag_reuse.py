@@ -19,7 +19,7 @@ import harness as H
 import torch
 import workload as W
 
-from . import gc_between, log
+from . import alternate, log
 
 if TYPE_CHECKING:
     from run import Bench
@@ -37,7 +37,7 @@ def load_example():
 
 def run(bench: Bench) -> dict:
     rag = load_example()
-    model, device = bench.model, bench.device
+    model = bench.model
     model.eval()
     passages = [
         rag.Document(source=f"p{i}", text=W.caption(bench.opt("text_tokens") * 3, 80_000 + i)) for i in range(2)
@@ -59,15 +59,7 @@ def run(bench: Bench) -> dict:
 
         contestants = [H.Contestant("computed anew", anew), H.Contestant("reusing the question", reuse)]
         log(f"row 8 ({kind}): {new_tokens} new tokens")
-        H.run_side_by_side(
-            contestants,
-            device,
-            warmup=bench.opt("warmup"),
-            repeats=bench.opt("repeats"),
-            count_flops=False,
-            between=gc_between,
-            log=log,
-        )
+        alternate(bench, contestants, count_flops=False)
         plain, fast = contestants
         ratio = H.ratio_stats(plain.times, fast.times)
         prompt_tokens = len(
