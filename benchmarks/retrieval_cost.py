@@ -147,7 +147,7 @@ def measure(model, folder: Path, images, captions_per_image, records, image_root
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.quantization import quantize_embeddings
 
-    from cafe.evaluation import evaluate_pope
+    from cafe.demo import pope_on_records
     from cafe.evaluation.retrieval import caption_image_index
 
     captions, owners = caption_image_index(captions_per_image)
@@ -199,16 +199,7 @@ def measure(model, folder: Path, images, captions_per_image, records, image_root
     bytes_per_vector["float32"] = 4 * DIMS[0]
     bytes_per_vector["binary (Hamming)"] = DIMS[0] // 8
 
-    questions = [q for r in records for q in r["pope"]]
-    pope_images = [str(image_root / r["image"]) for r in records for _ in r["pope"]]
-    pope = evaluate_pope(
-        model,
-        pope_images,
-        [q["question"] for q in questions],
-        [q["answer"] for q in questions],
-        max_new_tokens=4,
-        show_progress_bar=False,
-    )
+    pope = pope_on_records(model, records, image_root)
     return {
         "recall_by_dim": by_dim,
         "sentence_transformers_recall_by_dim": st_by_dim,

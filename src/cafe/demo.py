@@ -106,6 +106,21 @@ def training_records(json_path: Path, extra: list[dict] | None = None) -> Path:
     return out
 
 
+def pope_on_records(model: CafeForConditionalGeneration, records: list[dict], image_root: Path) -> dict:
+    """The POPE-style probe on the yes/no questions (``pope``) of synthetic records."""
+    questions = [q for r in records for q in r["pope"]]
+    pope_images = [str(image_root / r["image"]) for r in records for _ in r["pope"]]
+    # Yes/no answers: a few tokens are enough for the parser.
+    return evaluate_pope(
+        model,
+        pope_images,
+        [q["question"] for q in questions],
+        [q["answer"] for q in questions],
+        max_new_tokens=4,
+        show_progress_bar=False,
+    )
+
+
 def measure(
     model: CafeForConditionalGeneration,
     test_records: list[dict],
@@ -116,17 +131,7 @@ def measure(
     """Retrieval recall@K both ways, the POPE-style probe and the modality gap on synthetic test records."""
     images = [str(image_root / r["image"]) for r in test_records]
     retrieval = evaluate_retrieval(model, images, [r["captions"] for r in test_records], ks=ks, show_progress_bar=False)
-    questions = [q for r in test_records for q in r["pope"]]
-    pope_images = [str(image_root / r["image"]) for r in test_records for _ in r["pope"]]
-    # Yes/no answers: a few tokens are enough for the parser.
-    pope = evaluate_pope(
-        model,
-        pope_images,
-        [q["question"] for q in questions],
-        [q["answer"] for q in questions],
-        max_new_tokens=4,
-        show_progress_bar=False,
-    )
+    pope = pope_on_records(model, test_records, image_root)
     gap = evaluate_modality_gap(
         model, images, [r["caption"] for r in test_records], plot_path=plot_path, show_progress_bar=False
     )
