@@ -4,7 +4,7 @@ Layouts (keys of one record):
 
 - LLaVA conversation (LLaVA-OneVision-Data): ``image``, ``conversations`` (``from``/``value``).
   LM sequence = the conversation; contrastive pair = (image, the assistant answers joined), as
-  the reference does.
+  the reference does. A text-only conversation names its contrastive query with ``query``.
 - Plain pair: ``image``, ``text``. Contrastive pair = (image, text); LM sequence = a captioning
   turn (``caption_prompt`` -> text) unless ``caption_prompt`` is None.
 - Text pair: ``query``, ``positive``. Contrastive only.
@@ -414,10 +414,17 @@ class RecordParser:
                 raise RecordError(
                     f"{where}: multimodal_input needs an image, a video or a question text in the first turn."
                 )
-        else:
-            if visual is None:
-                raise RecordError(f"{where}: a LLaVA record without an image or video has no pair to contrast.")
+        elif visual is not None:
             query = visual
+        elif "query" in record:
+            # A text-only conversation (instruction data such as "Define the word X." -> gloss):
+            # the record names its contrastive query; the positive is the answers, as above.
+            query = self._item(record["query"], where, "query")
+        else:
+            raise RecordError(
+                f"{where}: a LLaVA record without an image or video has no pair to contrast; give it a 'query' "
+                "text (contrasted with the answers) or an image."
+            )
         return TrainingExample(
             query,
             Side(text=answer),

@@ -6,6 +6,14 @@ elsewhere); the ``evaluate_*`` runners embed or generate with a `CafeForConditio
 and call them.
 """
 
+from .language import (
+    answer_contains,
+    generate_text_answers,
+    normalize_answer,
+    perplexity,
+    score_answers,
+    token_f1,
+)
 from .mmeb import (
     MMEB_IN_DISTRIBUTION,
     MMEB_META_TASKS,
@@ -49,6 +57,12 @@ from .video import (
 )
 
 __all__ = [
+    "answer_contains",
+    "generate_text_answers",
+    "normalize_answer",
+    "perplexity",
+    "score_answers",
+    "token_f1",
     "MMEB_IN_DISTRIBUTION",
     "MMEB_META_TASKS",
     "MMEB_SUBSETS",

