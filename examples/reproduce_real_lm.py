@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from cafe import CafeCollator, CafeForConditionalGeneration, CafeTrainer, CafeTrainingArguments
 from cafe.data import generate_records
@@ -69,13 +70,17 @@ from reproduce_tradeoff import caption_scores  # noqa: E402  (the shapes caption
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CAPTION_PROMPT = "Describe the picture."
 QUESTIONS = Path(__file__).parent / "data" / "general_questions.json"
-# (name, alpha_lm, alpha_con): the paper's Table 7 corners and its default.
+# (name, alpha_lm, alpha_con, matryoshka_dims): the paper's Table 7 corners and its default, and
+# the default with Matryoshka sizes trained jointly (issue #17's claim needs a model whose
+# embedding loses something when cut: SmolLM2's 576 dimensions on 1,000 WordNet synsets).
 VARIANTS = [
-    ("LM only", 1.0, 0.0),
-    ("contrastive only", 0.0, 10.0),
-    ("CAFe 1:10 (paper)", 1.0, 10.0),
-    ("CAFe 1:1", 1.0, 1.0),
+    ("LM only", 1.0, 0.0, None),
+    ("contrastive only", 0.0, 10.0, None),
+    ("CAFe 1:10 (paper)", 1.0, 10.0, None),
+    ("CAFe 1:1", 1.0, 1.0, None),
+    ("CAFe 1:10 + Matryoshka", 1.0, 10.0, [576, 256, 128, 64]),
 ]
+TRUNCATED_DIMS = (256, 128, 64)
 RECORD_KEYS = ("image", "text", "conversations", "query")
 METRICS = [
     ("wordnet def->word R@1", "wn_def2word_R@1"),
@@ -89,6 +94,7 @@ METRICS = [
     ("questions correct", "questions_contains"),
     ("caption attr. acc.", "caption_attribute_accuracy"),
     ("modality gap", "modality_gap"),
+    *[(f"def->word R@1 @{d}d", f"wn_def2word_R@1@{d}") for d in TRUNCATED_DIMS],
 ]
 
 
@@ -166,6 +172,7 @@ def train(
     learning_rate: float,
     seed: int,
     freeze_language_model: bool = False,
+    matryoshka_dims: list[int] | None = None,
 ) -> Path:
     """One fine-tune with CafeTrainer; returns the saved final checkpoint."""
     from datasets import Dataset
@@ -187,6 +194,7 @@ def train(
         contrastive_weight=contrastive_weight,
         compute_language_loss=lm_weight > 0,
         compute_contrastive_loss=contrastive_weight > 0,
+        matryoshka_dims=matryoshka_dims,
         logging_steps=max(1, steps // 10),
         save_strategy="no",
         report_to=[],
@@ -237,6 +245,11 @@ def evaluate(model_path: Path, data: dict, batch_size: int = 32) -> dict[str, An
         words = model.encode(texts=[s.words for s in synsets], batch_size=batch_size)
         definitions = model.encode(texts=[s.definition for s in synsets], batch_size=batch_size)
         recall = retrieval_recall(definitions.float() @ words.float().T, list(range(len(synsets))), ks=(1, 10))
+        for dim in TRUNCATED_DIMS:
+            # What `encode(..., truncate_dim=dim)` returns: the first `dim` values, re-normalised.
+            cut = [F.normalize(x[:, :dim].float(), dim=-1) for x in (definitions, words)]
+            truncated = retrieval_recall(cut[0] @ cut[1].T, list(range(len(synsets))), ks=(1,))
+            result[f"wn_def2word_R@1@{dim}"] = truncated["text_to_image_recall@1"]
         result.update(
             {
                 "wn_def2word_R@1": recall["text_to_image_recall@1"],
@@ -454,12 +467,16 @@ def main(argv: list[str] | None = None) -> dict:
     records = shape_records(data["shapes_train"]) + wordnet_records(data["wordnet_train"])
     variants = [v for v in VARIANTS if args.variants is None or v[0] in args.variants]
     for seed in args.seeds:
-        for name, lm_weight, con_weight in variants:
+        for name, lm_weight, con_weight, dims in variants:
             run = out / f"{slug(name)}-seed{seed}"
             print(f"[{name}, seed {seed}] {args.steps} steps, alpha_lm={lm_weight}, alpha_con={con_weight}")
 
             def compute(
-                run: Path = run, lm_weight: float = lm_weight, con_weight: float = con_weight, seed: int = seed
+                run: Path = run,
+                lm_weight: float = lm_weight,
+                con_weight: float = con_weight,
+                seed: int = seed,
+                dims: list[int] | None = dims,
             ) -> dict:
                 final = train(
                     base,
@@ -472,6 +489,7 @@ def main(argv: list[str] | None = None) -> dict:
                     args.batch_size,
                     args.learning_rate,
                     seed,
+                    matryoshka_dims=dims,
                 )
                 metrics = evaluate(final, data)
                 if not args.keep_checkpoints:
