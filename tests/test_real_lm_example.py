@@ -1,0 +1,94 @@
+"""examples/reproduce_real_lm.py end to end at smoke scale.
+
+The recorded run composes SmolLM2-135M-Instruct (a GGUF wheel) and reads all of WordNet; here the
+same code runs on a tiny Llama saved to disk and on the WordNet sample in tests/data, so the
+pipeline (compose, stage 1, variants, every metric, resume, table, plot) is checked offline.
+"""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cafe.testing import train_tiny_tokenizer
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "reproduce_real_lm.py"
+WORDNET_SAMPLE = Path(__file__).parent / "data" / "wordnet"
+
+
+def _load_example():
+    spec = importlib.util.spec_from_file_location("cafe_real_lm_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tiny_language_model(path: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = train_tiny_tokenizer(
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], extra_special_tokens={}
+    )
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        pad_token_id=end,
+        eos_token_id=end,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_reproduce_real_lm_quick_runs_every_stage_and_resumes(tmp_path):
+    pytest.importorskip("matplotlib")
+    example = _load_example()
+    language_model = _tiny_language_model(tmp_path / "lm")
+    out = tmp_path / "run"
+    argv = [
+        "--quick",
+        "--output_dir",
+        str(out),
+        "--language_model",
+        str(language_model),
+        "--wordnet_dir",
+        str(WORDNET_SAMPLE),
+        "--test_fraction",
+        "0.5",
+        "--reference_embedder",
+        "none",
+        "--variants",
+        "contrastive only",
+        "CAFe 1:10 + Matryoshka",
+    ]
+    summary = example.main(argv)
+    assert list(summary) == ["base (SmolLM2 + stage 1)", "contrastive only", "CAFe 1:10 + Matryoshka"]
+    results = json.loads((out / "results.json").read_text())
+    for name, runs in results["runs"].items():
+        metrics = runs[0]
+        for _, key in example.METRICS:
+            assert key in metrics, (name, key)
+        assert 0 <= metrics["wn_def2word_R@1"] <= 1 and metrics["ppl_definitions"] > 1
+    # The Matryoshka sizes reach the saved CAFe settings of the run (its weights are deleted after
+    # evaluation unless --keep_checkpoints; the training log records the loss terms).
+    log = json.loads((out / "cafe-1-10-matryoshka-seed0" / "train_log.json").read_text())
+    assert any("loss_con" in entry for entry in log)
+    assert not (out / "cafe-1-10-matryoshka-seed0" / "final").exists()
+    assert (out / "tradeoff.png").stat().st_size > 0
+    assert "| contrastive only | 1 |" in (out / "results.md").read_text()
+
+    # Resume: every stage's metrics are read back, nothing is trained or evaluated again.
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/metrics.json")}
+    assert example.main(argv) == summary
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/metrics.json")} == stamps
