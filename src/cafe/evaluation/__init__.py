@@ -1,11 +1,16 @@
 """Evaluation of CAFe models: retrieval (images and videos), MMEB, POPE hallucination, the
-modality gap and video caption accuracy.
+modality gap, caption attribute accuracy and video caption accuracy.
 
 Each metric is a pure function on tensors / lists (easy to test and to reuse on embeddings from
 elsewhere); the ``evaluate_*`` runners embed or generate with a `CafeForConditionalGeneration`
 and call them.
 """
 
+from .captioning import (
+    DEFAULT_CAPTION_PROMPT,
+    caption_attribute_accuracy,
+    evaluate_captions,
+)
 from .mmeb import (
     MMEB_IN_DISTRIBUTION,
     MMEB_META_TASKS,
@@ -36,6 +41,7 @@ from .retrieval import (
     caption_image_index,
     evaluate_retrieval,
     evaluate_retrieval_dataset,
+    group_recall_ceiling,
     load_retrieval_data,
     positive_ranks,
     recall_from_ranks,
@@ -49,13 +55,16 @@ from .video import (
 )
 
 __all__ = [
+    "DEFAULT_CAPTION_PROMPT",
     "MMEB_IN_DISTRIBUTION",
     "MMEB_META_TASKS",
     "MMEB_SUBSETS",
+    "caption_attribute_accuracy",
     "caption_image_index",
     "draw_scatter",
     "evaluate_mmeb",
     "evaluate_mmeb_subset",
+    "evaluate_captions",
     "evaluate_modality_gap",
     "evaluate_pope",
     "evaluate_pope_dataset",
@@ -65,6 +74,7 @@ __all__ = [
     "evaluate_video_retrieval",
     "generate_answers",
     "generate_visual_answers",
+    "group_recall_ceiling",
     "load_retrieval_data",
     "modality_gap",
     "motion_accuracy",
