@@ -53,14 +53,14 @@ def test_table_leaves_out_pope_of_a_model_that_does_not_answer_yes_or_no():
     # The "before" model answers yes/no to 10 % of the questions: its POPE cell is hidden, with the reason.
     assert lines[5].split() == ["pope_f1", "-", "0.800"]
     assert lines[6].split() == ["pope_answered", "0.100", "0.900"]
-    assert lines[-1].startswith("POPE '-' cells: the model answered yes or no to 10% before of the questions")
+    assert lines[-1].startswith("POPE '-' cells: the model answered only 10% (before) of the yes/no questions")
 
     # Neither model answers yes/no: no POPE figures, only the share answered and one line saying why.
     after["pope_answered"] = 0.2
     table = before_after_table(before, after)
     assert "pope_f1" not in table and "pope_answered" in table
     assert table.splitlines()[-1].startswith(
-        "POPE rows left out: the model answered yes or no to 10% before / 20% after"
+        "POPE rows left out: the model answered only 10% (before) / 20% (after) of the yes/no questions"
     )
 
     # Both answer: every figure shown, no note.

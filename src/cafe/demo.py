@@ -184,12 +184,12 @@ def before_after_table(before: dict, after: dict, min_pope_answered: float = MIN
     width = max(len(name) for name, _, _ in rows)
     lines = [f"{'metric':<{width}}  {'before':>8}  {'after':>8}", "-" * (width + 20)]
     lines += [f"{name:<{width}}  {b:>8}  {a:>8}" for name, b, a in rows]
-    hidden = [f"{answered[c]:.0%} {c}" for c in ("before", "after") if not shown[c]]
+    hidden = [f"{answered[c]:.0%} ({c})" for c in ("before", "after") if not shown[c]]
     if hidden:
         where = "rows left out" if not any(shown.values()) else "'-' cells"
         lines.append(
-            f"POPE {where}: the model answered yes or no to {' / '.join(hidden)} of the questions "
-            f"(< {min_pope_answered:.0%}), so its POPE figures would score the answer format, not hallucination."
+            f"POPE {where}: the model answered only {' / '.join(hidden)} of the yes/no questions with yes or "
+            f"no (< {min_pope_answered:.0%}), so its POPE figures would score the answer format, not hallucination."
         )
     return "\n".join(lines)
 
