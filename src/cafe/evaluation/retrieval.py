@@ -145,11 +145,11 @@ def retrieval_recall(
     if owners.min() < 0 or owners.max() >= num_images:
         raise ValueError(f"text_to_image indices must be in [0, {num_images}), got [{owners.min()}, {owners.max()}].")
     # positives[c, i]: caption c describes image i (or, with groups, an image of its image's group).
-    image_labels = _group_ids(image_groups, num_images).to(scores.device) if image_groups is not None else None
-    if image_labels is None:
+    if image_groups is None:
         positives = owners[:, None] == torch.arange(num_images, device=scores.device)[None, :]
     else:
-        positives = image_labels[owners][:, None] == image_labels[None, :]
+        labels = _group_ids(image_groups, num_images).to(scores.device)
+        positives = labels[owners][:, None] == labels[None, :]
     if not positives.any(dim=0).all():
         missing = (~positives.any(dim=0)).nonzero().flatten()[0].item()
         raise ValueError(f"Image {missing} has no caption in text_to_image; every image needs at least one.")
