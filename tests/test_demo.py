@@ -14,7 +14,8 @@ def test_cafe_demo_quick_runs_end_to_end(tmp_path):
     assert main(["demo", "--quick", "--output_dir", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     for column in ("before", "after"):
-        assert {"text_to_image_recall@1", "image_to_text_recall@10", "pope_f1", "modality_gap"} <= set(report[column])
+        expected = {"text_to_image_recall@1", "image_to_text_recall@10", "caption_attribute_accuracy", "pope_f1"}
+        assert expected | {"pope_answered", "modality_gap"} <= set(report[column])
         assert all(0.0 <= value <= 2.0 for value in report[column].values())
     assert any("loss_con" in row for row in report["train_log"])
     assert (tmp_path / "modality_gap_before.png").stat().st_size > 0
@@ -36,3 +37,33 @@ def test_cafe_demo_video_row(tmp_path):
         assert all(0.0 <= report[column][name] <= 1.0 for name in video_rows)
     train = json.loads((tmp_path / "data" / "train-cafe.json").read_text())
     assert sum(bool(record.get("video")) for record in train) == 16
+
+
+METRICS = {"text_to_image_recall@1": 0.1, "caption_attribute_accuracy": 0.5, "modality_gap": 1.0}
+
+
+def test_table_leaves_out_pope_of_a_model_that_does_not_answer_yes_or_no():
+    from cafe.demo import before_after_table
+
+    before = {**METRICS, "pope_f1": 0.0, "pope_answered": 0.1}
+    after = {**METRICS, "caption_attribute_accuracy": 0.75, "pope_f1": 0.8, "pope_answered": 0.9}
+    lines = before_after_table(before, after).splitlines()
+    assert lines[0].split() == ["metric", "before", "after"]
+    assert lines[3].split() == ["caption_attribute_accuracy", "0.500", "0.750"]
+    # The "before" model answers yes/no to 10 % of the questions: its POPE cell is hidden, with the reason.
+    assert lines[5].split() == ["pope_f1", "-", "0.800"]
+    assert lines[6].split() == ["pope_answered", "0.100", "0.900"]
+    assert lines[-1].startswith("POPE '-' cells: the model answered only 10% (before) of the yes/no questions")
+
+    # Neither model answers yes/no: no POPE figures, only the share answered and one line saying why.
+    after["pope_answered"] = 0.2
+    table = before_after_table(before, after)
+    assert "pope_f1" not in table and "pope_answered" in table
+    assert table.splitlines()[-1].startswith(
+        "POPE rows left out: the model answered only 10% (before) / 20% (after) of the yes/no questions"
+    )
+
+    # Both answer: every figure shown, no note.
+    table = before_after_table({**before, "pope_answered": 1.0}, {**after, "pope_answered": 0.5})
+    rows = [line.split() for line in table.splitlines()[2:]]
+    assert ["pope_f1", "0.000", "0.800"] in rows and len(rows) == 5 and "POPE" not in table

@@ -24,6 +24,7 @@ from cafe.evaluation import (
     evaluate_retrieval,
     evaluate_retrieval_dataset,
     generate_answers,
+    group_recall_ceiling,
     load_retrieval_data,
     modality_gap,
     parse_yes_no,
@@ -112,6 +113,65 @@ def test_positive_ranks_chunking_gives_the_same_result():
     positives = torch.rand(50, 7, generator=generator) < 0.3
     positives[:, 0] = True
     assert torch.equal(positive_ranks(scores, positives, chunk_size=3), positive_ranks(scores, positives))
+
+
+def test_group_recall_hand_computed():
+    # SCORES with images 0 and 2 in one group (a duplicate scene).
+    groups = ["a", "b", "a"]
+    metrics = retrieval_recall(SCORES, OWNERS, ks=(1, 2), image_groups=groups)
+    # t2i: caption 0 -> rank 0; 1 -> 1 (ties image 1, of the other group); 2 -> 2; 3 -> 1; 4 -> 0.
+    # i2t: image 0's best group caption (0.9) is first -> 0; image 1 loses to captions 1 and 3
+    # -> 2; image 2's best group caption (caption 4, 0.7) loses to caption 2 (0.8) -> 1.
+    assert metrics == pytest.approx(
+        {
+            "text_to_image_recall@1": 2 / 5,
+            "text_to_image_recall@2": 4 / 5,
+            "image_to_text_recall@1": 1 / 3,
+            "image_to_text_recall@2": 2 / 3,
+        }
+    )
+    # A caption ranking a same-group image first is a group hit, not an instance hit.
+    scores = torch.tensor([[0.1, 0.2, 0.9], [0.1, 0.9, 0.2], [0.9, 0.1, 0.2]])
+    instance = retrieval_recall(scores, [0, 1, 2], ks=(1,))
+    grouped = retrieval_recall(scores, [0, 1, 2], ks=(1,), image_groups=[("red", 1), ("blue", 2), ("red", 1)])
+    assert instance["text_to_image_recall@1"] == pytest.approx(1 / 3)
+    assert grouped["text_to_image_recall@1"] == 1.0
+    # Image 0's best caption is caption 2 (0.9), of its group: a group hit; image 2 likewise.
+    assert instance["image_to_text_recall@1"] == pytest.approx(1 / 3)
+    assert grouped["image_to_text_recall@1"] == 1.0
+
+
+def test_group_recall_with_singleton_groups_is_instance_recall():
+    generator = torch.Generator().manual_seed(2)
+    scores = torch.randn(30, 10, generator=generator)
+    owners = torch.arange(10).repeat_interleave(3)
+    grouped = retrieval_recall(scores, owners, ks=(1, 5), image_groups=[f"scene-{i}" for i in range(10)])
+    assert grouped == retrieval_recall(scores, owners, ks=(1, 5))
+
+
+def test_group_recall_ceiling():
+    # Groups of sizes 2, 1, 1 (images 0 and 3 share one); one caption per image.
+    ceiling = group_recall_ceiling(["a", "b", "c", "a"])
+    assert ceiling == pytest.approx({"text_to_image_recall@1": 3 / 4, "image_to_text_recall@1": 3 / 4})
+    # Image 0 owns 2 captions, image 1 (same group) 1: i2t 2/3 and 1/3; t2i 1/2 for each caption.
+    ceiling = group_recall_ceiling(["a", "a", "b"], text_to_image=[0, 0, 1, 2])
+    assert ceiling == pytest.approx({"text_to_image_recall@1": (3 * 0.5 + 1) / 4, "image_to_text_recall@1": 2 / 3})
+    # The ceiling is what a scene oracle with random tie-breaking scores on average.
+    groups = [i % 4 for i in range(12)]
+    owners = torch.arange(12).repeat_interleave(2)
+    oracle = (torch.tensor(groups)[owners][:, None] == torch.tensor(groups)[None, :]).float()
+    generator = torch.Generator().manual_seed(0)
+    runs = [
+        retrieval_recall(oracle + 1e-3 * torch.rand(oracle.shape, generator=generator), owners, ks=(1,))
+        for _ in range(400)
+    ]
+    expected = group_recall_ceiling(groups, owners)
+    for key in expected:
+        assert sum(r[key] for r in runs) / len(runs) == pytest.approx(expected[key], abs=0.03)
+    with pytest.raises(ValueError):
+        group_recall_ceiling([])
+    with pytest.raises(ValueError):
+        retrieval_recall(SCORES, OWNERS, image_groups=["a", "b"])
 
 
 def test_caption_image_index():

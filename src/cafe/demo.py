@@ -3,8 +3,10 @@
 1. build the tiny LLaVA-OneVision checkpoint locally (or start from ``--model``);
 2. generate the built-in synthetic shapes data (train / test, JSON + image folder), and with
    ``--video`` the built-in clips of moving shapes (one PNG per frame);
-3. measure zero-shot retrieval (recall@K both ways), the POPE-style probe and the modality gap;
-   with ``--video`` also text <-> video recall@K and the motion named by generated captions;
+3. measure zero-shot retrieval (recall@K both ways), the attributes that greedy captions name
+   (does generation survive the contrastive term?), the POPE-style probe (shown only for a model
+   that answers yes or no) and the modality gap; with ``--video`` also text <-> video recall@K
+   and the motion named by generated captions;
 4. fine-tune with CAFe (``lm_weight * L_lm + contrastive_weight * L_con``) on the train split
    (images and clips mixed in every batch);
 5. measure again, print a before / after table, save the checkpoint, the plots and a JSON report.
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .data import write_synthetic_dataset
-from .evaluation import evaluate_modality_gap, evaluate_pope, evaluate_retrieval
+from .evaluation import evaluate_captions, evaluate_modality_gap, evaluate_pope, evaluate_retrieval
 from .evaluation.pope import DEFAULT_POPE_PROMPT_SUFFIX
 
 if TYPE_CHECKING:
@@ -128,20 +130,68 @@ def measure(
     plot_path: Path,
     ks: Iterable[int] = (1, 5, 10),
 ) -> dict:
-    """Retrieval recall@K both ways, the POPE-style probe and the modality gap on synthetic test records."""
+    """Retrieval recall@K both ways, caption attribute accuracy, the POPE-style probe and the
+    modality gap on synthetic test records."""
     images = [str(image_root / r["image"]) for r in test_records]
     retrieval = evaluate_retrieval(model, images, [r["captions"] for r in test_records], ks=ks, show_progress_bar=False)
+    # Greedy captions of the description turn the training data teaches: does generation survive?
+    captions = evaluate_captions(
+        model,
+        images,
+        [r["attributes"] for r in test_records],
+        [r["caption"] for r in test_records],
+        batch_size=16,
+        show_progress_bar=False,
+    )
     pope = pope_on_records(model, test_records, image_root)
     gap = evaluate_modality_gap(
         model, images, [r["caption"] for r in test_records], plot_path=plot_path, show_progress_bar=False
     )
     return {
         **{k: v for k, v in retrieval.items() if "recall" in k},
+        "caption_attribute_accuracy": captions["attribute_accuracy"],
         "pope_accuracy": pope["accuracy"],
         "pope_f1": pope["f1"],
         "pope_yes_ratio": pope["yes_ratio"],
+        # The share of answers that are a yes or a no at all: POPE figures mean little below ~1.
+        "pope_answered": 1.0 - pope["other_ratio"],
         "modality_gap": gap["modality_gap"],
     }
+
+
+# Below this share of yes/no answers a model's POPE figures score the answer format, not
+# hallucination (an untrained model answers "square square ..."), so the table leaves them out.
+MIN_POPE_ANSWERED = 0.5
+
+
+def before_after_table(before: dict, after: dict, min_pope_answered: float = MIN_POPE_ANSWERED) -> str:
+    """The demo's before / after table; POPE figures only for a model answering yes/no often enough.
+
+    A POPE cell is ``-`` when that model answered fewer than `min_pope_answered` of the questions
+    with yes or no; when neither did, the POPE rows are left out. A line under the table says why.
+    """
+    answered = {"before": before.get("pope_answered", 1.0), "after": after.get("pope_answered", 1.0)}
+    shown = {column: share >= min_pope_answered for column, share in answered.items()}
+    rows = []
+    for name in before:
+        if name.startswith("pope_") and name != "pope_answered" and not any(shown.values()):
+            continue
+        cells = [
+            "-" if name.startswith("pope_") and name != "pope_answered" and not shown[column] else f"{value:.3f}"
+            for column, value in (("before", before[name]), ("after", after[name]))
+        ]
+        rows.append((name, *cells))
+    width = max(len(name) for name, _, _ in rows)
+    lines = [f"{'metric':<{width}}  {'before':>8}  {'after':>8}", "-" * (width + 20)]
+    lines += [f"{name:<{width}}  {b:>8}  {a:>8}" for name, b, a in rows]
+    hidden = [f"{answered[c]:.0%} ({c})" for c in ("before", "after") if not shown[c]]
+    if hidden:
+        where = "rows left out" if not any(shown.values()) else "'-' cells"
+        lines.append(
+            f"POPE {where}: the model answered only {' / '.join(hidden)} of the yes/no questions with yes or "
+            f"no (< {min_pope_answered:.0%}), so its POPE figures would score the answer format, not hallucination."
+        )
+    return "\n".join(lines)
 
 
 def demo_main(argv: list[str] | None = None) -> dict:
@@ -236,11 +286,7 @@ def demo_main(argv: list[str] | None = None) -> dict:
     checkpoint = output / "checkpoint"
     model.save_pretrained(checkpoint)
 
-    rows = [(name, before[name], after[name]) for name in before]
-    width = max(len(name) for name, _, _ in rows)
-    lines = [f"{'metric':<{width}}  {'before':>8}  {'after':>8}", "-" * (width + 20)]
-    lines += [f"{name:<{width}}  {b:8.3f}  {a:8.3f}" for name, b, a in rows]
-    print("\n".join(lines))
+    print(before_after_table(before, after))
     report = {
         "before": before,
         "after": after,

@@ -1,11 +1,16 @@
 """Evaluation of CAFe models: retrieval (images and videos), MMEB, POPE hallucination, the
-modality gap and video caption accuracy.
+modality gap, caption attribute accuracy and video caption accuracy.
 
 Each metric is a pure function on tensors / lists (easy to test and to reuse on embeddings from
 elsewhere); the ``evaluate_*`` runners embed or generate with a `CafeForConditionalGeneration`
 and call them.
 """
 
+from .captioning import (
+    DEFAULT_CAPTION_PROMPT,
+    caption_attribute_accuracy,
+    evaluate_captions,
+)
 from .language import (
     answer_contains,
     generate_text_answers,
@@ -44,6 +49,7 @@ from .retrieval import (
     caption_image_index,
     evaluate_retrieval,
     evaluate_retrieval_dataset,
+    group_recall_ceiling,
     load_retrieval_data,
     positive_ranks,
     recall_from_ranks,
@@ -57,6 +63,7 @@ from .video import (
 )
 
 __all__ = [
+    "DEFAULT_CAPTION_PROMPT",
     "answer_contains",
     "generate_text_answers",
     "normalize_answer",
@@ -66,10 +73,12 @@ __all__ = [
     "MMEB_IN_DISTRIBUTION",
     "MMEB_META_TASKS",
     "MMEB_SUBSETS",
+    "caption_attribute_accuracy",
     "caption_image_index",
     "draw_scatter",
     "evaluate_mmeb",
     "evaluate_mmeb_subset",
+    "evaluate_captions",
     "evaluate_modality_gap",
     "evaluate_pope",
     "evaluate_pope_dataset",
@@ -79,6 +88,7 @@ __all__ = [
     "evaluate_video_retrieval",
     "generate_answers",
     "generate_visual_answers",
+    "group_recall_ceiling",
     "load_retrieval_data",
     "modality_gap",
     "motion_accuracy",

@@ -21,7 +21,7 @@ least the number of candidates, every query is a hit.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -115,6 +115,7 @@ def retrieval_recall(
     scores: torch.Tensor,
     text_to_image: Sequence[int] | torch.Tensor,
     ks: Iterable[int] = DEFAULT_KS,
+    image_groups: Sequence[Hashable] | None = None,
 ) -> dict[str, float]:
     """recall@K in both directions from a caption x image score matrix.
 
@@ -123,6 +124,13 @@ def retrieval_recall(
         text_to_image: ``[num_captions]`` index of each caption's image (see `caption_image_index`).
             Every image must own at least one caption.
         ks: Cut-offs (integers >= 1). A K above the number of candidates gives 1.0.
+        image_groups: ``[num_images]`` hashable label per image (e.g. the tuple of a synthetic
+            scene's attributes) for *group-level* recall: a retrieved image counts as correct if
+            it is in the same group as the caption's image, a retrieved caption if its image is in
+            the query image's group. ``None``: instance-level recall (only the caption's own image
+            / the image's own captions are correct). On a test set where several images share a
+            description, instance-level recall is capped (see `group_recall_ceiling`); group-level
+            recall is not.
 
     Returns:
         ``{"text_to_image_recall@K": ..., "image_to_text_recall@K": ...}`` for each K, in [0, 1].
@@ -136,8 +144,12 @@ def retrieval_recall(
         raise ValueError(f"text_to_image has {owners.numel()} entries but scores has {num_captions} caption rows.")
     if owners.min() < 0 or owners.max() >= num_images:
         raise ValueError(f"text_to_image indices must be in [0, {num_images}), got [{owners.min()}, {owners.max()}].")
-    # positives[c, i]: caption c describes image i.
-    positives = owners[:, None] == torch.arange(num_images, device=scores.device)[None, :]
+    # positives[c, i]: caption c describes image i (or, with groups, an image of its image's group).
+    if image_groups is None:
+        positives = owners[:, None] == torch.arange(num_images, device=scores.device)[None, :]
+    else:
+        labels = _group_ids(image_groups, num_images).to(scores.device)
+        positives = labels[owners][:, None] == labels[None, :]
     if not positives.any(dim=0).all():
         missing = (~positives.any(dim=0)).nonzero().flatten()[0].item()
         raise ValueError(f"Image {missing} has no caption in text_to_image; every image needs at least one.")
@@ -146,6 +158,54 @@ def retrieval_recall(
     metrics = {f"text_to_image_recall@{k}": v for k, v in t2i.items()}
     metrics.update({f"image_to_text_recall@{k}": v for k, v in i2t.items()})
     return metrics
+
+
+def _group_ids(image_groups: Sequence[Hashable], num_images: int) -> torch.Tensor:
+    """Hashable group labels -> ``[num_images]`` long tensor of group ids (first-seen order)."""
+    check_sequence(image_groups, "image_groups", "hashable labels, one per image")
+    if len(image_groups) != num_images:
+        raise ValueError(f"image_groups has {len(image_groups)} labels for {num_images} images.")
+    ids: dict[Hashable, int] = {}
+    return torch.tensor([ids.setdefault(label, len(ids)) for label in image_groups], dtype=torch.long)
+
+
+def group_recall_ceiling(
+    image_groups: Sequence[Hashable], text_to_image: Sequence[int] | torch.Tensor | None = None
+) -> dict[str, float]:
+    """Expected instance-level recall@1 of a model that is perfect up to groups.
+
+    Such a model ranks the images (captions) of the right group first but cannot tell apart the
+    images of one group, e.g. duplicate scenes of a synthetic test set with identical captions;
+    among them it picks at random. Its expected text -> image recall@1 is the mean over captions
+    of ``1 / (images in the group)``, and its image -> text recall@1 the mean over images of
+    ``(own captions) / (captions of the group)``. This is the ceiling of instance-level recall@1
+    on such a test set (a model could only pass it by telling duplicates apart).
+
+    Args:
+        image_groups: ``[num_images]`` hashable label per image.
+        text_to_image: ``[num_captions]`` index of each caption's image; ``None``: one caption
+            per image.
+
+    Returns:
+        ``{"text_to_image_recall@1": ..., "image_to_text_recall@1": ...}`` in (0, 1].
+    """
+    groups = _group_ids(image_groups, len(image_groups))
+    if groups.numel() == 0:
+        raise ValueError("image_groups is empty.")
+    owners = (
+        torch.arange(groups.numel())
+        if text_to_image is None
+        else torch.as_tensor(text_to_image, dtype=torch.long).flatten()
+    )
+    if owners.numel() == 0 or owners.min() < 0 or owners.max() >= groups.numel():
+        raise ValueError(f"text_to_image must hold image indices in [0, {groups.numel()}).")
+    images_per_group = torch.bincount(groups).float()
+    captions_per_image = torch.bincount(owners, minlength=groups.numel()).float()
+    captions_per_group = torch.bincount(groups, weights=captions_per_image)
+    return {
+        "text_to_image_recall@1": (1.0 / images_per_group[groups[owners]]).mean().item(),
+        "image_to_text_recall@1": (captions_per_image / captions_per_group[groups]).mean().item(),
+    }
 
 
 def evaluate_retrieval(
