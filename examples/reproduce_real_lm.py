@@ -43,7 +43,6 @@ import random
 import re
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -56,8 +55,8 @@ from cafe import CafeCollator, CafeForConditionalGeneration, CafeTrainer, CafeTr
 from cafe.data import generate_records
 from cafe.data.wordnet import definition_record, read_wordnet, retrieval_synsets, split_synsets
 from cafe.evaluation import (
+    evaluate_captions,
     evaluate_retrieval,
-    generate_answers,
     generate_text_answers,
     modality_gap,
     perplexity,
@@ -65,9 +64,6 @@ from cafe.evaluation import (
     score_answers,
     token_f1,
 )
-
-sys.path.insert(0, str(Path(__file__).parent))
-from reproduce_tradeoff import caption_scores  # noqa: E402  (the shapes caption metric, one definition)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CAPTION_PROMPT = "Describe the picture."
@@ -292,10 +288,19 @@ def evaluate(model_path: Path, data: dict, batch_size: int = 32) -> dict[str, An
         image_embeddings = model.encode(images=images, batch_size=batch_size)
         caption_embeddings = model.encode(texts=[r["caption"] for r in shapes], batch_size=batch_size)
         result["modality_gap"] = modality_gap(image_embeddings.float(), caption_embeddings.float())
-        captions = generate_answers(
-            model, images, [CAPTION_PROMPT] * len(images), prompt_suffix="", max_new_tokens=20, batch_size=16
+        captioned = evaluate_captions(
+            model,
+            images,
+            [r["attributes"] for r in shapes],
+            references=[r["caption"] for r in shapes],
+            prompt=CAPTION_PROMPT,
+            batch_size=16,
+            max_new_tokens=24,
+            show_progress_bar=False,
         )
-        result.update(caption_scores(captions, shapes))
+        captions = captioned["captions"]
+        result["caption_attribute_accuracy"] = captioned["attribute_accuracy"]
+        result["caption_exact_match"] = captioned["exact_match"]
     result["examples"] = {
         "define": [
             {"word": s.word, "gloss": s.definition, "answer": a}
