@@ -13,31 +13,15 @@ from PIL import Image
 
 from cafe import CafeForConditionalGeneration
 from cafe.composition import compose_llava_onevision
-from cafe.testing import train_tiny_tokenizer
+from cafe.testing import tiny_text_language_model
 
 PROMPT = "<|im_start|>user\nwhat colour is the circle<|im_end|>\n<|im_start|>assistant\n"
 
 
 def _text_lm(tie: bool):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = train_tiny_tokenizer(
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], extra_special_tokens={}
-    )
+    language_model, tokenizer = tiny_text_language_model(hidden_size=32, tie_word_embeddings=tie)
     assert "<image>" not in tokenizer.get_vocab()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tie,
-        pad_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval(), tokenizer
+    return language_model, tokenizer
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["tied-head", "own-head"])

@@ -11,9 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from cafe.testing import train_tiny_tokenizer
+from cafe.testing import tiny_text_language_model
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "reproduce_real_lm.py"
 WORDNET_SAMPLE = Path(__file__).parent / "data" / "wordnet"
@@ -28,25 +27,8 @@ def _load_example():
 
 
 def _tiny_language_model(path: Path) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = train_tiny_tokenizer(
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], extra_special_tokens={}
-    )
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        pad_token_id=end,
-        eos_token_id=end,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
+    language_model, tokenizer = tiny_text_language_model(hidden_size=64)
+    language_model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

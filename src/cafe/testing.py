@@ -757,3 +757,29 @@ def build_released_format_checkpoint(path: str | os.PathLike, family: str = "lla
             f"No released-format builder for family {family!r}; available: {sorted(RELEASED_FORMAT_BUILDERS)}"
         )
     return RELEASED_FORMAT_BUILDERS[family](path, seed=seed)
+
+
+def tiny_text_language_model(hidden_size: int = 32, tie_word_embeddings: bool = True) -> tuple[Any, Any]:
+    """A tiny text-only Llama and its trained ChatML tokenizer (no image tokens), as a pretrained
+    causal LM stands for in `cafe.composition` (SmolLM2 in the real-LM example)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = train_tiny_tokenizer(
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], extra_special_tokens={}
+    )
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert isinstance(end, int)  # one token: an int (typed int | list[int])
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie_word_embeddings,
+        pad_token_id=end,
+        eos_token_id=end,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval(), tokenizer
