@@ -502,6 +502,8 @@ def main(argv: list[str] | None = None) -> dict:
             ) -> dict:
                 if dims is not None:  # a smaller LM (the tests' tiny Llama) trains the sizes it has
                     width = AutoConfig.from_pretrained(base).get_text_config().hidden_size
+                    if max(dims) > width:
+                        print(f"the LM is {width} wide: Matryoshka sizes above it are cut to {width}")
                     dims = sorted({min(d, width) for d in dims}, reverse=True)
                 final = train(
                     base,

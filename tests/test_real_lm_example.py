@@ -10,8 +10,6 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
-
 from cafe.testing import tiny_text_language_model
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "reproduce_real_lm.py"
@@ -34,7 +32,6 @@ def _tiny_language_model(path: Path) -> Path:
 
 
 def test_reproduce_real_lm_quick_runs_every_stage_and_resumes(tmp_path):
-    pytest.importorskip("matplotlib")
     example = _load_example()
     language_model = _tiny_language_model(tmp_path / "lm")
     out = tmp_path / "run"
