@@ -408,14 +408,9 @@ class EmbeddedPrompt:
 def reuse_unsupported_reason(model: CafeForConditionalGeneration) -> str | None:
     """Why `generate_reusing_prefix` cannot continue from a cache for this model, or ``None``.
 
-    A family whose positions depend on the images (Qwen2-VL's M-RoPE) computes its generation
-    positions from the whole prompt at prefill, which a prefilled cache hides from it; only 1-D
-    RoPE families (the default `embedding_position_ids`) are verified.
+    Every family can (Qwen2-VL's M-RoPE positions are passed to ``generate`` by the family's
+    `inputs_after_cached_images`); only the attention kernels verified behind a cached prefix are.
     """
-    from .modeling import CafeForConditionalGeneration
-
-    if type(model).embedding_position_ids is not CafeForConditionalGeneration.embedding_position_ids:
-        return f"{type(model).__name__} uses image-dependent position ids (M-RoPE)"
     attention = model.model.language_model.config._attn_implementation
     if attention not in SUPPORTED_ATTENTION:
         return f"the {attention!r} attention kernel is not verified behind a cached prefix"
@@ -506,6 +501,12 @@ def generate_reusing_prefix(
     shared = 0 if reason else common_prefix_length(embedded.input_ids[0].to(input_ids.device), input_ids[0])
     # At least one prompt token must run to produce the first next-token logits.
     shared = min(shared, input_ids.shape[1] - 1)
+    # A video stays out of the cache (its tensors are passed whole): stop before its first token.
+    video_token_id = getattr(model.config, "video_token_id", None)
+    if video_token_id is not None:
+        videos = (input_ids[0, :shared] == video_token_id).nonzero()
+        if len(videos):
+            shared = int(videos[0])
     image = (input_ids[0] == model.config.image_token_id).tolist()
     # Never split an image's token run: its features are scattered as a whole.
     while 0 < shared < len(image) and image[shared] and image[shared - 1]:
@@ -518,20 +519,7 @@ def generate_reusing_prefix(
             f"cache: {reason or 'the generation prompt shares no leading tokens with it'}.",
         )
         return model.generate(**inputs, **generate_kwargs), 0
-    cached_images = sum(1 for i in range(shared) if image[i] and (i == 0 or not image[i - 1]))
-    total_images = sum(1 for i in range(len(image)) if image[i] and (i == 0 or not image[i - 1]))
-    # The images the cache holds are not encoded again: drop them from the per-image inputs
-    # (LLaVA-OneVision: pixel_values, image_sizes and batch_num_images, one entry per image when
-    # the images are passed as a flat list, which is how a one-prompt batch comes).
-    for key in ("pixel_values", "image_sizes", "batch_num_images"):
-        if inputs.get(key) is not None:
-            if inputs[key].shape[0] != total_images:
-                raise ValueError(
-                    f"{key} has {inputs[key].shape[0]} entries for the prompt's {total_images} images: pass the "
-                    "images as one flat list (processor(images=[...], text=prompt))."
-                )
-            inputs[key] = inputs[key][cached_images:] if cached_images < total_images else None
-    inputs = {k: v for k, v in inputs.items() if v is not None}
+    inputs = model.inputs_after_cached_images(inputs, model._count_images(input_ids[0, :shared]))
     cache = copy.deepcopy(embedded.cache)
     cache.crop(shared - cache.get_seq_length())
     return model.generate(**inputs, cache=cache, **generate_kwargs), shared

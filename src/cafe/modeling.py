@@ -361,6 +361,34 @@ class CafeForConditionalGeneration(PreTrainedModel):
         """
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
+    def inputs_after_cached_images(self, inputs: dict[str, Any], cached_images: int) -> dict[str, Any]:
+        """``generate`` inputs of a one-prompt processor batch whose first `cached_images` images are
+        already in a reused KV cache (`cafe.inference.generate_reusing_prefix`).
+
+        The cached images are not encoded again, so their entries leave the per-image tensors.
+        Default (LLaVA-OneVision): ``pixel_values``, ``image_sizes`` and ``batch_num_images`` hold one
+        entry per image when the images are passed as a flat list, which is how a one-prompt batch
+        comes. Families whose positions depend on the images also fix the prompt's positions here.
+        """
+        total = int(self._count_images(inputs["input_ids"][0]))
+        inputs = dict(inputs)
+        for key in ("pixel_values", "image_sizes", "batch_num_images"):
+            if inputs.get(key) is not None:
+                if inputs[key].shape[0] != total:
+                    raise ValueError(
+                        f"{key} has {inputs[key].shape[0]} entries for the prompt's {total} images: pass the "
+                        "images as one flat list (processor(images=[...], text=prompt))."
+                    )
+                inputs[key] = inputs[key][cached_images:] if cached_images < total else None
+        return {k: v for k, v in inputs.items() if v is not None}
+
+    def _count_images(self, input_ids: torch.Tensor) -> int:
+        """Images in a ``[seq]`` prompt: runs of image tokens (one run per image once expanded)."""
+        image = input_ids == self.config.image_token_id
+        starts = image.clone()
+        starts[1:] &= ~image[:-1]
+        return int(starts.sum())
+
     def select_vision_features(
         self, features: dict[str, Any], index: torch.Tensor, modality: str = "image"
     ) -> dict[str, Any]:

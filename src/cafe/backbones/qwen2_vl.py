@@ -162,6 +162,42 @@ class _QwenVLMixin:
         )
         return position_ids
 
+    def inputs_after_cached_images(self, inputs: dict[str, Any], cached_images: int) -> dict[str, Any]:
+        """As the base hook, for the flat patch tensor, plus the prompt's M-RoPE positions.
+
+        The stock ``generate`` computes M-RoPE positions from the whole prompt only when it runs the
+        whole prompt; behind a prefilled cache it would continue 1-D positions (or need grids of
+        images it no longer gets). So the positions of the whole prompt are computed here, with
+        every image's grid, and passed as ``position_ids`` ``[4, 1, seq]`` (text positions first,
+        as the stock ``generate`` lays them out); ``generate`` keeps the uncached part and extends
+        it while decoding. ``pixel_values`` loses the cached images' patches (``t * h * w`` rows
+        each) and ``image_grid_thw`` their rows.
+        """
+        inputs = dict(inputs)
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        grid = inputs.get("image_grid_thw")
+        spatial = self.embedding_position_ids(
+            input_ids,
+            attention_mask,
+            image_grid_thw=grid,
+            video_grid_thw=inputs.get("video_grid_thw"),
+            second_per_grid_ts=inputs.get("second_per_grid_ts"),
+        )
+        text = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        inputs["position_ids"] = torch.cat([text[None], spatial.to(text.device)], dim=0)
+        if grid is not None and cached_images:
+            if grid.shape[0] < cached_images:
+                raise ValueError(
+                    f"image_grid_thw has {grid.shape[0]} rows for {cached_images} cached images: pass the processor's "
+                    "output for the whole prompt."
+                )
+            skipped = int(grid[:cached_images].prod(-1).sum())
+            inputs["pixel_values"] = inputs["pixel_values"][skipped:]
+            inputs["image_grid_thw"] = grid[cached_images:]
+            if inputs["image_grid_thw"].shape[0] == 0:
+                inputs["pixel_values"] = inputs["image_grid_thw"] = None
+        return {k: v for k, v in inputs.items() if v is not None}
+
 
 _MISSING_GRID = (
     "Qwen2-VL vision features must carry their image_grid_thw / video_grid_thw (for the M-RoPE positions): compute "
