@@ -1,9 +1,10 @@
-"""Helpers shared by the evaluation modules: input checks and data set loading."""
+"""Helpers shared by the evaluation modules: input checks, data set loading, greedy decoding."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sized
+from collections.abc import Iterable, Iterator, Mapping, Sized
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -114,3 +115,26 @@ def require_columns(dataset: Dataset, columns: Iterable[str], hint: str = "") ->
     missing = [c for c in columns if c not in dataset.column_names]
     if missing:
         raise KeyError(f"Columns {missing} not in the dataset; available: {dataset.column_names}. {hint}".strip())
+
+
+@contextmanager
+def generation_mode(model: Any, tokenizer: Any) -> Iterator[None]:
+    """Eval mode and left padding (a decoder-only batch continues after each row's last real
+    token) for a block of ``generate`` calls; both are restored afterwards."""
+    padding_side, was_training = tokenizer.padding_side, model.training
+    tokenizer.padding_side = "left"
+    model.eval()
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+
+
+def greedy_answers(model: Any, tokenizer: Any, inputs: Mapping[str, Any], max_new_tokens: int) -> list[str]:
+    """Greedy ``generate`` on one left-padded batch; the decoded new tokens of each row, stripped."""
+    with torch.inference_mode():
+        output = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
+    # With left padding every prompt ends at the same column.
+    new_tokens = output[:, inputs["input_ids"].shape[1] :]
+    return [answer.strip() for answer in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

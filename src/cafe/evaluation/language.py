@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..prompting import check_batch_size, check_sequence, render_chat
-from ._common import check_same_length
+from ._common import check_same_length, generation_mode, greedy_answers
 
 
 def normalize_answer(text: str) -> str:
@@ -115,8 +115,6 @@ def generate_text_answers(
     Returns:
         ``len(questions)`` decoded answers (special tokens removed, whitespace stripped).
     """
-    import torch
-
     processor = processor if processor is not None else getattr(model, "processor", None)
     if processor is None:
         raise ValueError("No processor: pass processor= or load the model with its processor.")
@@ -126,11 +124,7 @@ def generate_text_answers(
         raise ValueError("questions is empty.")
     tokenizer = getattr(processor, "tokenizer", processor)
     answers: list[str] = []
-    padding_side = tokenizer.padding_side
-    was_training = model.training
-    tokenizer.padding_side = "left"  # decoder-only generation continues after the last real token
-    model.eval()
-    try:
+    with generation_mode(model, tokenizer):
         for start in range(0, len(questions), batch_size):
             prompts = [
                 render_chat(
@@ -141,13 +135,7 @@ def generate_text_answers(
                 for q in questions[start : start + batch_size]
             ]
             inputs = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt").to(model.device)
-            with torch.no_grad():
-                output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-            new_tokens = output[:, inputs["input_ids"].shape[1] :]
-            answers += [a.strip() for a in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-    finally:
-        tokenizer.padding_side = padding_side
-        model.train(was_training)
+            answers += greedy_answers(model, tokenizer, inputs, max_new_tokens)
     return answers
 
 

@@ -20,6 +20,8 @@ from ._common import (
     check_batch_size,
     check_same_length,
     check_sequence,
+    generation_mode,
+    greedy_answers,
     load_any_dataset,
     require_columns,
     resolve_image,
@@ -214,7 +216,6 @@ def generate_visual_answers(
     rule (`cafe.video.frame_sampling` under its ``video_num_frames`` / ``video_fps``), as
     ``encode`` samples them.
     """
-    import torch
     from tqdm.auto import tqdm
 
     from ..prompting import load_image, process_prompts, render_chat
@@ -234,11 +235,7 @@ def generate_visual_answers(
     tokenizer = processor.tokenizer
     starts = range(0, len(questions), batch_size)
     answers: list[str] = []
-    padding_side = tokenizer.padding_side
-    was_training = model.training
-    tokenizer.padding_side = "left"
-    model.eval()
-    try:
+    with generation_mode(model, tokenizer):
         for start in tqdm(starts, desc="Generating", unit="batch", disable=not show_progress_bar):
             loaded: list[Image.Image | Video] = []
             for i, visual in enumerate(visuals[start : start + batch_size]):
@@ -260,14 +257,7 @@ def generate_visual_answers(
             for key in ("pixel_values", "pixel_values_videos"):
                 if key in inputs:
                     inputs[key] = inputs[key].to(model.dtype)
-            with torch.inference_mode():
-                output = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
-            # With left padding every prompt ends at the same column.
-            new_tokens = output[:, inputs["input_ids"].shape[1] :]
-            answers += [a.strip() for a in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-    finally:
-        tokenizer.padding_side = padding_side
-        model.train(was_training)
+            answers += greedy_answers(model, tokenizer, inputs, max_new_tokens)
     return answers
 
 
