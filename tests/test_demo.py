@@ -18,6 +18,10 @@ def test_cafe_demo_quick_runs_end_to_end(tmp_path):
         assert expected | {"pope_answered", "modality_gap"} <= set(report[column])
         assert all(0.0 <= value <= 2.0 for value in report[column].values())
     assert any("loss_con" in row for row in report["train_log"])
+    # The random tiny model is first made a base VLM with LM-only steps (no contrastive term).
+    assert report["config"]["base_steps"] == 4
+    assert any("loss_lm" in row for row in report["base_train_log"])
+    assert not any("loss_con" in row for row in report["base_train_log"])
     assert (tmp_path / "modality_gap_before.png").stat().st_size > 0
     assert (tmp_path / "modality_gap_after.png").stat().st_size > 0
     # The checkpoint is a stock transformers checkpoint.
@@ -67,3 +71,35 @@ def test_table_leaves_out_pope_of_a_model_that_does_not_answer_yes_or_no():
     table = before_after_table({**before, "pope_answered": 1.0}, {**after, "pope_answered": 0.5})
     rows = [line.split() for line in table.splitlines()[2:]]
     assert ["pope_f1", "0.000", "0.800"] in rows and len(rows) == 5 and "POPE" not in table
+
+
+def test_training_records_keep_the_description_and_yes_no_questions_apart(tmp_path):
+    """Each train image gives a description conversation and a yes/no one (one yes, one no); the
+    QA turns that could be copied from the caption are left out; both contrast image <-> caption."""
+    from cafe.data import write_synthetic_dataset
+    from cafe.demo import training_records
+    from cafe.evaluation.pope import DEFAULT_POPE_PROMPT_SUFFIX
+    from cafe.training import load_records
+
+    paths = write_synthetic_dataset(tmp_path, num_train=4, num_test=1, seed=0)
+    source = json.loads(paths["train"].read_text())
+    out = training_records(paths["train"])
+    records = json.loads(out.read_text())
+    assert len(records) == 2 * len(source)
+    for image, (describe, yes_no) in zip(source, zip(records[::2], records[1::2], strict=True), strict=True):
+        assert describe["image"] == yes_no["image"] == image["image"]
+        assert describe["positives"] == yes_no["positives"] == [image["caption"]]
+        assert describe["conversations"] == image["conversations"][:2]
+        assert [turn["from"] for turn in yes_no["conversations"]] == ["human", "gpt"] * 2
+        assert yes_no["conversations"][0]["value"].startswith("<image>\n")
+        assert "<image>" not in yes_no["conversations"][2]["value"]
+        assert all(turn["value"].endswith(DEFAULT_POPE_PROMPT_SUFFIX) for turn in yes_no["conversations"][::2])
+        assert sorted(turn["value"] for turn in yes_no["conversations"][1::2]) == ["No.", "Yes."]
+        asked = {
+            turn["value"].removesuffix(DEFAULT_POPE_PROMPT_SUFFIX).removeprefix("<image>\n")
+            for turn in yes_no["conversations"][::2]
+        }
+        assert asked <= {question["question"] for question in image["pope"]}
+    # Which answer comes first alternates between images.
+    assert {r["conversations"][1]["value"] for r in records[1::2]} == {"Yes.", "No."}
+    assert len(load_records(str(out))) == len(records)  # the trainer's loader accepts them

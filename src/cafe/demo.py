@@ -3,16 +3,19 @@
 1. build the tiny LLaVA-OneVision checkpoint locally (or start from ``--model``);
 2. generate the built-in synthetic shapes data (train / test, JSON + image folder), and with
    ``--video`` the built-in clips of moving shapes (one PNG per frame);
-3. measure zero-shot retrieval (recall@K both ways), the attributes that greedy captions name
+3. make the random tiny model a base VLM: LM-only steps on captions and yes/no questions, the
+   stand-in for the pretrained VLM that CAFe starts from (skipped for ``--model``);
+4. measure zero-shot retrieval (recall@K both ways), the attributes that greedy captions name
    (does generation survive the contrastive term?), the POPE-style probe (shown only for a model
    that answers yes or no) and the modality gap; with ``--video`` also text <-> video recall@K
    and the motion named by generated captions;
-4. fine-tune with CAFe (``lm_weight * L_lm + contrastive_weight * L_con``) on the train split
+5. fine-tune with CAFe (``lm_weight * L_lm + contrastive_weight * L_con``) on the train split
    (images and clips mixed in every batch);
-5. measure again, print a before / after table, save the checkpoint, the plots and a JSON report.
+6. measure again, print a before / after table, save the checkpoint, the plots and a JSON report.
 
-On the random tiny model the "before" column is chance level: the demo shows the pipeline and
-that CAFe training moves both retrieval and generation, not a real model's quality.
+The base is a ~1M-parameter model trained for a minute: its zero-shot retrieval is at chance
+and its captions name about half the attributes. The demo shows the pipeline and that CAFe adds
+retrieval while the captions keep, not a real model's quality.
 """
 
 from __future__ import annotations
@@ -40,9 +43,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="small data and budget (about a minute)")
     parser.add_argument("--num_train", type=int, default=None)
     parser.add_argument("--num_test", type=int, default=None)
-    parser.add_argument("--max_steps", type=int, default=None)
+    parser.add_argument("--max_steps", type=int, default=None, help="CAFe fine-tuning steps")
+    parser.add_argument(
+        "--base_steps",
+        type=int,
+        default=None,
+        help="LM-only steps that make the built tiny model a captioning VLM before CAFe (not with --model)",
+    )
     parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--learning_rate", type=float, default=2e-3)
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--contrastive_weight", type=float, default=10.0)
     parser.add_argument("--lm_weight", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -86,25 +95,50 @@ def measure_video(
 
 
 def training_records(json_path: Path, extra: list[dict] | None = None) -> Path:
-    """Demo training records: LM on the conversation plus yes/no questions, contrast on the caption.
+    """Demo training records: two conversations per train image, both contrasting it with its caption.
 
-    The yes/no turns come from the train images' own POPE-style questions (two yes, two no), so
-    the probe on the test images measures generalisation, not recall. They carry the probe's
-    answer-format instruction, as LLaVA's VQA training data does.
+    * the description turn ("Describe the picture." -> caption), the turn the caption metric asks;
+    * two POPE-style yes/no questions about the same image (one yes, one no, from its ``pope``
+      list), with the probe's answer-format instruction as LLaVA's VQA data has it.
+
+    The yes/no questions get a conversation of their own because, asked after the description,
+    they can be answered by copying from it (and so can the data's other QA turns: colour, shape,
+    count...), which teaches the tiny model to read its context rather than the image; those QA
+    turns are left out for the same reason. Both records of an image carry the same contrastive
+    pair, which the collator marks as one group (not as each other's negatives).
+    The questions come from the train images, so the probe on the test images measures
+    generalisation, not recall.
     """
     records = json.loads(json_path.read_text())
+    out_records: list[dict] = []
     for record in records:
-        for question in record["pope"][:4]:
-            record["conversations"] += [
-                {"from": "human", "value": question["question"] + DEFAULT_POPE_PROMPT_SUFFIX},
+        describe = record["conversations"][:2]
+        yes = next(q for q in record["pope"] if q["answer"] == "yes")
+        no = next(q for q in record["pope"] if q["answer"] == "no")
+        # The image token opens the first turn of each conversation; which question comes first
+        # alternates, so the answer's position tells nothing.
+        questions = [yes, no] if len(out_records) % 4 == 0 else [no, yes]
+        yes_no = []
+        for i, question in enumerate(questions):
+            yes_no += [
+                {
+                    "from": "human",
+                    "value": ("<image>\n" if i == 0 else "") + question["question"] + DEFAULT_POPE_PROMPT_SUFFIX,
+                },
                 {"from": "gpt", "value": question["answer"].capitalize() + "."},
             ]
-        record["positives"] = [record["caption"]]
-        for key in ("pope", "boxes", "attributes", "captions"):
-            record.pop(key, None)
-    records += extra or []
+        for suffix, conversation in (("describe", describe), ("yes-no", yes_no)):
+            out_records.append(
+                {
+                    "id": f"{record['id']}-{suffix}",
+                    "image": record["image"],
+                    "conversations": conversation,
+                    "positives": [record["caption"]],
+                }
+            )
+    out_records += extra or []
     out = json_path.with_name(json_path.stem + "-cafe.json")
-    out.write_text(json.dumps(records))
+    out.write_text(json.dumps(out_records))
     return out
 
 
@@ -207,6 +241,9 @@ def demo_main(argv: list[str] | None = None) -> dict:
     num_train = args.num_train or (32 if args.quick else 384)
     num_test = args.num_test or (12 if args.quick else 64)
     max_steps = args.max_steps or (4 if args.quick else 800)
+    # Only the tiny model built here needs to learn to caption first; a given --model is a VLM already.
+    default_base_steps = 0 if args.model else (4 if args.quick else 800)
+    base_steps = default_base_steps if args.base_steps is None else args.base_steps
     batch_size = min(args.batch_size, num_train)
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -214,13 +251,14 @@ def demo_main(argv: list[str] | None = None) -> dict:
     started = time.time()
     torch.manual_seed(args.seed)
 
-    print(f"[1/5] model: {args.model or 'tiny LLaVA-OneVision built locally'}")
+    print(f"[1/6] model: {args.model or 'tiny LLaVA-OneVision built locally'}")
     model_path = args.model or build_tiny_checkpoint(output / "base", seed=args.seed)
     model = CafeForConditionalGeneration.from_pretrained(model_path)
-    if model.processor is None:
+    processor = model.processor
+    if processor is None:
         raise ValueError(f"{model_path} has no processor files; the demo needs the model's processor.")
 
-    print(f"[2/5] data: {num_train} train / {num_test} test synthetic shape images in {output / 'data'}")
+    print(f"[2/6] data: {num_train} train / {num_test} test synthetic shape images in {output / 'data'}")
     paths = write_synthetic_dataset(output / "data", num_train=num_train, num_test=num_test, seed=args.seed)
     test_records = json.loads(paths["test"].read_text())
     train_clips, test_clips = [], []
@@ -247,41 +285,64 @@ def demo_main(argv: list[str] | None = None) -> dict:
             result.update(measure_video(model, test_clips, output / "data"))
         return result
 
-    print("[3/5] zero-shot evaluation")
+    train_records = load_records(str(training_records(paths["train"], train_clips)))
+
+    def fine_tune(name: str, steps: int, lm_weight: float, contrastive_weight: float) -> list[dict]:
+        """`steps` steps of ``lm_weight * L_lm + contrastive_weight * L_con`` on the train records."""
+        training_args = CafeTrainingArguments(
+            output_dir=str(output / name),
+            per_device_train_batch_size=batch_size,
+            max_steps=steps,
+            learning_rate=args.learning_rate,
+            vision_tower_learning_rate=args.learning_rate,
+            lr_scheduler_type="cosine",
+            warmup_steps=0.05,
+            contrastive_weight=contrastive_weight,
+            lm_weight=lm_weight,
+            compute_contrastive_loss=contrastive_weight > 0,
+            logging_steps=max(1, steps // 10),
+            save_strategy="no",
+            report_to=[],
+            use_cpu=not torch.cuda.is_available(),
+            seed=args.seed,
+            disable_tqdm=False,
+        )
+        trainer = CafeTrainer(
+            model=model,
+            args=training_args,
+            train_dataset=train_records,
+            data_collator=CafeCollator(
+                processor,
+                model=model,
+                image_folder=str(output / "data"),
+                compute_contrastive_loss=contrastive_weight > 0,
+            ),
+            processing_class=processor,
+        )
+        trainer.train()
+        model.eval()
+        return trainer.state.log_history
+
+    base_log: list[dict] = []
+    if base_steps:
+        print(
+            f"[3/6] base VLM: {base_steps} LM-only steps teach the random tiny model to caption and answer "
+            "(what a pretrained VLM, CAFe's starting point, already does)"
+        )
+        base_log = fine_tune("base-run", base_steps, lm_weight=1.0, contrastive_weight=0.0)
+    else:
+        print(f"[3/6] base VLM: {model_path} as given")
+
+    print("[4/6] zero-shot evaluation of the base")
     before = measure_all(output / "modality_gap_before.png")
 
     print(
-        f"[4/5] CAFe fine-tuning: {max_steps} steps, batch {batch_size}, "
+        f"[5/6] CAFe fine-tuning: {max_steps} steps, batch {batch_size}, "
         f"alpha_lm={args.lm_weight}, alpha_con={args.contrastive_weight}"
     )
-    training_args = CafeTrainingArguments(
-        output_dir=str(output / "run"),
-        per_device_train_batch_size=batch_size,
-        max_steps=max_steps,
-        learning_rate=args.learning_rate,
-        vision_tower_learning_rate=args.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=0.05,
-        contrastive_weight=args.contrastive_weight,
-        lm_weight=args.lm_weight,
-        logging_steps=max(1, max_steps // 10),
-        save_strategy="no",
-        report_to=[],
-        use_cpu=not torch.cuda.is_available(),
-        seed=args.seed,
-        disable_tqdm=False,
-    )
-    trainer = CafeTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=load_records(str(training_records(paths["train"], train_clips))),
-        data_collator=CafeCollator(model.processor, model=model, image_folder=str(output / "data")),
-        processing_class=model.processor,
-    )
-    trainer.train()
-    model.eval()
+    cafe_log = fine_tune("run", max_steps, args.lm_weight, args.contrastive_weight)
 
-    print("[5/5] evaluation after CAFe")
+    print("[6/6] evaluation after CAFe")
     after = measure_all(output / "modality_gap_after.png")
     checkpoint = output / "checkpoint"
     model.save_pretrained(checkpoint)
@@ -290,8 +351,15 @@ def demo_main(argv: list[str] | None = None) -> dict:
     report = {
         "before": before,
         "after": after,
-        "config": {**vars(args), "num_train": num_train, "num_test": num_test, "max_steps": max_steps},
-        "train_log": trainer.state.log_history,
+        "config": {
+            **vars(args),
+            "num_train": num_train,
+            "num_test": num_test,
+            "max_steps": max_steps,
+            "base_steps": base_steps,
+        },
+        "base_train_log": base_log,
+        "train_log": cafe_log,
         "checkpoint": str(checkpoint),
         "seconds": round(time.time() - started, 1),
     }
