@@ -236,6 +236,7 @@ def train(
     final = output_dir / "final"
     model.save_pretrained(final)
     (output_dir / "train_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    (output_dir / "training_args.json").write_text(training_args.to_json_string())  # what this run trained with
     return final
 
 

@@ -50,9 +50,15 @@ def test_reproduce_real_lm_quick_runs_every_stage_and_resumes(tmp_path):
         "--variants",
         "contrastive only",
         "CAFe 1:10 + Matryoshka",
+        "CAFe 1:10 + Matryoshka 1/4",
     ]
     summary = example.main(argv)
-    assert list(summary) == ["base (SmolLM2 + stage 1)", "contrastive only", "CAFe 1:10 + Matryoshka"]
+    assert list(summary) == [
+        "base (SmolLM2 + stage 1)",
+        "contrastive only",
+        "CAFe 1:10 + Matryoshka",
+        "CAFe 1:10 + Matryoshka 1/4",
+    ]
     results = json.loads((out / "results.json").read_text())
     for name, runs in results["runs"].items():
         metrics = runs[0]
@@ -65,6 +71,9 @@ def test_reproduce_real_lm_quick_runs_every_stage_and_resumes(tmp_path):
     assert any("loss_con" in entry for entry in log)
     assert not (out / "cafe-1-10-matryoshka-seed0" / "final").exists()
     assert (out / "tradeoff.png").stat().st_size > 0
+    # The 64-wide test LM keeps one size of [576, 256, 128, 64], with its weight of 1/4.
+    settings = json.loads((out / "cafe-1-10-matryoshka-1-4-seed0" / "training_args.json").read_text())
+    assert settings["matryoshka_dims"] == [64] and settings["matryoshka_weights"] == [0.25]
     assert "| contrastive only | 1 |" in (out / "results.md").read_text()
 
     # Resume: every stage's metrics are read back, nothing is trained or evaluated again.
