@@ -185,6 +185,7 @@ def train(
     freeze_language_model: bool = False,
     matryoshka_dims: list[int] | None = None,
     matryoshka_weights: list[float] | None = None,
+    gradient_cache_mini_batch: int | None = None,
 ) -> Path:
     """One fine-tune with CafeTrainer; returns the saved final checkpoint."""
     from datasets import Dataset
@@ -208,6 +209,10 @@ def train(
         compute_contrastive_loss=contrastive_weight > 0,
         matryoshka_dims=matryoshka_dims,
         matryoshka_weights=matryoshka_weights,
+        # GradCache: the contrastive batch in mini-batches of this many records, memory independent of
+        # the batch (more in-batch negatives, the lever the Matryoshka runs point to).
+        gradient_cache=gradient_cache_mini_batch is not None,
+        gradient_cache_mini_batch_size=gradient_cache_mini_batch or 8,
         logging_steps=max(1, steps // 10),
         save_strategy="no",
         report_to=[],
@@ -444,6 +449,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--learning_rate", type=float, default=5e-5)
+    parser.add_argument(
+        "--gradient_cache_mini_batch",
+        type=int,
+        default=None,
+        help="fine-tune with GradCache in mini-batches of this size (large --batch_size at constant memory)",
+    )
     parser.add_argument("--num_train_images", type=int, default=1000)
     parser.add_argument("--num_test_images", type=int, default=200)
     parser.add_argument("--num_train_synsets", type=int, default=1000)
@@ -537,6 +548,7 @@ def main(argv: list[str] | None = None) -> dict:
                     seed,
                     matryoshka_dims=dims,
                     matryoshka_weights=dim_weights,
+                    gradient_cache_mini_batch=args.gradient_cache_mini_batch,
                 )
                 metrics = evaluate(final, data)
                 if not args.keep_checkpoints:

@@ -47,6 +47,8 @@ def test_reproduce_real_lm_quick_runs_every_stage_and_resumes(tmp_path):
         "0.5",
         "--reference_embedder",
         "none",
+        "--gradient_cache_mini_batch",
+        "2",
         "--variants",
         "contrastive only",
         "CAFe 1:10 + Matryoshka",
@@ -74,6 +76,7 @@ def test_reproduce_real_lm_quick_runs_every_stage_and_resumes(tmp_path):
     # The 64-wide test LM keeps one size of [576, 256, 128, 64], with its weight of 1/4.
     settings = json.loads((out / "cafe-1-10-matryoshka-1-4-seed0" / "training_args.json").read_text())
     assert settings["matryoshka_dims"] == [64] and settings["matryoshka_weights"] == [0.25]
+    assert settings["gradient_cache"] and settings["gradient_cache_mini_batch_size"] == 2
     assert "| contrastive only | 1 |" in (out / "results.md").read_text()
 
     # Resume: every stage's metrics are read back, nothing is trained or evaluated again.
