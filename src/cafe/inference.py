@@ -507,6 +507,12 @@ def generate_reusing_prefix(
         videos = (input_ids[0, :shared] == video_token_id).nonzero()
         if len(videos):
             shared = int(videos[0])
+            warn_once(
+                model,
+                "reuse: video in prefix",
+                f"Reusing only the {shared} prompt tokens before the first video: a video's tokens are "
+                "computed anew (its tensors are passed whole to generate).",
+            )
     image = (input_ids[0] == model.config.image_token_id).tolist()
     # Never split an image's token run: its features are scattered as a whole.
     while 0 < shared < len(image) and image[shared] and image[shared - 1]:

@@ -370,7 +370,7 @@ class CafeForConditionalGeneration(PreTrainedModel):
         entry per image when the images are passed as a flat list, which is how a one-prompt batch
         comes. Families whose positions depend on the images also fix the prompt's positions here.
         """
-        total = int(self._count_images(inputs["input_ids"][0]))
+        total = self._count_images(inputs["input_ids"][0])
         inputs = dict(inputs)
         for key in ("pixel_values", "image_sizes", "batch_num_images"):
             if inputs.get(key) is not None:
