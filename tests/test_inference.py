@@ -297,3 +297,34 @@ def test_generation_continues_from_the_embedded_prompt(cafe_model, images, caplo
         assert reused > int(first_image[0]) + image_tokens, len(shown)
         assert embedded.cache.get_seq_length() == embedded.input_ids.shape[1]  # the kept cache is untouched
     assert not any("without reusing" in r.getMessage() for r in caplog.records)
+
+
+def test_a_video_in_the_shared_prefix_stops_the_reuse_with_a_warning(cafe_model, caplog):
+    """A video's tensors go to generate whole, so the reused prefix ends before its first token,
+    and the shorter reuse is said, not only counted; the answer is still plain generate's."""
+    from cafe.data import generate_clip_records
+    from cafe.inference import embed_keeping_cache, generate_reusing_prefix
+    from cafe.video import frame_sampling, load_video
+
+    clip = generate_clip_records(1, seed=1, image_size=48)[0]["video"]
+    with torch.inference_mode():
+        embedded = embed_keeping_cache(cafe_model, {"video": clip, "text": "what moves?"})
+    video = load_video(clip, frame_sampling(cafe_model.processor, cafe_model.cafe_settings))
+    prompt = cafe_model.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "what moves?"}]}],
+        chat_template=cafe_model.cafe_settings.lm_chat_template,
+        add_generation_prompt=True,
+    )
+    batch = cafe_model.processor(
+        text=[prompt], videos=[video.frames], video_metadata=[video.metadata], return_tensors="pt"
+    )
+    settings = {"max_new_tokens": 4, "do_sample": False, "output_scores": True, "return_dict_in_generate": True}
+    with torch.inference_mode(), warnings_captured(caplog):
+        reused_out, reused = generate_reusing_prefix(cafe_model, embedded, batch, **settings)
+        plain = cafe_model.generate(**batch, **settings)
+    first_video = int((batch["input_ids"][0] == cafe_model.config.video_token_id).nonzero()[0])
+    assert 0 < reused <= first_video  # system turn and header from the cache, the video computed anew
+    assert any("before the first video" in r.getMessage() for r in caplog.records)
+    assert reused_out.sequences.tolist() == plain.sequences.tolist()
+    for step_reused, step_plain in zip(reused_out.scores, plain.scores, strict=True):
+        torch.testing.assert_close(step_reused, step_plain, atol=1e-5, rtol=1e-5)
