@@ -209,10 +209,13 @@ def train(
         compute_contrastive_loss=contrastive_weight > 0,
         matryoshka_dims=matryoshka_dims,
         matryoshka_weights=matryoshka_weights,
-        # GradCache: the contrastive batch in mini-batches of this many records, memory independent of
-        # the batch (more in-batch negatives, the lever the Matryoshka runs point to).
-        gradient_cache=gradient_cache_mini_batch is not None,
-        gradient_cache_mini_batch_size=gradient_cache_mini_batch or 8,
+        # GradCache: the batch in mini-batches of this many records, memory independent of the
+        # batch (more in-batch negatives at constant memory). Unset keeps the arguments' defaults.
+        **(
+            {}
+            if gradient_cache_mini_batch is None
+            else {"gradient_cache": True, "gradient_cache_mini_batch_size": gradient_cache_mini_batch}
+        ),
         logging_steps=max(1, steps // 10),
         save_strategy="no",
         report_to=[],
@@ -469,6 +472,15 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--keep_checkpoints", action="store_true", help="keep every variant's weights (540 MB each)")
     args = parser.parse_args(argv)
+    # Bad arguments fail here, before the composition and stage 1 (minutes) run.
+    mini_batch = args.gradient_cache_mini_batch
+    if mini_batch is not None and not 1 <= mini_batch <= args.batch_size:
+        parser.error(
+            f"--gradient_cache_mini_batch must be between 1 and --batch_size ({args.batch_size}), got {mini_batch}"
+        )
+    unknown = set(args.variants or []) - {v[0] for v in VARIANTS}
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {[v[0] for v in VARIANTS]}")
     if args.quick:
         args.stage1_steps, args.steps, args.seeds = 2, 2, args.seeds[:1]
         args.num_train_images, args.num_test_images, args.num_train_synsets = 32, 16, 32
@@ -509,9 +521,6 @@ def main(argv: list[str] | None = None) -> dict:
         )
     rows: dict[str, list[dict]] = {"base (SmolLM2 + stage 1)": [stage(out / "base", lambda: evaluate(base, data))]}
     records = shape_records(data["shapes_train"]) + wordnet_records(data["wordnet_train"])
-    unknown = set(args.variants or []) - {v[0] for v in VARIANTS}
-    if unknown:
-        parser.error(f"unknown variants {sorted(unknown)}; choose from {[v[0] for v in VARIANTS]}")
     variants = [v for v in VARIANTS if v[0] in (args.variants or DEFAULT_VARIANTS)]
     for seed in args.seeds:
         for name, lm_weight, con_weight, dims, dim_weights in variants:

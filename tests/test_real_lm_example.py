@@ -83,3 +83,17 @@ def test_reproduce_real_lm_quick_runs_every_stage_and_resumes(tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/metrics.json")}
     assert example.main(argv) == summary
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/metrics.json")} == stamps
+
+
+def test_bad_arguments_are_refused_before_any_stage(tmp_path, capsys):
+    import pytest
+
+    example = _load_example()
+    for mini_batch in ("0", "9"):
+        with pytest.raises(SystemExit):
+            example.main(["--output_dir", str(tmp_path / "out"), "--gradient_cache_mini_batch", mini_batch])
+        assert "--gradient_cache_mini_batch must be between 1 and --batch_size (8)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        example.main(["--output_dir", str(tmp_path / "out"), "--variants", "CAFe 1:100"])
+    assert "unknown variants ['CAFe 1:100']" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before the composition and stage 1
