@@ -29,8 +29,10 @@ Protocol (mirrors the paper's, at CPU scale):
     python examples/reproduce_real_lm.py --quick               # a smoke run of every stage
 
 Each stage writes its metrics to ``<output_dir>/<stage>/metrics.json`` and is skipped when that
-file exists, so an interrupted run resumes where it stopped. The table goes to
-``<output_dir>/results.{json,md}`` and the plot to ``<output_dir>/tradeoff.png``.
+file exists, so an interrupted run resumes where it stopped; a fine-tune killed mid-stage restarts
+from its newest checkpoint (one every tenth of ``--steps``, deleted once the stage's weights are
+saved). The table goes to ``<output_dir>/results.{json,md}`` and the plot to
+``<output_dir>/tradeoff.png``.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from transformers import AutoConfig
+from transformers.trainer_utils import get_last_checkpoint
 
 from cafe import CafeCollator, CafeForConditionalGeneration, CafeTrainer, CafeTrainingArguments
 from cafe.data import generate_records
@@ -217,7 +220,11 @@ def train(
             else {"gradient_cache": True, "gradient_cache_mini_batch_size": gradient_cache_mini_batch}
         ),
         logging_steps=max(1, steps // 10),
-        save_strategy="no",
+        # A checkpoint every tenth of the run, only the newest kept: a run killed mid-stage (runs
+        # here take 40-100 minutes on CPU) restarts from it instead of from step 0.
+        save_strategy="steps",
+        save_steps=max(1, steps // 10),
+        save_total_limit=1,
         report_to=[],
         use_cpu=not torch.cuda.is_available(),
         bf16=True,  # autocast: AMX / AVX-512 bf16 matmuls on CPU, fp32 master weights
@@ -240,11 +247,16 @@ def train(
         ),
         processing_class=model.processor,
     )
-    trainer.train()
+    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    if last is not None:
+        print(f"resuming {output_dir.name} from {Path(last).name}")
+    trainer.train(resume_from_checkpoint=last)
     final = output_dir / "final"
     model.save_pretrained(final)
     (output_dir / "train_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     (output_dir / "training_args.json").write_text(training_args.to_json_string())  # what this run trained with
+    for checkpoint in output_dir.glob("checkpoint-*"):  # weights + optimizer state, ~2 GB at SmolLM2's size
+        shutil.rmtree(checkpoint)
     return final
 
 

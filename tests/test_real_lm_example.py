@@ -85,6 +85,77 @@ def test_reproduce_real_lm_quick_runs_every_stage_and_resumes(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/metrics.json")} == stamps
 
 
+def test_a_killed_fine_tune_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, capsys):
+    """Runs take 40-100 minutes on CPU: one killed mid-stage restarts from its newest checkpoint
+    (weights, optimizer, scheduler, RNG and data-sampling state) and ends where an uninterrupted
+    run ends; the checkpoints are deleted once the final weights are saved."""
+    import argparse
+
+    import pytest
+    import torch
+
+    example = _load_example()
+    language_model = _tiny_language_model(tmp_path / "lm")
+    out = tmp_path / "run"
+    common = ["--quick", "--output_dir", str(out), "--language_model", str(language_model)]
+    common += ["--wordnet_dir", str(WORDNET_SAMPLE), "--test_fraction", "0.5", "--reference_embedder", "none"]
+    example.main([*common, "--variants", "contrastive only"])  # composes and trains the stage-1 base
+    data = example.build_data(
+        out,
+        argparse.Namespace(
+            num_train_images=8, num_test_images=4, num_train_synsets=8, num_test_synsets=4, num_define=2,
+            num_perplexity=2, wordnet_dir=str(WORDNET_SAMPLE), test_fraction=0.5,
+        ),
+    )  # fmt: skip
+    records = example.shape_records(data["shapes_train"]) + example.wordnet_records(data["wordnet_train"])
+    base = out / "base" / "final"
+
+    def fine_tune(folder):
+        return example.train(base, records, data, tmp_path / folder, 1.0, 10.0, 4, 4, 1e-3, seed=0)
+
+    uninterrupted = fine_tune("uninterrupted")
+
+    trainer_class = example.CafeTrainer
+
+    class Killed(Exception):
+        pass
+
+    class KilledAfterFirstCheckpoint(trainer_class):
+        def _save_checkpoint(self, *args, **kwargs):
+            super()._save_checkpoint(*args, **kwargs)
+            raise Killed
+
+    monkeypatch.setattr(example, "CafeTrainer", KilledAfterFirstCheckpoint)
+    with pytest.raises(Killed):
+        fine_tune("killed")
+    assert [p.name for p in (tmp_path / "killed").glob("checkpoint-*")] == ["checkpoint-1"]
+    steps_taken = []  # global step before each optimizer step of the restarted run
+
+    class Counting(trainer_class):
+        def training_step(self, *args, **kwargs):
+            steps_taken.append(self.state.global_step)
+            return super().training_step(*args, **kwargs)
+
+    monkeypatch.setattr(example, "CafeTrainer", Counting)
+    capsys.readouterr()
+    resumed = fine_tune("killed")
+    assert "resuming killed from checkpoint-1" in capsys.readouterr().out
+    assert steps_taken == [1, 2, 3]  # step 1 was not trained again
+
+    assert not list((tmp_path / "killed").glob("checkpoint-*"))
+    assert not list((tmp_path / "uninterrupted").glob("checkpoint-*"))
+    log = json.loads((tmp_path / "killed" / "train_log.json").read_text())
+    assert [entry["step"] for entry in log if "loss" in entry] == [1, 2, 3, 4]
+    expected = example.CafeForConditionalGeneration.from_pretrained(uninterrupted, load_processor=False)
+    got = example.CafeForConditionalGeneration.from_pretrained(resumed, load_processor=False)
+    expected_state, got_state = expected.state_dict(), got.state_dict()
+    start = example.CafeForConditionalGeneration.from_pretrained(base, load_processor=False).state_dict()
+    moved = [key for key in expected_state if not torch.equal(expected_state[key], start[key])]
+    assert moved  # the fine-tune changed weights, so equal weights below mean the same 4 steps
+    for key in expected_state:
+        torch.testing.assert_close(got_state[key], expected_state[key], rtol=0, atol=1e-6, msg=key)
+
+
 def test_bad_arguments_are_refused_before_any_stage(tmp_path, capsys):
     import pytest
 
