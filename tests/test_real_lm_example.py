@@ -129,6 +129,12 @@ def test_a_killed_fine_tune_resumes_from_its_last_checkpoint(tmp_path, monkeypat
     with pytest.raises(Killed):
         fine_tune("killed")
     assert [p.name for p in (tmp_path / "killed").glob("checkpoint-*")] == ["checkpoint-1"]
+    # Rerun with another step count (or other data), the checkpoint is refused, not resumed into a
+    # schedule it was not written for.
+    with pytest.raises(
+        ValueError, match=r"other settings \(steps 4 there, 6 now; records \d+ there, \d+ now; records_sha256 .*delete"
+    ):
+        example.train(base, records[:-1], data, tmp_path / "killed", 1.0, 10.0, 6, 4, 1e-3, seed=0)
     steps_taken = []  # global step before each optimizer step of the restarted run
 
     class Counting(trainer_class):
