@@ -48,6 +48,7 @@ import re
 import shutil
 import statistics
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +181,37 @@ def build_data(out: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- training
+def resumable_checkpoint(output_dir: Path, settings: dict[str, Any]) -> str | None:
+    """The newest checkpoint in ``output_dir`` if the run that wrote it had ``settings``, else an error.
+
+    Trainer would resume a checkpoint written with other --steps or data without a word (the cosine
+    schedule, the data order and the step count would then belong to neither run), so the settings
+    of a fine-tune are written next to its checkpoints and compared on restart.
+    """
+    settings_file = output_dir / "run_settings.json"
+    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    if last is None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        settings_file.write_text(json.dumps(settings, indent=1))
+        return None
+    if not settings_file.is_file():
+        warnings.warn(
+            f"{output_dir} has no run_settings.json: resuming {last} without checking its settings", stacklevel=2
+        )
+    else:
+        written = json.loads(settings_file.read_text())
+        changed = [key for key in settings if written.get(key) != settings[key]]
+        if changed:
+            raise ValueError(
+                f"{last} was written by a fine-tune with other settings ("
+                + "; ".join(f"{key} {written.get(key)!r} there, {settings[key]!r} now" for key in changed)
+                + f"). Rerun with the settings it was written with, or delete {output_dir} to start "
+                "this stage over."
+            )
+    print(f"resuming {output_dir.name} from {Path(last).name}")
+    return last
+
+
 def train(
     model_path: Path,
     records: list[dict],
@@ -199,6 +231,23 @@ def train(
     """One fine-tune with CafeTrainer; returns the saved final checkpoint."""
     from datasets import Dataset
 
+    last = resumable_checkpoint(
+        output_dir,
+        {
+            "steps": steps,
+            "batch_size": batch_size,
+            "learning_rate": learning_rate,
+            "seed": seed,
+            "lm_weight": lm_weight,
+            "contrastive_weight": contrastive_weight,
+            "freeze_language_model": freeze_language_model,
+            "matryoshka_dims": matryoshka_dims,
+            "matryoshka_weights": matryoshka_weights,
+            "gradient_cache_mini_batch": gradient_cache_mini_batch,
+            "records": len(records),
+            "records_sha256": hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest(),
+        },
+    )
     model = CafeForConditionalGeneration.from_pretrained(model_path)
     if freeze_language_model:
         # Stage 1 of LLaVA: only the vision side learns, the LLM (and its tied head) stays SmolLM2.
@@ -253,40 +302,6 @@ def train(
         ),
         processing_class=model.processor,
     )
-    # What defines this fine-tune, so that a checkpoint is only resumed by the run that wrote it:
-    # Trainer would resume one written with other --steps or data without a word (the cosine
-    # schedule, the data order and the step count would then belong to neither run).
-    settings = {
-        "steps": steps,
-        "batch_size": batch_size,
-        "learning_rate": learning_rate,
-        "seed": seed,
-        "lm_weight": lm_weight,
-        "contrastive_weight": contrastive_weight,
-        "freeze_language_model": freeze_language_model,
-        "matryoshka_dims": matryoshka_dims,
-        "matryoshka_weights": matryoshka_weights,
-        "gradient_cache_mini_batch": gradient_cache_mini_batch,
-        "records": len(records),
-        "records_sha256": hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest(),
-    }
-    settings_file = output_dir / "run_settings.json"
-    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-    if last is not None:
-        written = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
-        changed = [key for key in settings if written and written.get(key) != settings[key]]
-        if changed:
-            raise ValueError(
-                f"{last} was written by a fine-tune with other settings ("
-                + "; ".join(f"{key} {written.get(key)!r} there, {settings[key]!r} now" for key in changed)
-                + f"). Rerun with the settings it was written with, or delete {output_dir} to start "
-                "this stage over."
-            )
-        unchecked = "" if written else " (a folder without run_settings.json: settings not checked)"
-        print(f"resuming {output_dir.name} from {Path(last).name}{unchecked}")
-    else:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        settings_file.write_text(json.dumps(settings, indent=1))
     trainer.train(resume_from_checkpoint=last)
     final = output_dir / "final"
     model.save_pretrained(final)
