@@ -95,6 +95,9 @@ VARIANTS = [
 ]
 DEFAULT_VARIANTS = [v[0] for v in VARIANTS[:5]]
 TRUNCATED_DIMS = (256, 128, 64)
+# Training synsets (words and definitions) that `fit_embedding_rotation` is fitted on for the
+# "rotated" truncation metrics: never the held-out ones.
+ROTATION_FIT_SYNSETS = 1000
 RECORD_KEYS = ("image", "text", "conversations", "query")
 METRICS = [
     ("wordnet def->word R@1", "wn_def2word_R@1"),
@@ -109,7 +112,9 @@ METRICS = [
     ("caption attr. acc.", "caption_attribute_accuracy"),
     ("modality gap", "modality_gap"),
     *[(f"def->word R@1 @{d}d", f"wn_def2word_R@1@{d}") for d in TRUNCATED_DIMS],
+    *[(f"def->word R@1 @{d}d rotated", f"wn_def2word_R@1@{d}_rotated") for d in TRUNCATED_DIMS],
 ]
+ROTATED_KEYS = [f"wn_def2word_R@1@{d}_rotated" for d in TRUNCATED_DIMS]
 
 
 def slug(name: str) -> str:
@@ -322,6 +327,48 @@ def wordnet_records(synsets: list) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- evaluation
+def truncated_recall(definitions: torch.Tensor, words: torch.Tensor, suffix: str = "") -> dict[str, float]:
+    """Definition -> word R@1 of each `TRUNCATED_DIMS` prefix: what `encode(..., truncate_dim=dim)`
+    returns (the first `dim` values, re-normalised)."""
+    result = {}
+    for dim in TRUNCATED_DIMS:
+        cut = [F.normalize(x[:, :dim].float(), dim=-1) for x in (definitions, words)]
+        truncated = retrieval_recall(cut[0] @ cut[1].T, list(range(len(words))), ks=(1,))
+        result[f"wn_def2word_R@1@{dim}{suffix}"] = truncated["text_to_image_recall@1"]
+    return result
+
+
+def rotated_truncated_recall(
+    model: CafeForConditionalGeneration, data: dict, definitions: torch.Tensor, words: torch.Tensor, batch_size: int
+) -> dict[str, float]:
+    """`truncated_recall` after `fit_embedding_rotation` on training synsets (the held-out vectors
+    are rotated by the same matrix, which is what the rotated model would embed). The model is
+    left without a rotation."""
+    sample = data["wordnet_train"][:ROTATION_FIT_SYNSETS]
+    rotation = model.fit_embedding_rotation(
+        texts=[s.words for s in sample] + [s.definition for s in sample], batch_size=batch_size
+    )
+    model.set_embedding_rotation(None)
+    return truncated_recall(definitions.float() @ rotation.T, words.float() @ rotation.T, suffix="_rotated")
+
+
+def with_rotated_truncation(path: Path, model_path: Path, data: dict, batch_size: int = 32) -> dict:
+    """The metrics of stage `path`, with the rotated truncation ones added if a run recorded before
+    they existed lacks them and its checkpoint is still there (`--keep_checkpoints`)."""
+    metrics = json.loads((path / "metrics.json").read_text())
+    if all(key in metrics for key in ROTATED_KEYS) or not (model_path / "config.json").exists():
+        return metrics
+    print(f"[rotated truncation] {path.name}")
+    model = CafeForConditionalGeneration.from_pretrained(model_path).eval()
+    synsets = data["wordnet_test"]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not torch.cuda.is_available()):
+        words = model.encode(texts=[s.words for s in synsets], batch_size=batch_size)
+        definitions = model.encode(texts=[s.definition for s in synsets], batch_size=batch_size)
+        metrics.update(rotated_truncated_recall(model, data, definitions, words, batch_size))
+    (path / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
 def evaluate(model_path: Path, data: dict, batch_size: int = 32) -> dict[str, Any]:
     """Every metric of the table for one checkpoint (bf16 autocast, as in training)."""
     model = CafeForConditionalGeneration.from_pretrained(model_path).eval()
@@ -331,11 +378,8 @@ def evaluate(model_path: Path, data: dict, batch_size: int = 32) -> dict[str, An
         words = model.encode(texts=[s.words for s in synsets], batch_size=batch_size)
         definitions = model.encode(texts=[s.definition for s in synsets], batch_size=batch_size)
         recall = retrieval_recall(definitions.float() @ words.float().T, list(range(len(synsets))), ks=(1, 10))
-        for dim in TRUNCATED_DIMS:
-            # What `encode(..., truncate_dim=dim)` returns: the first `dim` values, re-normalised.
-            cut = [F.normalize(x[:, :dim].float(), dim=-1) for x in (definitions, words)]
-            truncated = retrieval_recall(cut[0] @ cut[1].T, list(range(len(synsets))), ks=(1,))
-            result[f"wn_def2word_R@1@{dim}"] = truncated["text_to_image_recall@1"]
+        result.update(truncated_recall(definitions, words))
+        result.update(rotated_truncated_recall(model, data, definitions, words, batch_size))
         result.update(
             {
                 "wn_def2word_R@1": recall["text_to_image_recall@1"],
@@ -583,7 +627,8 @@ def main(argv: list[str] | None = None) -> dict:
             seed=0,
             freeze_language_model=True,
         )
-    rows: dict[str, list[dict]] = {"base (SmolLM2 + stage 1)": [stage(out / "base", lambda: evaluate(base, data))]}
+    stage(out / "base", lambda: evaluate(base, data))
+    rows: dict[str, list[dict]] = {"base (SmolLM2 + stage 1)": [with_rotated_truncation(out / "base", base, data)]}
     records = shape_records(data["shapes_train"]) + wordnet_records(data["wordnet_train"])
     variants = [v for v in VARIANTS if v[0] in (args.variants or DEFAULT_VARIANTS)]
     for seed in args.seeds:
@@ -628,7 +673,8 @@ def main(argv: list[str] | None = None) -> dict:
                     shutil.rmtree(final)
                 return metrics
 
-            rows.setdefault(name, []).append(stage(run, compute))
+            stage(run, compute)
+            rows.setdefault(name, []).append(with_rotated_truncation(run, run / "final", data))
             summary = summarise(rows)
             (out / "results.md").write_text(markdown(summary, reference))
     summary = summarise(rows)

@@ -13,11 +13,12 @@ from pathlib import Path
 from cafe.testing import tiny_text_language_model
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "reproduce_real_lm.py"
+DIAGNOSTICS = EXAMPLE.parent / "truncation_diagnostics.py"
 WORDNET_SAMPLE = Path(__file__).parent / "data" / "wordnet"
 
 
-def _load_example():
-    spec = importlib.util.spec_from_file_location("cafe_real_lm_example", EXAMPLE)
+def _load_example(path: Path = EXAMPLE):
+    spec = importlib.util.spec_from_file_location(f"cafe_example_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -99,7 +100,15 @@ def test_a_killed_fine_tune_resumes_from_its_last_checkpoint(tmp_path, monkeypat
     out = tmp_path / "run"
     common = ["--quick", "--output_dir", str(out), "--language_model", str(language_model)]
     common += ["--wordnet_dir", str(WORDNET_SAMPLE), "--test_fraction", "0.5", "--reference_embedder", "none"]
-    example.main([*common, "--variants", "contrastive only"])  # composes and trains the stage-1 base
+    # Composes and trains the stage-1 base; the kept checkpoint feeds the truncation diagnostics.
+    example.main([*common, "--variants", "contrastive only", "--keep_checkpoints"])
+    diagnostics = _load_example(DIAGNOSTICS).main([str(out), "contrastive-only-seed0"])
+    found = diagnostics["contrastive-only-seed0"]
+    for kind in ("prefix", "random", "rotated", "ceiling"):
+        assert 0 <= found[f"{kind}@64"] <= 1
+    # All four keep every one of the 64 dimensions of the test LM: the same vectors up to a rotation.
+    assert found["prefix@64"] == found["full"] and abs(found["rotated@64"] - found["full"]) <= 1 / 16
+    assert json.loads((out / "truncation_diagnostics.json").read_text()) == diagnostics
     data = example.build_data(
         out,
         argparse.Namespace(

@@ -14,6 +14,11 @@ the whole CAFe embedding recipe is expressible with three stock modules,
 ``Pooling(pooling_mode="lasttoken")``
     The hidden state of the last non-padding token: the final ``<|im_end|>`` of the empty assistant
     turn, as in `CafeForConditionalGeneration.get_embeddings`.
+``Dense`` (only with an embedding rotation)
+    ``bias=False``, identity activation: the orthogonal matrix of
+    `CafeForConditionalGeneration.fit_embedding_rotation` (see `cafe.rotation`), so that a
+    ``truncate_dim`` prefix holds the data's principal directions. Its weights live only in this
+    module's folder (``2_Dense``), which `CafeForConditionalGeneration.from_pretrained` reads back.
 ``Normalize``
     L2 normalisation, present when ``config.cafe["normalize"]`` is set.
 
@@ -38,11 +43,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedConfig
 
 # The files (and folders) this module writes, relative to the checkpoint folder.
 POOLING_DIR = "1_Pooling"
-NORMALIZE_DIR = "2_Normalize"
+DENSE_DIR = "2_Dense"  # only with an embedding rotation; Normalize then follows as "3_Normalize"
 MODULES_FILE = "modules.json"
 TRANSFORMER_CONFIG_FILE = "sentence_bert_config.json"
 SENTENCE_TRANSFORMERS_CONFIG_FILE = "config_sentence_transformers.json"
@@ -119,6 +125,7 @@ def write_sentence_transformers_files(
     *,
     prompts: dict[str, str] | None = None,
     default_prompt_name: str | None = None,
+    rotation: torch.Tensor | None = None,
 ) -> list[Path]:
     """Write the sentence-transformers files next to a saved CAFe checkpoint.
 
@@ -134,6 +141,8 @@ def write_sentence_transformers_files(
             system turn, which the CAFe template places before the text (MMEB style), exactly like
             ``encode(..., instruction=prompt)`` in cafe. Defaults to empty query/document prompts.
         default_prompt_name: Prompt applied by ``encode`` when none is given.
+        rotation: The model's `embedding_rotation` (``[hidden, hidden]``), written as a ``Dense``
+            module before ``Normalize``; None writes none.
 
     Returns:
         The paths written.
@@ -141,7 +150,7 @@ def write_sentence_transformers_files(
     import sentence_transformers
     import torch
     import transformers
-    from sentence_transformers.base.modules import Normalize, Transformer
+    from sentence_transformers.base.modules import Dense, Normalize, Transformer
     from sentence_transformers.sentence_transformer.modules import Pooling
 
     save_directory = Path(save_directory)
@@ -165,8 +174,17 @@ def write_sentence_transformers_files(
         ("", Transformer, None),
         (POOLING_DIR, Pooling, Pooling(hidden_size, pooling_mode="lasttoken")),
     ]
+    if rotation is not None:
+        dense = Dense(
+            hidden_size,
+            hidden_size,
+            bias=False,
+            activation_function=torch.nn.Identity(),
+            init_weight=rotation.detach().to("cpu", torch.float32).clone(),
+        )
+        modules.append((DENSE_DIR, Dense, dense))
     if cafe.get("normalize", True):
-        modules.append((NORMALIZE_DIR, Normalize, Normalize()))
+        modules.append((f"{len(modules)}_Normalize", Normalize, Normalize()))
     for folder, _, module in modules:
         if module is not None:
             (save_directory / folder).mkdir(parents=True, exist_ok=True)
@@ -214,3 +232,49 @@ def read_sentence_transformers_prompts(source: str | os.PathLike | None) -> tupl
         return None
     saved = json.loads(path.read_text(encoding="utf-8"))
     return dict(saved.get("prompts") or {}), saved.get("default_prompt_name")
+
+
+def read_embedding_rotation(source: str | os.PathLike, **hub_kwargs: Any) -> torch.Tensor | None:
+    """The rotation stored in the ``Dense`` module of a saved CAFe checkpoint, or None if it has none.
+
+    Args:
+        source: A local folder or a Hub id (downloaded like the model's own files).
+        **hub_kwargs: ``cache_dir``, ``revision``, ``token``, ``local_files_only``, ``subfolder``...
+    """
+    from safetensors.torch import load_file
+    from transformers.utils import cached_file
+
+    def fetch(filename: str) -> str | None:
+        return cached_file(
+            str(source),
+            filename,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+            **hub_kwargs,
+        )
+
+    modules_file = fetch(MODULES_FILE)
+    if modules_file is None:
+        return None
+    modules = json.loads(Path(modules_file).read_text(encoding="utf-8"))
+    dense = [m for m in modules if str(m.get("type", "")).endswith(".Dense")]
+    if not dense:
+        return None
+    folder = str(dense[0].get("path") or "")
+    config_file, weights_file = fetch(f"{folder}/config.json"), fetch(f"{folder}/model.safetensors")
+    if config_file is None or weights_file is None:
+        raise ValueError(
+            f"{source} lists a Dense module in {MODULES_FILE} but {folder}/config.json or "
+            f"{folder}/model.safetensors is missing: save the model again with save_pretrained."
+        )
+    config = json.loads(Path(config_file).read_text(encoding="utf-8"))
+    if (
+        config.get("bias", True)
+        or config.get("in_features") != config.get("out_features")
+        or not str(config.get("activation_function", "")).endswith(".Identity")
+    ):
+        raise ValueError(
+            f"The Dense module of {source} ({folder}) is not an embedding rotation (square, bias=False, identity "
+            "activation), the only Dense module CAFe models apply; load this folder with sentence-transformers."
+        )
+    return load_file(weights_file)["linear.weight"]

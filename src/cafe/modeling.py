@@ -29,6 +29,7 @@ from transformers.utils import logging
 
 from .batch import CafeBatch
 from .configuration import CafeSettings
+from .export import read_embedding_rotation
 from .inference import (
     EmbeddingPrefixCache,
     approximate_token_lengths,
@@ -37,6 +38,7 @@ from .inference import (
 )
 from .losses import lm_loss_at_supervised_positions
 from .prompting import build_embedding_batch, build_embedding_chat_template, build_lm_chat_template, to_embedding_inputs
+from .rotation import check_rotation, principal_rotation
 from .shared_prefix import SUPPORTED_ATTENTION, PackedBatch, pack_shared_prefix
 from .video import frame_sampling
 
@@ -50,6 +52,8 @@ logger = logging.get_logger(__name__)
 
 # Keyword arguments of `from_pretrained` that also apply to loading the config and the processor.
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+# Where the model keeps `embedding_rotation` (a non-persistent buffer).
+_ROTATION_BUFFER = "cafe_embedding_rotation"
 
 
 def last_token_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -186,9 +190,12 @@ class CafeForConditionalGeneration(PreTrainedModel):
         model = super(CafeForConditionalGeneration, target).from_pretrained(
             pretrained_model_name_or_path, *model_args, config=config, **kwargs
         )
+        # `output_loading_info=True` makes transformers return (model, info).
+        loaded = model[0] if isinstance(model, tuple) else model
+        rotation = read_embedding_rotation(pretrained_model_name_or_path, **hub_kwargs)
+        if rotation is not None:
+            loaded.set_embedding_rotation(rotation)
         if load_processor:
-            # `output_loading_info=True` makes transformers return (model, info).
-            loaded = model[0] if isinstance(model, tuple) else model
             loaded.processor = _try_load_processor(pretrained_model_name_or_path, hub_kwargs)
         return model
 
@@ -259,7 +266,11 @@ class CafeForConditionalGeneration(PreTrainedModel):
             if save_processor and self.processor is not None:
                 self.processor.save_pretrained(staging)
             write_sentence_transformers_files(
-                staging, self.config, prompts=prompts, default_prompt_name=default_prompt_name
+                staging,
+                self.config,
+                prompts=prompts,
+                default_prompt_name=default_prompt_name,
+                rotation=self.embedding_rotation,
             )
             write_model_card(
                 staging,
@@ -581,11 +592,77 @@ class CafeForConditionalGeneration(PreTrainedModel):
         return packed
 
     def _finish_embedding(self, pooled: torch.Tensor, normalize: bool | None = None) -> torch.Tensor:
-        """float32, L2-normalised unless the settings (or ``normalize``) say otherwise."""
+        """float32, rotated by `embedding_rotation` if set, L2-normalised unless the settings (or
+        ``normalize``) say otherwise."""
         pooled = pooled.float()
+        rotation = self.embedding_rotation
+        if rotation is not None:
+            pooled = pooled @ rotation.to(device=pooled.device, dtype=torch.float32).T
         if self.cafe_settings.normalize if normalize is None else normalize:
             pooled = F.normalize(pooled, p=2, dim=-1)
         return pooled
+
+    # ------------------------------------------------------------------ embedding rotation
+    @property
+    def embedding_rotation(self) -> torch.Tensor | None:
+        """``[hidden, hidden]`` orthogonal matrix applied to every embedding before normalisation,
+        or None (the default). Set by `fit_embedding_rotation`; see `cafe.rotation`."""
+        return self._buffers.get(_ROTATION_BUFFER)
+
+    def set_embedding_rotation(self, rotation: torch.Tensor | None) -> None:
+        """Apply ``rotation`` (``[hidden, hidden]``, orthogonal) to every embedding from now on, or
+        none (``None``). `save_pretrained` stores it as the sentence-transformers ``Dense`` module."""
+        if rotation is not None:
+            rotation = check_rotation(rotation, self.config.get_text_config().hidden_size).to(self.device)
+        # A non-persistent buffer: it follows `.to(device)` but stays out of the transformers
+        # weights, so the checkpoint still loads in the stock class without unexpected keys.
+        if _ROTATION_BUFFER in self._buffers:
+            self._buffers[_ROTATION_BUFFER] = rotation
+        else:
+            self.register_buffer(_ROTATION_BUFFER, rotation, persistent=False)
+
+    def fit_embedding_rotation(
+        self,
+        inputs: Sequence[Any] | None = None,
+        *,
+        images: Sequence[Any] | None = None,
+        texts: Sequence[str] | None = None,
+        instruction: str | None = None,
+        batch_size: int = 16,
+        show_progress_bar: bool | None = None,
+    ) -> torch.Tensor:
+        """Rotate the embedding space so its first coordinates are the data's principal directions.
+
+        After this, ``encode(..., truncate_dim=k)`` (and ``SentenceTransformer(path, truncate_dim=k)``
+        on the saved folder) keeps the best ``k``-dimensional subspace of these inputs' embeddings
+        instead of whatever the first ``k`` hidden units hold. Full-size similarities are unchanged
+        (the rotation is orthogonal). Unsupervised: fit on a sample of the corpus you will embed
+        (queries and documents alike), never on evaluation labels. Replaces any earlier rotation.
+
+        Args:
+            inputs, images, texts, instruction, batch_size, show_progress_bar: As in `encode`; at
+                least ``hidden_size`` inputs.
+
+        Returns:
+            The ``[hidden, hidden]`` rotation now in use.
+        """
+        previous = self.embedding_rotation
+        self.set_embedding_rotation(None)
+        try:
+            embeddings = self.encode(
+                inputs,
+                images=images,
+                texts=texts,
+                instruction=instruction,
+                batch_size=batch_size,
+                show_progress_bar=show_progress_bar,
+            )
+            rotation = principal_rotation(embeddings)
+        except BaseException:
+            self.set_embedding_rotation(previous)
+            raise
+        self.set_embedding_rotation(rotation)
+        return rotation
 
     # ------------------------------------------------------------------ embeddings
     def _check_fits_context(self, length: int) -> None:

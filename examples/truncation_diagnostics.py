@@ -1,0 +1,83 @@
+"""Where does a trained model keep its retrieval? Truncation diagnostics for `reproduce_real_lm.py` runs.
+
+For each run's saved checkpoint (``--keep_checkpoints``), definition -> word R@1 over the held-out
+WordNet synsets with the vectors cut to ``k`` dimensions four ways:
+
+- ``prefix``: the first ``k`` coordinates (what ``truncate_dim=k`` keeps without a rotation);
+- ``random``: ``k`` coordinates drawn at random (mean of 5 draws): if the prefix is no better, the
+  model has not ordered its coordinates;
+- ``rotated``: the first ``k`` after `fit_embedding_rotation` on training synsets (the deployable fix);
+- ``ceiling``: the best ``k``-dimensional subspace of the held-out vectors themselves (fitted on the
+  evaluation set, so an upper bound, not a result).
+
+Also the share of each unit vector's squared length in the first 128 coordinates (128/576 = 0.22
+if spread evenly). Usage::
+
+    python examples/truncation_diagnostics.py runs/real_lm_s10000_320 \\
+        cafe-1-10-matryoshka-1-4-seed0 cafe-1-10-paper-seed0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+import reproduce_real_lm  # noqa: E402  # its data layout and rotation sample
+
+from cafe import CafeForConditionalGeneration  # noqa: E402
+from cafe.rotation import principal_rotation  # noqa: E402
+
+SIZES = (256, 128, 64)
+
+
+def recall_at_1(queries: torch.Tensor, documents: torch.Tensor) -> float:
+    queries, documents = F.normalize(queries, dim=-1), F.normalize(documents, dim=-1)
+    return ((queries @ documents.T).argmax(1) == torch.arange(len(queries))).float().mean().item()
+
+
+def diagnose(run: Path, name: str, data: dict) -> dict[str, float]:
+    model = CafeForConditionalGeneration.from_pretrained(run / name / "final").eval()
+    test, train = data["wordnet_test"], data["wordnet_train"][: reproduce_real_lm.ROTATION_FIT_SYNSETS]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not torch.cuda.is_available()):
+        words = model.encode(texts=[s.words for s in test], batch_size=32)
+        definitions = model.encode(texts=[s.definition for s in test], batch_size=32)
+        fitted = principal_rotation(
+            model.encode(texts=[s.words for s in train] + [s.definition for s in train], batch_size=32)
+        )
+    ceiling = principal_rotation(torch.cat([words, definitions]))
+    result = {"full": recall_at_1(definitions, words)}
+    generator = torch.Generator().manual_seed(0)
+    for k in SIZES:
+        result[f"prefix@{k}"] = recall_at_1(definitions[:, :k], words[:, :k])
+        draws = [torch.randperm(words.shape[1], generator=generator)[:k] for _ in range(5)]
+        result[f"random@{k}"] = sum(recall_at_1(definitions[:, i], words[:, i]) for i in draws) / len(draws)
+        result[f"rotated@{k}"] = recall_at_1((definitions @ fitted.T)[:, :k], (words @ fitted.T)[:, :k])
+        result[f"ceiling@{k}"] = recall_at_1((definitions @ ceiling.T)[:, :k], (words @ ceiling.T)[:, :k])
+    vectors = torch.cat([words, definitions])
+    result["length_share_first_128"] = (vectors[:, :128] ** 2).sum(-1).mean().item()
+    return {key: round(value, 4) for key, value in result.items()}
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path, help="a reproduce_real_lm.py --output_dir")
+    parser.add_argument("names", nargs="+", help="run folders inside it, e.g. cafe-1-10-paper-seed0")
+    args = parser.parse_args(argv)
+    settings = argparse.Namespace(**json.loads((args.run / "config.json").read_text()))
+    data = reproduce_real_lm.build_data(args.run, settings)
+    results = {}
+    for name in args.names:
+        results[name] = diagnose(args.run, name, data)
+        print(name, json.dumps(results[name]), flush=True)
+    (args.run / "truncation_diagnostics.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()
