@@ -641,7 +641,8 @@ class CafeForConditionalGeneration(PreTrainedModel):
 
         Args:
             inputs, images, texts, instruction, batch_size, show_progress_bar: As in `encode`; at
-                least ``hidden_size`` inputs.
+                least ``hidden_size`` inputs (fewer order only as many directions, with a
+                warning), and many more than the ``truncate_dim`` you will use.
 
         Returns:
             The ``[hidden, hidden]`` rotation now in use.
