@@ -6,7 +6,9 @@ WordNet synsets with the vectors cut to ``k`` dimensions four ways:
 - ``prefix``: the first ``k`` coordinates (what ``truncate_dim=k`` keeps without a rotation);
 - ``random``: ``k`` coordinates drawn at random (mean of 5 draws): if the prefix is no better, the
   model has not ordered its coordinates;
-- ``rotated``: the first ``k`` after `fit_embedding_rotation` on training synsets (the deployable fix);
+- ``rotated``: the first ``k`` after `fit_embedding_rotation` on the words and definitions of the
+  first 1,000 training synsets (the deployable fix; ``--fit_synsets`` adds other sample sizes as
+  ``rotated_{n}_synsets``);
 - ``ceiling``: the best ``k``-dimensional subspace of the held-out vectors themselves (fitted on the
   evaluation set, so an upper bound, not a result).
 
@@ -41,24 +43,29 @@ def recall_at_1(queries: torch.Tensor, documents: torch.Tensor) -> float:
     return ((queries @ documents.T).argmax(1) == torch.arange(len(queries))).float().mean().item()
 
 
-def diagnose(run: Path, name: str, data: dict) -> dict[str, float]:
+def diagnose(run: Path, name: str, data: dict, fit_synsets: list[int]) -> dict[str, float]:
     model = CafeForConditionalGeneration.from_pretrained(run / name / "final").eval()
-    test, train = data["wordnet_test"], data["wordnet_train"][: reproduce_real_lm.ROTATION_FIT_SYNSETS]
+    test, train = data["wordnet_test"], data["wordnet_train"][: max(fit_synsets)]
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not torch.cuda.is_available()):
         words = model.encode(texts=[s.words for s in test], batch_size=32)
         definitions = model.encode(texts=[s.definition for s in test], batch_size=32)
-        fitted = principal_rotation(
-            model.encode(texts=[s.words for s in train] + [s.definition for s in train], batch_size=32)
+        train_words = model.encode(texts=[s.words for s in train], batch_size=32)
+        train_definitions = model.encode(texts=[s.definition for s in train], batch_size=32)
+    rotations = {
+        "rotated" if n == reproduce_real_lm.ROTATION_FIT_SYNSETS else f"rotated_{n}_synsets": principal_rotation(
+            torch.cat([train_words[:n], train_definitions[:n]])
         )
-    ceiling = principal_rotation(torch.cat([words, definitions]))
+        for n in fit_synsets
+    }
+    rotations["ceiling"] = principal_rotation(torch.cat([words, definitions]))
     result = {"full": recall_at_1(definitions, words)}
     generator = torch.Generator().manual_seed(0)
     for k in SIZES:
         result[f"prefix@{k}"] = recall_at_1(definitions[:, :k], words[:, :k])
         draws = [torch.randperm(words.shape[1], generator=generator)[:k] for _ in range(5)]
         result[f"random@{k}"] = sum(recall_at_1(definitions[:, i], words[:, i]) for i in draws) / len(draws)
-        result[f"rotated@{k}"] = recall_at_1((definitions @ fitted.T)[:, :k], (words @ fitted.T)[:, :k])
-        result[f"ceiling@{k}"] = recall_at_1((definitions @ ceiling.T)[:, :k], (words @ ceiling.T)[:, :k])
+        for kind, rotation in rotations.items():
+            result[f"{kind}@{k}"] = recall_at_1((definitions @ rotation.T)[:, :k], (words @ rotation.T)[:, :k])
     vectors = torch.cat([words, definitions])
     result["length_share_first_128"] = (vectors[:, :128] ** 2).sum(-1).mean().item()
     return {key: round(value, 4) for key, value in result.items()}
@@ -68,12 +75,19 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a reproduce_real_lm.py --output_dir")
     parser.add_argument("names", nargs="+", help="run folders inside it, e.g. cafe-1-10-paper-seed0")
+    parser.add_argument(
+        "--fit_synsets",
+        type=int,
+        nargs="+",
+        default=[reproduce_real_lm.ROTATION_FIT_SYNSETS],
+        help="training synsets (their words and definitions) the rotation is fitted on; several sizes compare them",
+    )
     args = parser.parse_args(argv)
     settings = argparse.Namespace(**json.loads((args.run / "config.json").read_text()))
     data = reproduce_real_lm.build_data(args.run, settings)
     results = {}
     for name in args.names:
-        results[name] = diagnose(args.run, name, data)
+        results[name] = diagnose(args.run, name, data, args.fit_synsets)
         print(name, json.dumps(results[name]), flush=True)
     (args.run / "truncation_diagnostics.json").write_text(json.dumps(results, indent=1))
     return results

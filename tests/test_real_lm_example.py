@@ -102,9 +102,9 @@ def test_a_killed_fine_tune_resumes_from_its_last_checkpoint(tmp_path, monkeypat
     common += ["--wordnet_dir", str(WORDNET_SAMPLE), "--test_fraction", "0.5", "--reference_embedder", "none"]
     # Composes and trains the stage-1 base; the kept checkpoint feeds the truncation diagnostics.
     example.main([*common, "--variants", "contrastive only", "--keep_checkpoints"])
-    diagnostics = _load_example(DIAGNOSTICS).main([str(out), "contrastive-only-seed0"])
+    diagnostics = _load_example(DIAGNOSTICS).main([str(out), "contrastive-only-seed0", "--fit_synsets", "1000", "8"])
     found = diagnostics["contrastive-only-seed0"]
-    for kind in ("prefix", "random", "rotated", "ceiling"):
+    for kind in ("prefix", "random", "rotated", "rotated_8_synsets", "ceiling"):
         assert 0 <= found[f"{kind}@64"] <= 1
     # All four keep every one of the 64 dimensions of the test LM: the same vectors up to a rotation.
     assert found["prefix@64"] == found["full"] and abs(found["rotated@64"] - found["full"]) <= 1 / 16
