@@ -10,6 +10,7 @@ COMMANDS = {
     "convert": ("cafe.data.convert", "convert_main", "LLaVA-OneVision-Data subset -> JSON + image folder."),
     "validate": ("cafe.data.validation", "validate_main", "Check every record of a training data set before training."),
     "embed": ("cafe.embedding_job", "embed_main", "Embed a data set into a Parquet file of vectors (resumable)."),
+    "rotate": ("cafe.rotation_job", "rotate_main", "Fit an embedding rotation on a data sample (for truncate_dim)."),
 }
 
 

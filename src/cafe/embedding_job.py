@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
         "--truncate-dim",
         type=int,
         default=None,
-        help="keep the first D dimensions (for a model trained with matryoshka_dims)",
+        help="keep the first D dimensions (for a model trained with matryoshka_dims or rotated by `cafe rotate`)",
     )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--shard-size", type=int, default=4096, help="rows per resumable shard")
@@ -89,7 +89,7 @@ def shard_path(folder: Path, index: int, count: int) -> Path:
     return folder / f"shard-{index:05d}-of-{count:05d}.parquet"
 
 
-def _row_inputs(rows: dict[str, list[Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
+def row_inputs(rows: dict[str, list[Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
     """The ``encode`` inputs of a slice of rows: ``{"image": ..., "text": ...}`` dicts."""
     from .evaluation._common import resolve_image
 
@@ -159,7 +159,7 @@ def embed_main(argv: list[str] | None = None) -> Path:
             start, stop = index * args.shard_size, min((index + 1) * args.shard_size, len(dataset))
             rows = dataset.select(range(start, stop)).select_columns(columns).to_dict()
             vectors = model.encode(
-                _row_inputs(rows, args),
+                row_inputs(rows, args),
                 instruction=args.instruction,
                 batch_size=args.batch_size,
                 show_progress_bar=args.progress,
