@@ -6,14 +6,15 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlavaOnevisionForConditionalGeneration
 
 from cafe import CafeForConditionalGeneration
 from cafe.rotation import check_rotation, principal_rotation
 
+pytestmark = pytest.mark.all_families
+
 COLOURS = ["red", "blue", "green", "yellow", "black", "white", "pink", "grey", "brown", "purple"]
 SHAPES = ["square", "circle", "triangle", "star", "cross", "ring", "dot", "line"]
-TEXTS = [f"a {colour} {shape}" for colour in COLOURS for shape in SHAPES]  # 80 >= the tiny model's 64
+TEXTS = [f"a {colour} {shape}" for colour in COLOURS for shape in SHAPES]  # 80 >= the tiny models' width
 
 
 def test_principal_rotation_puts_the_data_s_directions_first():
@@ -82,7 +83,7 @@ def test_the_rotation_keeps_full_size_similarities_and_fills_the_prefix(rotated)
     assert torch.allclose(truncated, F.normalize(vectors[:, :8], dim=-1), atol=1e-6)
 
 
-def test_the_rotation_is_a_stock_dense_module_of_the_saved_folder(rotated):
+def test_the_rotation_is_a_stock_dense_module_of_the_saved_folder(rotated, stock_class):
     model, _, folder = rotated
     modules = json.loads((folder / "modules.json").read_text())
     assert [m["path"] for m in modules] == ["", "1_Pooling", "2_Dense", "3_Normalize"]
@@ -92,7 +93,7 @@ def test_the_rotation_is_a_stock_dense_module_of_the_saved_folder(rotated):
     reloaded = CafeForConditionalGeneration.from_pretrained(folder)
     assert torch.equal(reloaded.embedding_rotation, model.embedding_rotation)
     # The transformers weights do not carry it: the stock class loads the folder without surprises.
-    _, info = LlavaOnevisionForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
+    _, info = stock_class.from_pretrained(folder, output_loading_info=True)
     assert not info["unexpected_keys"] and not info["missing_keys"]
 
 
@@ -138,3 +139,54 @@ def test_a_dense_module_that_is_not_a_rotation_is_refused(rotated, tmp_path):
     (copy / "2_Dense" / "config.json").write_text(json.dumps({**config, "activation_function": "torch.nn.Tanh"}))
     with pytest.raises(ValueError, match="not an embedding rotation"):
         CafeForConditionalGeneration.from_pretrained(copy)
+
+
+def test_the_rotation_stays_float32_when_the_model_is_cast(rotated, tmp_path):
+    """`.to(bfloat16)` casts weights and buffers; the rotation is neither, so a bf16 model still
+    saves the exact matrix (bf16 rounding would break its orthogonality)."""
+    _, _, folder = rotated
+    model = CafeForConditionalGeneration.from_pretrained(folder)
+    exact = model.embedding_rotation.clone()
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert model.embedding_rotation.dtype == torch.float32
+    assert torch.equal(CafeForConditionalGeneration.from_pretrained(tmp_path / "bf16").embedding_rotation, exact)
+
+
+def test_embeddings_stay_float32_under_autocast(rotated):
+    model, _, _ = rotated
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        vectors = model.encode(TEXTS[:4])
+    assert vectors.dtype == torch.float32
+    pooled = torch.randn(3, model.embedding_rotation.shape[0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        finished = model._finish_embedding(pooled)
+    assert finished.dtype == torch.float32
+    expected = F.normalize(pooled @ model.embedding_rotation.T, dim=-1)
+    assert torch.allclose(finished, expected, atol=1e-6)
+
+
+def _hub_cache(folder, cache, repo_id, skip=()):
+    """A Hub cache holding `folder` as the snapshot of `repo_id` (what a download leaves behind)."""
+    import shutil
+
+    commit = "0" * 40
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(folder, repo / "snapshots" / commit, ignore=lambda _, names: [n for n in names if n in skip])
+
+
+def test_a_hub_checkpoint_brings_its_rotation(rotated, tmp_path):
+    model, _, folder = rotated
+    _hub_cache(folder, tmp_path / "hub", "someone/cafe-rotated")
+    loaded = CafeForConditionalGeneration.from_pretrained("someone/cafe-rotated", cache_dir=str(tmp_path / "hub"))
+    assert torch.equal(loaded.embedding_rotation, model.embedding_rotation)
+
+
+def test_an_offline_hub_load_without_modules_json_says_the_rotation_is_missing(rotated, tmp_path, caplog):
+    _, _, folder = rotated
+    _hub_cache(folder, tmp_path / "hub", "someone/cafe-partial", skip={"modules.json"})
+    with caplog.at_level("WARNING"):
+        loaded = CafeForConditionalGeneration.from_pretrained("someone/cafe-partial", cache_dir=str(tmp_path / "hub"))
+    assert loaded.embedding_rotation is None
+    assert "an embedding rotation stored in the repository would not be applied" in caplog.text

@@ -3,7 +3,7 @@
 sentence-transformers 6 builds a model from the ``modules.json`` of a folder, and any module class
 outside the ``sentence_transformers`` package needs ``trust_remote_code=True``, even when it comes
 from an installed package. A custom CAFe module would therefore not be a drop-in. None is needed:
-the whole CAFe embedding recipe is expressible with three stock modules,
+the whole CAFe embedding recipe is expressible with stock modules (three, four with a rotation),
 
 ``Transformer``
     ``AutoModel`` of the checkpoint (for LLaVA-OneVision: ``LlavaOnevisionModel``, the backbone
@@ -42,9 +42,13 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from transformers.utils import logging
+
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedConfig
+
+logger = logging.get_logger(__name__)
 
 # The files (and folders) this module writes, relative to the checkpoint folder.
 POOLING_DIR = "1_Pooling"
@@ -255,12 +259,28 @@ def read_embedding_rotation(source: str | os.PathLike, **hub_kwargs: Any) -> tor
 
     modules_file = fetch(MODULES_FILE)
     if modules_file is None:
+        if not os.path.isdir(source):
+            from huggingface_hub import try_to_load_from_cache
+
+            subfolder = hub_kwargs.get("subfolder") or ""
+            known = try_to_load_from_cache(
+                str(source),
+                f"{subfolder}/{MODULES_FILE}" if subfolder else MODULES_FILE,
+                cache_dir=hub_kwargs.get("cache_dir"),
+                revision=hub_kwargs.get("revision"),
+            )
+            if known is None:  # neither downloaded nor known to be absent: offline and never fetched
+                logger.warning(
+                    f"Could not read {MODULES_FILE} of {source} (offline, and not in the cache): an embedding "
+                    "rotation stored in the repository would not be applied. Load it once with a connection."
+                )
         return None
     modules = json.loads(Path(modules_file).read_text(encoding="utf-8"))
-    dense = [m for m in modules if str(m.get("type", "")).endswith(".Dense")]
+    paths = [str(m.get("path") or "") for m in modules]
+    dense = [i for i, m in enumerate(modules) if str(m.get("type", "")).endswith(".Dense")]
     if not dense:
         return None
-    folder = str(dense[0].get("path") or "")
+    folder = paths[dense[0]]
     config_file, weights_file = fetch(f"{folder}/config.json"), fetch(f"{folder}/model.safetensors")
     if config_file is None or weights_file is None:
         raise ValueError(
@@ -268,13 +288,25 @@ def read_embedding_rotation(source: str | os.PathLike, **hub_kwargs: Any) -> tor
             f"{folder}/model.safetensors is missing: save the model again with save_pretrained."
         )
     config = json.loads(Path(config_file).read_text(encoding="utf-8"))
-    if (
-        config.get("bias", True)
-        or config.get("in_features") != config.get("out_features")
-        or not str(config.get("activation_function", "")).endswith(".Identity")
-    ):
+    # The one Dense layout cafe writes and applies: right after Pooling, square, no bias, no
+    # activation, no residual, on the sentence embedding. Anything else would embed differently in
+    # sentence-transformers than in cafe.
+    is_rotation = (
+        len(dense) == 1
+        and dense[0] == 2
+        and POOLING_DIR in paths
+        and paths.index(POOLING_DIR) == 1
+        and config.get("bias", True) is False
+        and config.get("in_features") == config.get("out_features")
+        and str(config.get("activation_function", "")).endswith(".Identity")
+        and not config.get("use_residual", False)
+        and config.get("module_input_name", "sentence_embedding") == "sentence_embedding"
+        and config.get("module_output_name", "sentence_embedding") in (None, "sentence_embedding")
+    )
+    if not is_rotation:
         raise ValueError(
-            f"The Dense module of {source} ({folder}) is not an embedding rotation (square, bias=False, identity "
-            "activation), the only Dense module CAFe models apply; load this folder with sentence-transformers."
+            f"The Dense module of {source} ({folder}) is not an embedding rotation (one square Dense right after "
+            "Pooling, bias=False, identity activation, no residual), the only Dense module CAFe models apply; load "
+            "this folder with sentence-transformers."
         )
     return load_file(weights_file)["linear.weight"]

@@ -407,7 +407,8 @@ _INTRO = """\
 A [CAFe](https://arxiv.org/abs/2503.19900) (contrastive-autoregressive fine-tuning) vision-language
 model{origin}. One set of weights both **generates** (captions, answers, as the base VLM) and
 **embeds** images, texts and image+text inputs for retrieval: the embedding is the last-layer
-hidden state of the final token under the CAFe embedding prompt (see [CAFe settings](#cafe-settings)).
+hidden state of the final token under the CAFe embedding prompt (see [CAFe settings](#cafe-settings)),
+rotated by the folder's `Dense` module if it has one (`fit_embedding_rotation`, for `truncate_dim`).
 
 The repository is a stock transformers checkpoint (no custom code) that also loads in
 [sentence-transformers](https://sbert.net) with its standard modules, and in

@@ -52,8 +52,8 @@ logger = logging.get_logger(__name__)
 
 # Keyword arguments of `from_pretrained` that also apply to loading the config and the processor.
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
-# Where the model keeps `embedding_rotation` (a non-persistent buffer).
-_ROTATION_BUFFER = "cafe_embedding_rotation"
+# Where the model keeps `embedding_rotation` (a plain attribute: see `set_embedding_rotation`).
+_ROTATION_ATTRIBUTE = "_cafe_embedding_rotation"
 
 
 def last_token_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -595,9 +595,12 @@ class CafeForConditionalGeneration(PreTrainedModel):
         """float32, rotated by `embedding_rotation` if set, L2-normalised unless the settings (or
         ``normalize``) say otherwise."""
         pooled = pooled.float()
-        rotation = self.embedding_rotation
+        rotation = self._rotation_on(pooled.device)
         if rotation is not None:
-            pooled = pooled @ rotation.to(device=pooled.device, dtype=torch.float32).T
+            # In float32 even under autocast: the result is documented float32, and a bf16 matmul
+            # would round every embedding for a rotation that is meant to change nothing.
+            with torch.autocast(pooled.device.type, enabled=False):
+                pooled = pooled @ rotation.T
         if self.cafe_settings.normalize if normalize is None else normalize:
             pooled = F.normalize(pooled, p=2, dim=-1)
         return pooled
@@ -605,21 +608,30 @@ class CafeForConditionalGeneration(PreTrainedModel):
     # ------------------------------------------------------------------ embedding rotation
     @property
     def embedding_rotation(self) -> torch.Tensor | None:
-        """``[hidden, hidden]`` orthogonal matrix applied to every embedding before normalisation,
-        or None (the default). Set by `fit_embedding_rotation`; see `cafe.rotation`."""
-        return self._buffers.get(_ROTATION_BUFFER)
+        """``[hidden, hidden]`` float32 orthogonal matrix applied to every embedding before
+        normalisation, or None (the default). Set by `fit_embedding_rotation`; see `cafe.rotation`."""
+        return self.__dict__.get(_ROTATION_ATTRIBUTE)
 
     def set_embedding_rotation(self, rotation: torch.Tensor | None) -> None:
         """Apply ``rotation`` (``[hidden, hidden]``, orthogonal) to every embedding from now on, or
         none (``None``). `save_pretrained` stores it as the sentence-transformers ``Dense`` module."""
         if rotation is not None:
-            rotation = check_rotation(rotation, self.config.get_text_config().hidden_size).to(self.device)
-        # A non-persistent buffer: it follows `.to(device)` but stays out of the transformers
-        # weights, so the checkpoint still loads in the stock class without unexpected keys.
-        if _ROTATION_BUFFER in self._buffers:
-            self._buffers[_ROTATION_BUFFER] = rotation
-        else:
-            self.register_buffer(_ROTATION_BUFFER, rotation, persistent=False)
+            rotation = check_rotation(rotation, self.config.get_text_config().hidden_size)
+        # A plain float32 CPU tensor, not a buffer: a buffer would be cast by `.to(bfloat16)`
+        # (and DeepSpeed / FSDP mixed precision), rounding the matrix out of orthogonality, and
+        # it stays out of the transformers weights, so the stock class loads the folder as before.
+        # `_rotation_on` keeps one copy per device the embeddings are computed on.
+        self.__dict__[_ROTATION_ATTRIBUTE] = rotation
+        self.__dict__["_cafe_rotation_by_device"] = {}
+
+    def _rotation_on(self, device: torch.device) -> torch.Tensor | None:
+        rotation = self.embedding_rotation
+        if rotation is None:
+            return None
+        copies = self.__dict__.setdefault("_cafe_rotation_by_device", {})
+        if device not in copies:
+            copies[device] = rotation.to(device)
+        return copies[device]
 
     def fit_embedding_rotation(
         self,
@@ -628,6 +640,7 @@ class CafeForConditionalGeneration(PreTrainedModel):
         images: Sequence[Any] | None = None,
         texts: Sequence[str] | None = None,
         instruction: str | None = None,
+        processor: ProcessorMixin | None = None,
         batch_size: int = 16,
         show_progress_bar: bool | None = None,
     ) -> torch.Tensor:
@@ -639,10 +652,14 @@ class CafeForConditionalGeneration(PreTrainedModel):
         (the rotation is orthogonal). Unsupervised: fit on a sample of the corpus you will embed
         (queries and documents alike), never on evaluation labels. Replaces any earlier rotation.
 
+        The rotation is saved by `save_pretrained` (as the ``Dense`` module of the folder) and by
+        nothing else: a PEFT adapter-only save does not carry it, so save the merged model (or
+        fit again after loading the adapter).
+
         Args:
-            inputs, images, texts, instruction, batch_size, show_progress_bar: As in `encode`; at
-                least ``hidden_size`` inputs (fewer order only as many directions, with a
-                warning), and many more than the ``truncate_dim`` you will use.
+            inputs, images, texts, instruction, processor, batch_size, show_progress_bar: As in
+                `encode`; at least ``hidden_size`` inputs (fewer order only as many directions,
+                with a warning), and many more than the ``truncate_dim`` you will use.
 
         Returns:
             The ``[hidden, hidden]`` rotation now in use.
@@ -655,6 +672,7 @@ class CafeForConditionalGeneration(PreTrainedModel):
                 images=images,
                 texts=texts,
                 instruction=instruction,
+                processor=processor,
                 batch_size=batch_size,
                 show_progress_bar=show_progress_bar,
             )
@@ -794,7 +812,8 @@ class CafeForConditionalGeneration(PreTrainedModel):
             sort_by_length: Batch inputs of similar token length together (longest first), then
                 restore the input order: less padding on mixed lengths, same vectors.
             truncate_dim: Keep the first ``truncate_dim`` dimensions (re-normalised when the model
-                normalises), for a model trained with ``matryoshka_dims``.
+                normalises), for a model trained with ``matryoshka_dims`` or rotated by
+                `fit_embedding_rotation`.
 
         Returns:
             ``[N, hidden]`` (or ``[N, truncate_dim]``) float32, in the order of the inputs.

@@ -66,7 +66,7 @@ def rotate_main(argv: list[str] | None = None) -> Path:
     inputs = row_inputs(dataset.select(rows).select_columns(columns).to_dict(), args)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    # Fitted in float32: the rotation is saved in float32 whatever dtype the model is served in.
+    # The checkpoint's own dtype; the rotation itself is computed in float64 and saved in float32.
     model = CafeForConditionalGeneration.from_pretrained(args.model).to(device).eval()  # type: ignore[arg-type]
     model.fit_embedding_rotation(
         inputs, instruction=args.instruction, batch_size=args.batch_size, show_progress_bar=args.progress
