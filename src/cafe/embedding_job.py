@@ -36,6 +36,17 @@ from typing import Any
 MANIFEST = "manifest.json"
 
 
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """DATA, the model and how a row becomes an `encode` input: shared by ``cafe embed`` and ``cafe rotate``."""
+    parser.add_argument("data", help="a .json/.jsonl/.csv/.parquet file, a save_to_disk folder or a Hub data set id")
+    parser.add_argument("--model", required=True, help="a CAFe checkpoint folder or Hub id")
+    parser.add_argument("--text-column", default=None, help="column holding the texts")
+    parser.add_argument("--image-column", default=None, help="column holding images or image paths")
+    parser.add_argument("--image-folder", default=None, help="folder that relative image paths are relative to")
+    parser.add_argument("--split", default="train", help="split of a Hub data set or a DatasetDict (default: train)")
+    parser.add_argument("--instruction", default=None, help="task instruction placed before each text (MMEB style)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cafe embed",
@@ -43,15 +54,9 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n\n".join(__doc__.split("\n\n")[2:]),
     )
-    parser.add_argument("data", help="a .json/.jsonl/.csv/.parquet file, a save_to_disk folder or a Hub data set id")
+    add_data_arguments(parser)
     parser.add_argument("--out", required=True, help="the Parquet file to write, e.g. vectors.parquet")
-    parser.add_argument("--model", required=True, help="a CAFe checkpoint folder or Hub id")
-    parser.add_argument("--text-column", default=None, help="column holding the texts")
-    parser.add_argument("--image-column", default=None, help="column holding images or image paths")
-    parser.add_argument("--image-folder", default=None, help="folder that relative image paths are relative to")
     parser.add_argument("--id-column", default=None, help="a column copied to the output next to each vector")
-    parser.add_argument("--split", default="train", help="split of a Hub data set or a DatasetDict (default: train)")
-    parser.add_argument("--instruction", default=None, help="task instruction placed before each text (MMEB style)")
     parser.add_argument(
         "--truncate-dim",
         type=int,

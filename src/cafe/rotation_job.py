@@ -19,7 +19,7 @@ import random
 import sys
 from pathlib import Path
 
-from .embedding_job import row_inputs
+from .embedding_job import add_data_arguments, row_inputs
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,14 +29,8 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n\n".join(__doc__.split("\n\n")[2:]),
     )
-    parser.add_argument("data", help="a .json/.jsonl/.csv/.parquet file, a save_to_disk folder or a Hub data set id")
-    parser.add_argument("--model", required=True, help="a CAFe checkpoint folder or Hub id")
+    add_data_arguments(parser)
     parser.add_argument("--out", required=True, help="folder to save the rotated checkpoint to")
-    parser.add_argument("--text-column", default=None, help="column holding the texts")
-    parser.add_argument("--image-column", default=None, help="column holding images or image paths")
-    parser.add_argument("--image-folder", default=None, help="folder that relative image paths are relative to")
-    parser.add_argument("--split", default="train", help="split of a Hub data set or a DatasetDict (default: train)")
-    parser.add_argument("--instruction", default=None, help="task instruction placed before each text (MMEB style)")
     parser.add_argument(
         "--sample", type=int, default=2000, help="rows to fit on (default 2000; at least the hidden size)"
     )
