@@ -13,6 +13,12 @@ The rotation is stored as sentence-transformers' stock ``Dense`` module (``bias=
 activation) between ``Pooling`` and ``Normalize`` (see `cafe.export`), so a saved checkpoint
 applies it in ``SentenceTransformer(path, truncate_dim=k)`` without custom code, and
 `CafeForConditionalGeneration` reads it back from there.
+
+Why by hand: sentence-transformers' own recipe for smaller vectors (its dimensionality-reduction
+example) fits scikit-learn's PCA into a ``Dense`` layer that also cuts the width. Here the layer
+must stay square and orthogonal (``truncate_dim`` picks the size later, full size stays exact) and
+the directions are those of unit vectors without centring; that is one ``torch.linalg.eigh``, and
+scikit-learn is not a dependency.
 """
 
 from __future__ import annotations
