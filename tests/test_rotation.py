@@ -190,3 +190,18 @@ def test_an_offline_hub_load_without_modules_json_says_the_rotation_is_missing(r
         loaded = CafeForConditionalGeneration.from_pretrained("someone/cafe-partial", cache_dir=str(tmp_path / "hub"))
     assert loaded.embedding_rotation is None
     assert "an embedding rotation stored in the repository would not be applied" in caplog.text
+
+
+def test_truncating_an_unordered_model_says_how_to_order_it(tiny_checkpoint, rotated, caplog):
+    from transformers.utils import logging as hf_logging
+
+    plain = CafeForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
+    hf_logging.get_logger("cafe.modeling").warning_once.cache_clear()
+    with caplog.at_level("WARNING"):
+        plain.encode(TEXTS[:2], truncate_dim=8)
+    assert "neither trained with matryoshka_dims nor rotated" in caplog.text
+    caplog.clear()
+    hf_logging.get_logger("cafe.modeling").warning_once.cache_clear()
+    with caplog.at_level("WARNING"):
+        rotated[0].encode(TEXTS[:2], truncate_dim=8)
+    assert "nor rotated" not in caplog.text
