@@ -356,7 +356,12 @@ def with_rotated_truncation(path: Path, model_path: Path, data: dict, batch_size
     """The metrics of stage `path`, with the rotated truncation ones added if a run recorded before
     they existed lacks them and its checkpoint is still there (`--keep_checkpoints`)."""
     metrics = json.loads((path / "metrics.json").read_text())
-    if all(key in metrics for key in ROTATED_KEYS) or not (model_path / "config.json").exists():
+    if all(key in metrics for key in ROTATED_KEYS):
+        return metrics
+    if not (model_path / "config.json").exists():
+        print(
+            f"[rotated truncation] {path.name}: recorded without it and its weights are gone; rerun with --keep_checkpoints"
+        )
         return metrics
     print(f"[rotated truncation] {path.name}")
     model = CafeForConditionalGeneration.from_pretrained(model_path).eval()

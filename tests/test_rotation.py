@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from cafe import CafeForConditionalGeneration
 from cafe.rotation import check_rotation, principal_rotation
 
-pytestmark = pytest.mark.all_families
+pytestmark = [pytest.mark.all_families, pytest.mark.released_formats]
 
 COLOURS = ["red", "blue", "green", "yellow", "black", "white", "pink", "grey", "brown", "purple"]
 SHAPES = ["square", "circle", "triangle", "star", "cross", "ring", "dot", "line"]
