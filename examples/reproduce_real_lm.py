@@ -92,7 +92,18 @@ VARIANTS = [
     # 128 dimensions at ~93 % of full-size R@1 because their in-batch loss tracked the full-size one
     # at a constant ratio; this asks whether pulling harder on 128 alone closes that gap.
     ("CAFe 1:10 + Matryoshka 128-heavy", 1.0, 10.0, [576, 256, 128, 64], [0.25, 0.125, 0.5, 0.125]),
+    # Matryoshka 1/4 in the base model's principal basis: `fit_embedding_rotation` on the base
+    # before training, so the truncated terms train (and `truncate_dim` serves) the leading
+    # principal coordinates instead of the first hidden units (see `PRINCIPAL_BASIS_VARIANTS`).
+    ("CAFe 1:10 + Matryoshka 1/4, principal basis", 1.0, 10.0, [576, 256, 128, 64], [0.25] * 4),
 ]
+# Variants whose base model is rotated (`fit_embedding_rotation` on `ROTATION_FIT_SYNSETS` training
+# synsets) before fine-tuning. The residual stream's coordinates are shared by every layer through
+# the skip connections, so a fine-tune cannot reorder them: Matryoshka on the raw coordinates
+# stalled at ~93 % of full-size R@1 at 128 dimensions. A fixed principal basis gives the truncated
+# terms coordinates the model can keep its information in. Without Matryoshka the rotation changes
+# nothing in training (InfoNCE on cosines is rotation-invariant).
+PRINCIPAL_BASIS_VARIANTS = {"CAFe 1:10 + Matryoshka 1/4, principal basis"}
 DEFAULT_VARIANTS = [v[0] for v in VARIANTS[:5]]
 TRUNCATED_DIMS = (256, 128, 64)
 # Training synsets (words and definitions) that `fit_embedding_rotation` is fitted on for the
@@ -232,8 +243,11 @@ def train(
     matryoshka_dims: list[int] | None = None,
     matryoshka_weights: list[float] | None = None,
     gradient_cache_mini_batch: int | None = None,
+    principal_basis: bool = False,
 ) -> Path:
-    """One fine-tune with CafeTrainer; returns the saved final checkpoint."""
+    """One fine-tune with CafeTrainer; returns the saved final checkpoint. ``principal_basis``:
+    rotate the model (`fit_embedding_rotation` on training synsets) before training; the rotation is
+    kept fixed and saved with the checkpoint."""
     from datasets import Dataset
 
     last = resumable_checkpoint(
@@ -249,6 +263,7 @@ def train(
             "matryoshka_dims": matryoshka_dims,
             "matryoshka_weights": matryoshka_weights,
             "gradient_cache_mini_batch": gradient_cache_mini_batch,
+            **({"principal_basis": True} if principal_basis else {}),  # older runs' settings stay valid
             "records": len(records),
             "records_sha256": hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest(),
         },
@@ -259,6 +274,11 @@ def train(
         for parameter in model.model.language_model.parameters():
             parameter.requires_grad_(False)
         model.lm_head.weight.requires_grad_(False)
+    if principal_basis:
+        sample = data["wordnet_train"][:ROTATION_FIT_SYNSETS]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not torch.cuda.is_available()):
+            model.eval().fit_embedding_rotation(texts=[s.words for s in sample] + [s.definition for s in sample])
+        model.train()
     training_args = CafeTrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=batch_size,
@@ -342,13 +362,17 @@ def rotated_truncated_recall(
     model: CafeForConditionalGeneration, data: dict, definitions: torch.Tensor, words: torch.Tensor, batch_size: int
 ) -> dict[str, float]:
     """`truncated_recall` after `fit_embedding_rotation` on training synsets (the held-out vectors
-    are rotated by the same matrix, which is what the rotated model would embed). The model is
-    left without a rotation."""
+    are rotated by the same matrix, which is what the refitted model would embed). The model keeps
+    the rotation it came with (a model trained in a principal basis has one already: the held-out
+    vectors are taken back to the LM's own coordinates first)."""
     sample = data["wordnet_train"][:ROTATION_FIT_SYNSETS]
+    previous = model.embedding_rotation
     rotation = model.fit_embedding_rotation(
         texts=[s.words for s in sample] + [s.definition for s in sample], batch_size=batch_size
     )
-    model.set_embedding_rotation(None)
+    model.set_embedding_rotation(previous)
+    if previous is not None:  # back to the coordinates the new rotation was fitted in
+        rotation = rotation @ previous.T
     return truncated_recall(definitions.float() @ rotation.T, words.float() @ rotation.T, suffix="_rotated")
 
 
@@ -648,6 +672,7 @@ def main(argv: list[str] | None = None) -> dict:
                 seed: int = seed,
                 dims: list[int] | None = dims,
                 dim_weights: list[float] | None = dim_weights,
+                principal_basis: bool = name in PRINCIPAL_BASIS_VARIANTS,
             ) -> dict:
                 if dims is not None:  # a smaller LM (the tests' tiny Llama) trains the sizes it has
                     width = AutoConfig.from_pretrained(base).get_text_config().hidden_size
@@ -672,6 +697,7 @@ def main(argv: list[str] | None = None) -> dict:
                     matryoshka_dims=dims,
                     matryoshka_weights=dim_weights,
                     gradient_cache_mini_batch=args.gradient_cache_mini_batch,
+                    principal_basis=principal_basis,
                 )
                 metrics = evaluate(final, data)
                 if not args.keep_checkpoints:

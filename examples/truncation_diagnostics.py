@@ -10,7 +10,11 @@ WordNet synsets with the vectors cut to ``k`` dimensions four ways:
   first 1,000 training synsets (the deployable fix; ``--fit_synsets`` adds other sample sizes as
   ``rotated_{n}_synsets``);
 - ``ceiling``: the best ``k``-dimensional subspace of the held-out vectors themselves (fitted on the
-  evaluation set, so an upper bound, not a result).
+  evaluation set, so an upper bound, not a result);
+- ``base_rotated`` (with ``--base_rotation``): the first ``k`` after the rotation fitted on the *base*
+  model (the run's ``base/final``, same sample), i.e. a basis fixed before fine-tuning: what a run
+  of the variant "..., principal basis" would serve had it trained without Matryoshka (InfoNCE on
+  cosines does not depend on the basis).
 
 Also the share of each unit vector's squared length in the first 128 coordinates (128/576 = 0.22
 if spread evenly). Usage::
@@ -43,14 +47,31 @@ def recall_at_1(queries: torch.Tensor, documents: torch.Tensor) -> float:
     return ((queries @ documents.T).argmax(1) == torch.arange(len(queries))).float().mean().item()
 
 
-def diagnose(run: Path, name: str, data: dict, fit_synsets: list[int]) -> dict[str, float]:
+def encode_sample(model: CafeForConditionalGeneration, synsets: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Words and definitions of ``synsets``, embedded as the model serves them (bf16 autocast on CPU)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not torch.cuda.is_available()):
+        words = model.encode(texts=[s.words for s in synsets], batch_size=32)
+        definitions = model.encode(texts=[s.definition for s in synsets], batch_size=32)
+    return words, definitions
+
+
+def base_rotation(run: Path, data: dict) -> torch.Tensor:
+    """The rotation `fit_embedding_rotation` gives the run's base model on the usual training sample,
+    in the LM's own coordinates."""
+    model = CafeForConditionalGeneration.from_pretrained(run / "base" / "final").eval()
+    model.set_embedding_rotation(None)
+    return principal_rotation(
+        torch.cat(encode_sample(model, data["wordnet_train"][: reproduce_real_lm.ROTATION_FIT_SYNSETS]))
+    )
+
+
+def diagnose(
+    run: Path, name: str, data: dict, fit_synsets: list[int], base: torch.Tensor | None = None
+) -> dict[str, float]:
     model = CafeForConditionalGeneration.from_pretrained(run / name / "final").eval()
     test, train = data["wordnet_test"], data["wordnet_train"][: max(fit_synsets)]
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not torch.cuda.is_available()):
-        words = model.encode(texts=[s.words for s in test], batch_size=32)
-        definitions = model.encode(texts=[s.definition for s in test], batch_size=32)
-        train_words = model.encode(texts=[s.words for s in train], batch_size=32)
-        train_definitions = model.encode(texts=[s.definition for s in train], batch_size=32)
+    words, definitions = encode_sample(model, test)
+    train_words, train_definitions = encode_sample(model, train)
     rotations = {
         "rotated" if n == reproduce_real_lm.ROTATION_FIT_SYNSETS else f"rotated_{n}_synsets": principal_rotation(
             torch.cat([train_words[:n], train_definitions[:n]])
@@ -58,6 +79,11 @@ def diagnose(run: Path, name: str, data: dict, fit_synsets: list[int]) -> dict[s
         for n in fit_synsets
     }
     rotations["ceiling"] = principal_rotation(torch.cat([words, definitions]))
+    if base is not None:
+        # The vectors come rotated if the run was (a principal-basis variant): back to the LM's own
+        # coordinates, where the base rotation was fitted, then into the base basis.
+        served = model.embedding_rotation
+        rotations["base_rotated"] = base if served is None else base @ served.T
     result = {"full": recall_at_1(definitions, words)}
     generator = torch.Generator().manual_seed(0)
     for k in SIZES:
@@ -82,12 +108,16 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         default=[reproduce_real_lm.ROTATION_FIT_SYNSETS],
         help="training synsets (their words and definitions) the rotation is fitted on; several sizes compare them",
     )
+    parser.add_argument(
+        "--base_rotation", action="store_true", help="also cut in the base model's principal basis (base_rotated@k)"
+    )
     args = parser.parse_args(argv)
     settings = argparse.Namespace(**json.loads((args.run / "config.json").read_text()))
     data = reproduce_real_lm.build_data(args.run, settings)
+    base = base_rotation(args.run, data) if args.base_rotation else None
     results = {}
     for name in args.names:
-        results[name] = diagnose(args.run, name, data, args.fit_synsets)
+        results[name] = diagnose(args.run, name, data, args.fit_synsets, base)
         print(name, json.dumps(results[name]), flush=True)
     (args.run / "truncation_diagnostics.json").write_text(json.dumps(results, indent=1))
     return results
