@@ -142,3 +142,61 @@ def test_missing_column_names_the_flag(data, tiny_checkpoint, tmp_path):
 def test_listed_in_the_cafe_command(capsys):
     assert main(["--help"]) == 0
     assert "embed" in capsys.readouterr().out
+
+
+def test_resuming_after_the_model_folder_was_rewritten_is_refused(data, tiny_checkpoint, tmp_path):
+    """The same --model path with other weights in it (a checkpoint rotated or retrained in place)
+    must not resume into shards embedded by the old weights."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, model)
+    out = tmp_path / "vectors.parquet"
+    main(_args(data, model, out, "--keep-shards"))
+    rewritten = CafeForConditionalGeneration.from_pretrained(model)
+    rewritten.fit_embedding_rotation(texts=[row["text"] for row in ROWS if row["text"]])
+    rewritten.save_pretrained(model)
+    with pytest.raises(SystemExit, match="model_files differ"):
+        main(_args(data, model, out))
+    # So is an edited data file.
+    shutil.rmtree(out.with_name(out.name + ".shards"))
+    main(_args(data, model, out, "--keep-shards"))
+    path = data[0]
+    path.write_text(path.read_text().replace("a red square", "a red circle"))
+    with pytest.raises(SystemExit, match="data_files differ"):
+        main(_args(data, model, out))
+
+
+def test_bad_rows_are_named_by_their_row_in_the_data(data, tiny_checkpoint, tmp_path):
+    """Errors name the row of DATA (shards hold 3 rows here), not the place in a shard."""
+    path, images = data
+    rows = [dict(row) for row in ROWS]
+    rows[5]["image"] = "nowhere.png"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(FileNotFoundError, match=r"row 5 of .*rows\.jsonl.*nowhere\.png"):
+        main(_args(data, tiny_checkpoint, tmp_path / "v.parquet"))
+    (images / "corrupt.png").write_bytes(b"not a png")
+    rows[5]["image"] = "corrupt.png"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(ValueError, match=r"Corrupt or unreadable image for row 5 of "):
+        main(_args(data, tiny_checkpoint, tmp_path / "v2.parquet"))
+    rows[5]["image"] = ""
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(ValueError, match=r"Empty image path in column 'image' for row 5 of "):
+        main(_args(data, tiny_checkpoint, tmp_path / "v3.parquet"))
+    rows[5]["image"], rows[4]["text"] = "green.png", "  "
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(ValueError, match=r"Empty text for row 4 of "):
+        main(_args(data, tiny_checkpoint, tmp_path / "v4.parquet"))
+
+
+def test_a_missing_data_file_or_model_folder_is_named(data, tiny_checkpoint, tmp_path):
+    args = _args(data, tiny_checkpoint, tmp_path / "v.parquet")
+    args[1] = str(tmp_path / "nofile.jsonl")
+    with pytest.raises(FileNotFoundError, match=r"No data file or folder at .*nofile\.jsonl"):
+        main(args)
+    args = _args(data, tmp_path / "nomodel", tmp_path / "v.parquet")
+    with pytest.raises(SystemExit, match=r"cafe embed: no model folder at .*nomodel"):
+        main(args)
+    with pytest.raises(SystemExit, match="--truncate-dim must be >= 1"):
+        main(_args(data, tiny_checkpoint, tmp_path / "v.parquet", "--truncate-dim", "0"))

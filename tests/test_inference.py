@@ -249,8 +249,29 @@ def test_truncate_dim_is_the_renormalised_prefix(cafe_model):
     full = cafe_model.encode(["a red square", "a blue circle"])
     short = cafe_model.encode(["a red square", "a blue circle"], truncate_dim=16)
     torch.testing.assert_close(short, torch.nn.functional.normalize(full[:, :16], dim=-1))
-    with pytest.raises(ValueError, match="truncate_dim must be between 1 and the embedding size"):
+    with pytest.raises(ValueError, match="truncate_dim must be an integer between 1 and the embedding size"):
         cafe_model.encode(["x"], truncate_dim=10_000)
+    with pytest.raises(ValueError, match=r"integer between 1 .* got 8\.5"):
+        cafe_model.encode(["x"], truncate_dim=8.5)
+
+
+def test_a_string_naming_an_image_file_is_that_image_as_in_sentence_transformers(cafe_model, tmp_path):
+    """sentence-transformers embeds a bare string that names an existing image file as the image;
+    cafe does the same, so the two agree on the same list. Other strings stay texts, image URLs
+    (which cafe does not fetch) are refused."""
+    path = tmp_path / "red.png"
+    image = Image.new("RGB", (40, 30), (200, 30, 30))
+    image.save(path)
+    from_path = cafe_model.encode([str(path), "a red square"])
+    expected = cafe_model.encode([image, "a red square"])
+    torch.testing.assert_close(from_path, expected)
+    # A name that is not a file, or a file named as text, stays text.
+    as_text = cafe_model.encode([str(tmp_path / "missing.png")])
+    assert (as_text - expected[:1]).abs().max() > 1e-3
+    torch.testing.assert_close(cafe_model.encode([{"text": str(path)}]), cafe_model.encode(texts=[str(path)]))
+    assert (cafe_model.encode(texts=[str(path)]) - expected[:1]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="image URL: cafe does not download"):
+        cafe_model.encode(["https://example.com/cat.jpg"])
 
 
 def test_images_of_several_sizes(cafe_model):

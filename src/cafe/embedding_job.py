@@ -17,7 +17,9 @@ float32: the full size, or ``--truncate-dim``).
 Resumable by shard: rows are embedded in shards of ``--shard-size``, each written to
 ``<out>.shards/`` as soon as it is done (to a temporary name, then renamed, so a shard file is
 always complete). A rerun of the same command skips the shards already there; a rerun with other
-settings (model, data, columns, shard size, ...) stops with an error rather than mixing vectors.
+settings (model, data, columns, shard size, ...), or after the model folder or the data file was
+rewritten (their files' sizes and times are recorded), stops with an error rather than mixing
+vectors. Errors about a row (a missing or corrupt image, an empty text) name its row in DATA.
 When every shard is there they are joined into ``--out`` and the shard folder is removed
 (``--keep-shards`` keeps it).
 """
@@ -25,11 +27,13 @@ When every shard is there they are joined into ``--out`` and the shard folder is
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--shard-size", type=int, default=4096, help="rows per resumable shard")
-    parser.add_argument("--dtype", default="auto", help='"auto", "bfloat16", "float16" or "float32"')
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--keep-shards", action="store_true", help="keep <out>.shards/ after joining")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
@@ -79,6 +83,11 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "data": str(data.resolve()) if data.exists() else args.data,
         "split": args.split,
         "model": str(Path(args.model).resolve()) if Path(args.model).exists() else args.model,
+        # A path names a folder, not what is in it: a checkpoint rewritten in place (`cafe rotate
+        # --out` the same folder, a new training run) or an edited data file must not resume into
+        # shards embedded from the old one.
+        "model_files": local_fingerprint(Path(args.model)),
+        "data_files": local_fingerprint(data, skip=Path(args.out).with_name(Path(args.out).name + ".shards")),
         "text_column": args.text_column,
         "image_column": args.image_column,
         "image_folder": args.image_folder,
@@ -90,24 +99,63 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def local_fingerprint(path: Path, skip: Path | None = None) -> str | None:
+    """A hash of the names, sizes and modification times of the files at ``path`` (a file or a
+    folder, ``skip`` left out), or None when it is not local (a Hub id). Stat-based, not a content
+    hash: cheap on a multi-GB checkpoint, and any rewrite changes it."""
+    if not path.exists():
+        return None
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+    skipped = skip.resolve() if skip is not None else None
+    digest = hashlib.sha256()
+    for file in files:
+        if skipped is not None and file.resolve().is_relative_to(skipped):
+            continue
+        stat = file.stat()
+        name = file.name if file == path else str(file.relative_to(path))
+        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def shard_path(folder: Path, index: int, count: int) -> Path:
     return folder / f"shard-{index:05d}-of-{count:05d}.parquet"
 
 
-def row_inputs(rows: dict[str, list[Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The ``encode`` inputs of a slice of rows: ``{"image": ..., "text": ...}`` dicts."""
-    from .evaluation._common import resolve_image
+def check_model_argument(model: str, prog: str) -> None:
+    """Stop with a one-line error when ``--model`` names a local folder that is not there (otherwise
+    transformers takes it for a Hub id and fails on the repo-id format or the network)."""
+    from .evaluation._common import looks_like_local_path
 
-    count = len(next(iter(rows.values())))
+    if looks_like_local_path(model) and not Path(model).expanduser().exists():
+        raise SystemExit(f"{prog}: no model folder at {model!r}. Give a CAFe checkpoint folder or a Hub id.")
+
+
+def row_inputs(
+    rows: dict[str, list[Any]], args: argparse.Namespace, row_numbers: Sequence[int]
+) -> list[dict[str, Any]]:
+    """The ``encode`` inputs of some rows of DATA (``row_numbers``: their indices in DATA):
+    ``{"image": ..., "text": ...}`` dicts, images opened here so that an unusable one is reported by
+    its row in DATA rather than by its place in a shard."""
+    from .evaluation._common import resolve_image
+    from .prompting import check_text, load_image
+
     inputs = []
-    for i in range(count):
-        item = {}
-        if args.text_column:
-            item["text"] = rows[args.text_column][i]
-        if args.image_column:
-            item["image"] = resolve_image(rows[args.image_column][i], args.image_folder)
-        if all(value is None for value in item.values()):
-            raise ValueError(f"Row {i} has neither a text nor an image in {sorted(item)}: drop it or fill it in.")
+    for i, row in enumerate(row_numbers):
+        where = f"row {row} of {args.data}"
+        item: dict[str, Any] = {}
+        if args.text_column and rows[args.text_column][i] is not None:
+            item["text"] = check_text(rows[args.text_column][i], where)
+        if args.image_column and rows[args.image_column][i] is not None:
+            image = rows[args.image_column][i]
+            if isinstance(image, str) and not image.strip():
+                raise ValueError(
+                    f"Empty image path in column {args.image_column!r} for {where}: fill it in, or leave the cell "
+                    "null for a row without an image."
+                )
+            item["image"] = load_image(resolve_image(image, args.image_folder), where)
+        if not item:
+            columns = [c for c in (args.text_column, args.image_column) if c]
+            raise ValueError(f"The {where} has neither a text nor an image in {columns}: drop it or fill it in.")
         inputs.append(item)
     return inputs
 
@@ -118,6 +166,9 @@ def embed_main(argv: list[str] | None = None) -> Path:
         raise SystemExit("cafe embed: give --text-column and/or --image-column (the columns to embed).")
     if args.shard_size < 1 or args.batch_size < 1:
         raise SystemExit("cafe embed: --shard-size and --batch-size must be >= 1.")
+    check_model_argument(args.model, "cafe embed")
+    if args.truncate_dim is not None and args.truncate_dim < 1:
+        raise SystemExit("cafe embed: --truncate-dim must be >= 1.")
 
     import datasets
     import torch
@@ -164,7 +215,7 @@ def embed_main(argv: list[str] | None = None) -> Path:
             start, stop = index * args.shard_size, min((index + 1) * args.shard_size, len(dataset))
             rows = dataset.select(range(start, stop)).select_columns(columns).to_dict()
             vectors = model.encode(
-                row_inputs(rows, args),
+                row_inputs(rows, args, range(start, stop)),
                 instruction=args.instruction,
                 batch_size=args.batch_size,
                 show_progress_bar=args.progress,

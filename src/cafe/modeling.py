@@ -798,7 +798,8 @@ class CafeForConditionalGeneration(PreTrainedModel):
         """Embed raw inputs under the CAFe embedding prompt; returns ``[N, hidden]`` float32 on CPU.
 
         Args:
-            inputs: Strings, PIL images, ``(image, text)`` tuples, ``{"image", "text"}`` dicts, or
+            inputs: Strings (texts; a string naming an existing local image or video file, by
+                its extension, is that file, as in sentence-transformers), PIL images, ``(image, text)`` tuples, ``{"image", "text"}`` dicts, or
                 videos as ``{"video": ...}`` / ``{"video": ..., "text": ...}`` dicts (a video file
                 path, a list of frames or a ``[T, H, W, 3]`` uint8 array; its frames are sampled by
                 the family's rule under ``video_num_frames`` / ``video_fps``, see `cafe.video`).
@@ -829,9 +830,11 @@ class CafeForConditionalGeneration(PreTrainedModel):
             )
         _check_processor_matches(self, processor)
         hidden_size = self.config.get_text_config().hidden_size
-        if truncate_dim is not None and not 0 < truncate_dim <= hidden_size:
+        if truncate_dim is not None and (
+            isinstance(truncate_dim, bool) or not isinstance(truncate_dim, int) or not 0 < truncate_dim <= hidden_size
+        ):
             raise ValueError(
-                f"truncate_dim must be between 1 and the embedding size {hidden_size}, got {truncate_dim}."
+                f"truncate_dim must be an integer between 1 and the embedding size {hidden_size}, got {truncate_dim!r}."
             )
         if (
             truncate_dim is not None

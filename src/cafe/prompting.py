@@ -259,12 +259,41 @@ def check_sequence(value: Any, name: str, what: str = "items") -> None:
         raise TypeError(f"{name} must be a list of {what}, got a single dict; pass {name}=[row].")
 
 
-def _check_text(text: Any, where: str) -> str:
+def check_text(text: Any, where: str) -> str:
+    """``text`` if it is a string with a non-space character, else an error naming ``where``."""
     if not isinstance(text, str):
         raise TypeError(f"Expected a string for the text of {where}, got {type(text).__name__}.")
     if not text.strip():
         raise ValueError(f"Empty text for {where}: an embedding needs at least one non-space character.")
     return text
+
+
+# sentence-transformers' rule for a bare string (`sentence_transformers.base.modality`): an existing
+# local file with one of these extensions is that image or video, anything else is text. cafe
+# follows it so that `encode(["photo.jpg"])` embeds the same thing in both libraries.
+IMAGE_FILE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tiff", ".webp")
+VIDEO_FILE_EXTENSIONS = (".mp4", ".avi", ".mov", ".wmv", ".flv", ".mkv")
+
+
+def media_kind(text: str) -> str | None:
+    """``"image"`` / ``"video"`` if the bare string ``text`` names such a local file, else None (a text).
+
+    Image or video URLs and ``data:image/`` URIs, which sentence-transformers downloads and embeds as
+    images, are refused: cafe does not fetch, and embedding the address as text would give a vector
+    unlike sentence-transformers' one without a word.
+    """
+    lowered = text.lower()
+    is_url = text.startswith(("http://", "https://")) and " " not in text
+    if text.startswith("data:image/") or (is_url and lowered.split("?")[0].endswith(IMAGE_FILE_EXTENSIONS)):
+        raise ValueError(
+            f"{text[:80]!r} is an image URL: cafe does not download. Fetch it and pass the PIL image or the "
+            'local path (or {"text": ...} to embed the address as text).'
+        )
+    if lowered.endswith(IMAGE_FILE_EXTENSIONS) and os.path.isfile(text):
+        return "image"
+    if lowered.endswith(VIDEO_FILE_EXTENSIONS) and os.path.isfile(text):
+        return "video"
+    return None
 
 
 def to_embedding_inputs(
@@ -276,7 +305,8 @@ def to_embedding_inputs(
 ) -> list[EmbeddingInput]:
     """Normalise what users pass into a list of `EmbeddingInput`.
 
-    Accepted: ``inputs`` as a list of strings, PIL images, `cafe.video.Video` clips,
+    Accepted: ``inputs`` as a list of strings (texts; a string naming an existing local image or
+    video file by its extension is that file, as in sentence-transformers), PIL images, `cafe.video.Video` clips,
     ``{"image": ..., "text": ...}`` / ``{"video": ..., "text": ...}`` dicts or ``(image, text)``
     tuples (a single item is one input); or ``images=`` and/or ``texts=`` as lists (both given:
     they are pairs and must have the same length). A bare string or image passed as ``texts=`` /
@@ -318,8 +348,12 @@ def to_embedding_inputs(
     result = []
     for index, item in enumerate(inputs):
         where = f"input {index}"
-        if isinstance(item, str):
-            result.append(EmbeddingInput(text=_check_text(item, where)))
+        if isinstance(item, str) and media_kind(item) == "image":
+            result.append(EmbeddingInput(image=load_image(item, where)))
+        elif isinstance(item, str) and media_kind(item) == "video":
+            result.append(EmbeddingInput(video=load_video(item, video_sampling, where)))
+        elif isinstance(item, str):
+            result.append(EmbeddingInput(text=check_text(item, where)))
         elif isinstance(item, Image.Image):
             result.append(EmbeddingInput(image=load_image(item, where)))
         elif isinstance(item, Video):
@@ -336,13 +370,13 @@ def to_embedding_inputs(
             result.append(
                 EmbeddingInput(
                     image=None if image is None else load_image(image, where),
-                    text=None if text is None else _check_text(text, where),
+                    text=None if text is None else check_text(text, where),
                     video=None if video is None else load_video(video, video_sampling, where),
                 )
             )
         elif isinstance(item, tuple) and len(item) == 2:
             image, text = item
-            result.append(EmbeddingInput(image=load_image(image, where), text=_check_text(text, where)))
+            result.append(EmbeddingInput(image=load_image(image, where), text=check_text(text, where)))
         else:
             raise TypeError(
                 f"{where}: cannot embed an object of type {type(item).__name__}. Pass a string, a PIL image, "

@@ -19,7 +19,7 @@ import random
 import sys
 from pathlib import Path
 
-from .embedding_job import add_data_arguments, row_inputs
+from .embedding_job import add_data_arguments, check_model_argument, row_inputs
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,6 +47,7 @@ def rotate_main(argv: list[str] | None = None) -> Path:
         raise SystemExit("cafe rotate: give --text-column and/or --image-column (the columns to fit on).")
     if args.sample < 1 or args.batch_size < 1:
         raise SystemExit("cafe rotate: --sample and --batch-size must be >= 1.")
+    check_model_argument(args.model, "cafe rotate")
 
     import torch
 
@@ -57,7 +58,7 @@ def rotate_main(argv: list[str] | None = None) -> Path:
     columns = [c for c in (args.text_column, args.image_column) if c]
     require_columns(dataset, columns, hint="Name the columns with --text-column / --image-column.")
     rows = sorted(random.Random(args.seed).sample(range(len(dataset)), min(args.sample, len(dataset))))
-    inputs = row_inputs(dataset.select(rows).select_columns(columns).to_dict(), args)
+    inputs = row_inputs(dataset.select(rows).select_columns(columns).to_dict(), args, rows)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     # The checkpoint's own dtype; the rotation itself is computed in float64 and saved in float32.

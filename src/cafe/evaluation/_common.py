@@ -57,6 +57,11 @@ def resolve_image(image: Any, image_root: str | os.PathLike | None) -> Any:
     return image
 
 
+def looks_like_local_path(name: str) -> bool:
+    """Whether ``name`` can only be a local path, not a Hub id (``"org/name"`` or ``"name"``)."""
+    return Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or name.endswith("/")
+
+
 def load_any_dataset(
     dataset: Any,
     split: str | None = "test",
@@ -83,6 +88,10 @@ def load_any_dataset(
         )
     path = Path(dataset)
     builders = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+    if not path.exists() and (path.suffix in builders or looks_like_local_path(str(dataset))):
+        # Otherwise `load_dataset` takes it for a Hub id and fails on the network, without saying
+        # that the local file is missing.
+        raise FileNotFoundError(f"No data file or folder at {str(dataset)!r} (looked in {path.resolve().parent}).")
     if path.is_file() and path.suffix in builders:
         return datasets.load_dataset(builders[path.suffix], data_files=str(path), split="train", **load_kwargs)
     if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
