@@ -200,3 +200,19 @@ def test_a_missing_data_file_or_model_folder_is_named(data, tiny_checkpoint, tmp
         main(args)
     with pytest.raises(SystemExit, match="--truncate-dim must be >= 1"):
         main(_args(data, tiny_checkpoint, tmp_path / "v.parquet", "--truncate-dim", "0"))
+
+
+def test_the_console_command_prints_a_bad_input_error_in_one_line(data, tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """`cafe embed` from a shell: the error's message and exit status 1, not a traceback."""
+    from cafe.cli import run
+
+    args = _args(data, tiny_checkpoint, tmp_path / "v.parquet")
+    args[1] = str(tmp_path / "nofile.jsonl")
+    monkeypatch.setattr("sys.argv", ["cafe", *args])
+    monkeypatch.delenv("CAFE_TRACEBACK", raising=False)
+    assert run() == 1
+    err = capsys.readouterr().err
+    assert err.startswith("cafe embed: error: No data file or folder at ") and "Traceback" not in err
+    monkeypatch.setenv("CAFE_TRACEBACK", "1")
+    with pytest.raises(FileNotFoundError):
+        run()

@@ -30,5 +30,27 @@ def main(argv: list[str] | None = None) -> int:
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 
+# What cafe raises for bad input (a missing or corrupt file, an empty text, an unknown column): their
+# messages name the problem and the fix, so the console command prints just that, not the stack
+# through datasets / PIL / torch above it. CAFE_TRACEBACK=1 shows the traceback.
+USER_ERRORS = (FileNotFoundError, ValueError, KeyError)
+
+
+def run() -> int:
+    """The ``cafe`` console command: `main`, with bad-input errors printed as one line (exit status 1)."""
+    import os
+
+    try:
+        return main()
+    except USER_ERRORS as err:
+        if os.environ.get("CAFE_TRACEBACK"):
+            raise
+        command = f"cafe {sys.argv[1]}" if len(sys.argv) > 1 and sys.argv[1] in COMMANDS else "cafe"
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err  # KeyError's str() quotes it
+        print(f"{command}: error: {message}", file=sys.stderr)
+        print("(set CAFE_TRACEBACK=1 to see where it was raised)", file=sys.stderr)
+        return 1
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run())
