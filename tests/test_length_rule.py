@@ -36,7 +36,11 @@ def test_a_text_over_the_limit_gets_one_vector_on_every_path(tiny_checkpoint, tm
     assert any("max_text_chars=300" in r.getMessage() for r in caplog.records)
     with torch.no_grad():
         trained = model(cafe_batch=batch).doc_embeds[0]
-    encoded = model.encode([text])[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cafe.modeling"):
+        encoded = model.encode([text, "a blue square"])[0]
+    # encode says so too: two texts that differ only past the limit get one vector.
+    assert any("1 text(s) are longer than max_text_chars=300" in r.getMessage() for r in caplog.records)
     assert (encoded - trained).abs().max().item() <= 1e-5
     # The cut is the limit's: the text cut by hand gives the same vector, the whole text would not.
     assert (model.encode([text[:300]])[0] - encoded).abs().max().item() <= 1e-6
@@ -58,3 +62,15 @@ def test_no_limit_and_a_prompt_past_the_context_is_a_clear_error(tiny_checkpoint
 def test_max_text_chars_must_be_positive():
     with pytest.raises(ValueError, match="max_text_chars must be >= 1 or None"):
         CafeSettings(max_text_chars=0)
+
+
+def test_a_dict_of_settings_overrides_only_what_it_names(tiny_checkpoint, tmp_path):
+    """``cafe_settings={"max_text_chars": ...}`` (what encode's warning suggests) keeps the
+    checkpoint's other settings; a `CafeSettings` replaces them all."""
+    model = CafeForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    model.config.cafe = CafeSettings.from_dict({**model.config.cafe, "matryoshka_dims": [64, 16]}).to_dict()
+    model.save_pretrained(tmp_path)
+    merged = CafeForConditionalGeneration.from_pretrained(tmp_path, cafe_settings={"max_text_chars": 4096})
+    assert merged.cafe_settings.max_text_chars == 4096 and merged.cafe_settings.matryoshka_dims == [64, 16]
+    replaced = CafeForConditionalGeneration.from_pretrained(tmp_path, cafe_settings=CafeSettings(max_text_chars=4096))
+    assert replaced.cafe_settings.matryoshka_dims is None

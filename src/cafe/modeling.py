@@ -172,7 +172,9 @@ class CafeForConditionalGeneration(PreTrainedModel):
 
         Args:
             pretrained_model_name_or_path: Hub id or local folder.
-            cafe_settings: Override the CAFe settings stored in the checkpoint (or the defaults).
+            cafe_settings: Override the CAFe settings stored in the checkpoint (or the defaults): a
+                `CafeSettings` replaces them all, a dict only the settings it names
+                (``{"max_text_chars": 4096}`` keeps the checkpoint's prompts and the rest).
             load_processor: Also load the checkpoint's processor into ``model.processor`` (used by
                 `encode` and saved by `save_pretrained`). Skipped silently if the folder has none.
             **kwargs: Passed to transformers' ``from_pretrained`` (``dtype``, ``device_map``, ...).
@@ -183,7 +185,9 @@ class CafeForConditionalGeneration(PreTrainedModel):
             config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         if cafe_settings is not None:
             settings = (
-                cafe_settings if isinstance(cafe_settings, CafeSettings) else CafeSettings.from_dict(cafe_settings)
+                cafe_settings
+                if isinstance(cafe_settings, CafeSettings)
+                else CafeSettings.from_dict({**(getattr(config, "cafe", None) or {}), **cafe_settings})
             )
             config.cafe = settings.to_dict()
         target = cls._resolve_family_class(config) if cls is CafeForConditionalGeneration else cls
@@ -852,6 +856,16 @@ class CafeForConditionalGeneration(PreTrainedModel):
         items = to_embedding_inputs(
             inputs, images=images, texts=texts, video_sampling=frame_sampling(processor, self.cafe_settings)
         )
+        limit = self.cafe_settings.max_text_chars
+        cut = sum(1 for item in items if limit is not None and item.text is not None and len(item.text) > limit)
+        if cut:
+            # The embedding template cuts them (as sentence-transformers and training do); say so,
+            # since two texts that differ only past the limit get the same vector.
+            logger.warning(
+                f"{cut} text(s) are longer than max_text_chars={limit} characters and are embedded from their "
+                f"first {limit}. Raise it with from_pretrained(path, cafe_settings={{'max_text_chars': ...}}) "
+                "(within the model's context), or split long texts into passages."
+            )
         template = self.embedding_chat_template
         order = list(range(len(items)))
         if sort_by_length and len(items) > 1:

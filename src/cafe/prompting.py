@@ -189,7 +189,10 @@ def load_image(image: Any, where: str = "input", max_pixels: int | None = None) 
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         if not path.is_file():
-            raise FileNotFoundError(f"Image file not found for {where}: {str(path)!r}. Check the path / image folder.")
+            looked = "" if path.is_absolute() else f" (relative to the working directory {os.getcwd()})"
+            raise FileNotFoundError(
+                f"Image file not found for {where}: {str(path)!r}{looked}. Check the path / image folder."
+            )
         try:
             with Image.open(path) as opened:
                 check_image_pixels(opened, f"{where}: {str(path)!r}", max_pixels)
