@@ -76,9 +76,13 @@ def _read(out):
     return datasets.Dataset.from_parquet(str(out))
 
 
-def test_vectors_are_encodes_in_row_order(data, tiny_checkpoint, tmp_path):
+def test_vectors_are_encodes_in_row_order(data, tiny_checkpoint, tmp_path, capsys):
+    import datasets
+
     out = tmp_path / "vectors.parquet"
     assert main(_args(data, tiny_checkpoint, out)) == 0
+    # --no-progress silences datasets' bars too, for the job only.
+    assert "Creating parquet" not in capsys.readouterr().err and datasets.is_progress_bar_enabled()
     table = _read(out)
     assert table.column_names == ["row", "id", "embedding"]
     assert table["row"] == list(range(len(ROWS))) and table["id"] == [row["id"] for row in ROWS]

@@ -10,6 +10,9 @@ folder written by ``save_to_disk``, or a Hub data set id (``--split``). A row is
 text, its image (a path, relative ones joined to ``--image-folder``, or an image feature) or both,
 through `CafeForConditionalGeneration.encode` (prompt prefix cache, length-sorted batches).
 
+A null cell means "no text" / "no image" for that row (a row needs one of them); CSV files cannot
+tell an empty cell from a null one, so an empty CSV text cell makes an image-only row.
+
 The output is a Parquet file (written by `datasets`) with one row per input row, in order:
 ``row`` (the row's index in DATA), the ``--id-column`` if given, and ``embedding`` (a list of
 float32: the full size, or ``--truncate-dim``).
@@ -27,13 +30,14 @@ When every shard is there they are joined into ``--out`` and the shard folder is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -169,7 +173,26 @@ def embed_main(argv: list[str] | None = None) -> Path:
     check_model_argument(args.model, "cafe embed")
     if args.truncate_dim is not None and args.truncate_dim < 1:
         raise SystemExit("cafe embed: --truncate-dim must be >= 1.")
+    with datasets_progress_bars(args.progress):
+        return _embed(args)
 
+
+@contextlib.contextmanager
+def datasets_progress_bars(enabled: bool) -> Iterator[None]:
+    """`datasets`' own bars (loading, Parquet writing) on or off for the job, as ``--no-progress`` says."""
+    import datasets
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    if not enabled:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
+def _embed(args: argparse.Namespace) -> Path:
     import datasets
     import torch
 

@@ -19,7 +19,7 @@ import random
 import sys
 from pathlib import Path
 
-from .embedding_job import add_data_arguments, check_model_argument, row_inputs
+from .embedding_job import add_data_arguments, check_model_argument, datasets_progress_bars, row_inputs
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,7 +48,11 @@ def rotate_main(argv: list[str] | None = None) -> Path:
     if args.sample < 1 or args.batch_size < 1:
         raise SystemExit("cafe rotate: --sample and --batch-size must be >= 1.")
     check_model_argument(args.model, "cafe rotate")
+    with datasets_progress_bars(args.progress):
+        return _rotate(args)
 
+
+def _rotate(args: argparse.Namespace) -> Path:
     import torch
 
     from .evaluation._common import load_any_dataset, require_columns
