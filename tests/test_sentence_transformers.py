@@ -162,6 +162,7 @@ def st_run(saved, tmp_path_factory):
         "embeddings": dict(np.load(work / "embeddings.npz")),
         "stderr": proc.stderr,
         "images": [Image.open(p).convert("RGB") for p in image_paths],
+        "image_paths": image_paths,
         "clips": list(clips),
         **info,
     }
@@ -201,7 +202,7 @@ def test_vectors_match_get_embeddings(saved, st_run, key):
     inputs = {
         "texts": TEXTS,
         "images": images,
-        "image_paths": images,
+        "image_paths": st_run["image_paths"],  # bare path strings are images to both libraries
         "pairs": pairs,
         "mixed": [TEXTS[0], images[0], pairs[1]],
         # The clips have the model's 8 frames, so cafe's sampling keeps them all, as
