@@ -220,3 +220,22 @@ def test_the_console_command_prints_a_bad_input_error_in_one_line(data, tiny_che
     monkeypatch.setenv("CAFE_TRACEBACK", "1")
     with pytest.raises(FileNotFoundError):
         run()
+
+
+def test_a_shard_is_embedded_in_chunks_with_the_same_vectors(data, tiny_checkpoint, tmp_path, monkeypatch):
+    """Images are decoded per chunk of batches, not per shard; the vectors do not change."""
+    import cafe.embedding_job
+
+    monkeypatch.setattr(cafe.embedding_job, "CHUNK_BATCHES", 1)  # chunks of --batch-size 2 rows
+    calls = []
+    encode = CafeForConditionalGeneration.encode
+    monkeypatch.setattr(
+        CafeForConditionalGeneration,
+        "encode",
+        lambda self, inputs, **k: calls.append(len(inputs)) or encode(self, inputs, **k),
+    )
+    out = tmp_path / "vectors.parquet"
+    main(_args(data, tiny_checkpoint, out))
+    assert calls == [2, 1, 2, 1, 1]  # shards of 3, 3 and 1 rows
+    vectors = torch.tensor(_read(out)["embedding"])
+    assert (vectors - _expected(tiny_checkpoint, data[1])).abs().max().item() <= 1e-5

@@ -42,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
+# Batches per `encode` call inside a shard (see `_embed`).
+CHUNK_BATCHES = 16
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -237,12 +239,25 @@ def _embed(args: argparse.Namespace) -> Path:
         for index in shard_bar:
             start, stop = index * args.shard_size, min((index + 1) * args.shard_size, len(dataset))
             rows = dataset.select(range(start, stop)).select_columns(columns).to_dict()
-            vectors = model.encode(
-                row_inputs(rows, args, range(start, stop)),
-                instruction=args.instruction,
-                batch_size=args.batch_size,
-                show_progress_bar=args.progress,
-                truncate_dim=args.truncate_dim,
+            # `encode` decodes every image it is given before the first batch, so a shard goes in
+            # chunks of CHUNK_BATCHES batches: memory holds one chunk's images, not a shard's (4,096
+            # decoded photos would be tens of GB). Length sorting then works within a chunk.
+            chunk = CHUNK_BATCHES * args.batch_size
+            vectors = torch.cat(
+                [
+                    model.encode(
+                        row_inputs(
+                            {key: values[i : i + chunk] for key, values in rows.items()},
+                            args,
+                            range(start + i, min(start + i + chunk, stop)),
+                        ),
+                        instruction=args.instruction,
+                        batch_size=args.batch_size,
+                        show_progress_bar=args.progress,
+                        truncate_dim=args.truncate_dim,
+                    )
+                    for i in range(0, stop - start, chunk)
+                ]
             )
             table = {"row": list(range(start, stop))}
             if args.id_column:

@@ -801,6 +801,10 @@ class CafeForConditionalGeneration(PreTrainedModel):
     ) -> torch.Tensor:
         """Embed raw inputs under the CAFe embedding prompt; returns ``[N, hidden]`` float32 on CPU.
 
+        Every image is decoded before the first batch (the length sort needs them all): for a
+        collection larger than memory, call it per chunk of a few hundred images, as ``cafe embed``
+        does.
+
         Args:
             inputs: Strings (texts; a string naming an existing local image or video file, by
                 its extension, is that file, as in sentence-transformers), PIL images, ``(image, text)`` tuples, ``{"image", "text"}`` dicts, or
