@@ -282,3 +282,31 @@ def test_modality_gap_rejects_bare_strings(images):
         evaluate_modality_gap(NoModel(), images[0], ["a red picture"])
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         evaluate_modality_gap(NoModel(), [images[0]], ["a red picture"], batch_size=0)
+
+
+@pytest.mark.parametrize(
+    ("record", "ignored"),
+    [
+        ({"query": "q", "positive": "p", "image": "red.png"}, "'image'"),
+        ({"image": "red.png", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}], "text": "cap"}, "'text'"),  # noqa: E501
+        ({"image": "red.png", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}], "query": "x"}, "'query'"),  # noqa: E501
+        ({"image": "red.png", "text": "red", "query_text": "q", "target_text": "t"}, "'query_text', 'target_text'"),
+        ({"query_text": "q", "target_text": "t", "text": "red"}, "'text'"),
+    ],
+)
+def test_a_record_mixing_two_layouts_is_refused_not_half_read(parser, record, ignored):
+    """Training would use one layout's fields and drop the others without a word."""
+    with pytest.raises(RecordError, match=rf"record 0 is read as a .* record, which does not use its {ignored}; .*split"):
+        parser(record)
+
+
+def test_a_field_given_twice_is_refused(parser):
+    with pytest.raises(RecordError, match=r"gives 'qry' and 'query_text', which name the same field \(query_text\)"):
+        parser({"qry": "a", "query_text": "b", "target_text": "t"})
+    with pytest.raises(RecordError, match="both 'positive' and 'positives'"):
+        parser({"query": "q", "positive": "p", "positives": ["p1", "p2"]})
+
+
+def test_a_conversation_turn_that_is_not_a_dict_is_named(parser):
+    with pytest.raises(RecordError, match=r"record 0: turn 0 of 'conversations' is a str; each turn is a dict"):
+        parser({"image": "red.png", "conversations": ["hello"]})

@@ -92,6 +92,23 @@ def test_single_pair_batch_gives_clear_error(cafe_model, data, tmp_path):
         trainer.compute_loss(cafe_model, first_batch(trainer))
 
 
+def test_a_stock_model_or_a_missing_collator_is_named_with_the_fix(tiny_checkpoint, cafe_model, data, tmp_path):
+    """Not an AttributeError from deep inside the trainer or the collator on the first batch."""
+    from transformers import AutoModelForImageTextToText
+
+    from cafe import CafeCollator, CafeTrainer, CafeTrainingArguments
+    from cafe.training import load_records
+
+    stock = AutoModelForImageTextToText.from_pretrained(tiny_checkpoint)
+    with pytest.raises(TypeError, match=r"model= takes a CafeForConditionalGeneration, got .*from_pretrained\(path\)"):
+        CafeCollator(cafe_model.processor, model=stock)
+    args = CafeTrainingArguments(output_dir=str(tmp_path / "run"), report_to=[], use_cpu=True, max_steps=1)
+    with pytest.raises(TypeError, match=r"CafeTrainer needs a CafeForConditionalGeneration .*got Llava"):
+        CafeTrainer(model=stock, args=args, data_collator=CafeCollator(cafe_model.processor, model=cafe_model))
+    with pytest.raises(TypeError, match=r"CafeTrainer needs data_collator=CafeCollator\(processor, model=model\)"):
+        CafeTrainer(model=cafe_model, args=args, train_dataset=load_records(str(data[0])))
+
+
 def test_lora_merged_and_unmerged_give_same_embeddings(cafe_model, data, tmp_path):
     from peft import LoraConfig, get_peft_model
 

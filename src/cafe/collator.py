@@ -105,6 +105,11 @@ class CafeCollator:
         self.processor = processor
         # The processor's tokenizer (transformers declares it Any); a bare tokenizer is its own.
         self.tokenizer: Any = getattr(processor, "tokenizer", processor)
+        if model is not None and not hasattr(model, "cafe_settings"):
+            raise TypeError(
+                f"CafeCollator's model= takes a CafeForConditionalGeneration, got {type(model).__name__}: load it "
+                "with CafeForConditionalGeneration.from_pretrained(path) (same weights)."
+            )
         if settings is None:
             settings = model.cafe_settings if model is not None else CafeSettings()
         placeholders = _placeholders(model, processor)

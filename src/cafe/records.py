@@ -259,8 +259,18 @@ class RecordParser:
                 "list of records (e.g. collator([record])), each a dict such as {'image': ..., 'text': ...}."
             )
         where = self.where(record, position)
+        given = [k for k, v in record.items() if v is not None]
+        clashing = sorted(k for k in set(LAYOUT_KEYS) if sum(_MMEB_ALIASES.get(g, g) == k for g in given) > 1)
+        if clashing:
+            names = [g for g in given if _MMEB_ALIASES.get(g, g) in clashing]
+            raise RecordError(
+                f"{where} gives {' and '.join(map(repr, names))}, which name the same field ({', '.join(clashing)}); "
+                "keep one of them."
+            )
         record = {_MMEB_ALIASES.get(k, k): v for k, v in record.items() if v is not None}
         _check_keys(record, where)
+        if "positive" in record and "positives" in record:
+            raise RecordError(f"{where} has both 'positive' and 'positives'; put the positive into 'positives'.")
         if "negatives" in record and not isinstance(record["negatives"], (list, tuple)):
             value = record["negatives"]
             shown = json.dumps(value) if isinstance(value, str) and len(value) <= 60 else "..."
@@ -269,12 +279,19 @@ class RecordParser:
                 f"{type(value).__name__} (a string would become one negative per character); write "
                 f'"negatives": [{shown}].'
             )
+        # Every layout reads the hard negatives and `positives`; the rest is per layout.
+        read = {"negatives", "negative_text", "negative_image", "negative_video", "positives"}
         if "conversations" in record:
             example = self._llava(record, where)
+            layout, read = "LLaVA conversation", read | {"conversations", "image", "video"}
+            if not self.multimodal_input and record.get("image") is None and record.get("video") is None:
+                read.add("query")  # a text-only conversation names its contrastive query
         elif "query" in record and "positive" in record or "query" in record and "positives" in record:
             example = TrainingExample(self._item(record["query"], where, "query"), None)
+            layout, read = "text pair", read | {"query", "positive"}
         elif ("image" in record or "video" in record) and ("text" in record or "positives" in record):
             example = self._pair(record, where)
+            layout, read = "image / video + text pair", read | {"image", "video", "text"}
         elif {"query_text", "query_image", "query_video"} & set(record) and {
             "target_text",
             "target_image",
@@ -284,9 +301,18 @@ class RecordParser:
             example = TrainingExample(self._prefixed_side(record, "query", where), None)
             if {"target_text", "target_image", "target_video"} & set(record):
                 example.positive = self._prefixed_side(record, "target", where)
+            prefixed = {f"{side}_{kind}" for side in ("query", "target") for kind in ("text", "image", "video")}
+            layout, read = "interleaved", read | prefixed
         else:
             raise RecordError(
                 f"{where} fits no supported layout; it has keys {sorted(record)}, expected {EXPECTED_LAYOUTS}."
+            )
+        ignored = sorted(k for k in record if k in LAYOUT_KEYS and k not in read)
+        if ignored:
+            # Training would drop these fields without a word: a record mixing two layouts.
+            raise RecordError(
+                f"{where} is read as a {layout} record, which does not use its {', '.join(map(repr, ignored))}; "
+                f"a record has one layout ({EXPECTED_LAYOUTS}): split it into two records or drop the field."
             )
 
         if example.positive is None or "positives" in record:
@@ -372,7 +398,14 @@ class RecordParser:
         questions: list[str] = []
         counts = {"image": 0, "video": 0}
         for t, turn in enumerate(turns):
-            role = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}.get(turn.get("from"))
+            if not isinstance(turn, Mapping):
+                raise RecordError(
+                    f"{where}: turn {t} of 'conversations' is a {type(turn).__name__}; each turn is a dict "
+                    '{"from": "human" | "gpt", "value": "..."}.'
+                )
+            source = turn.get("from")
+            roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+            role = roles.get(source) if isinstance(source, str) else None
             if role is None:
                 raise RecordError(f"{where}: turn {t} has 'from'={turn.get('from')!r}; expected 'human' or 'gpt'.")
             value = turn.get("value")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, default_data_collator
 from transformers.utils import logging
 
 from .batch import CafeBatch, MiniBatches
@@ -172,6 +172,18 @@ class CafeTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, CafeTrainingArguments):
             raise TypeError("CafeTrainer needs CafeTrainingArguments (got TrainingArguments).")
+        if not hasattr(self._cafe_model(), "cafe_forward"):  # modeling imports the trainer's modules
+            raise TypeError(
+                f"CafeTrainer needs a CafeForConditionalGeneration (optionally PEFT-wrapped), got "
+                f"{type(self._cafe_model()).__name__}: load the model with "
+                "CafeForConditionalGeneration.from_pretrained(path) (same weights)."
+            )
+        if self.data_collator is default_data_collator or isinstance(self.data_collator, DataCollatorWithPadding):
+            # Trainer's stand-in when none is given: it would fail on the first batch, inside transformers.
+            raise TypeError(
+                "CafeTrainer needs data_collator=CafeCollator(processor, model=model): the loss reads its paired "
+                "contrastive + language-modelling batches."
+            )
         frozen = self._cafe_model().freeze_unused_parameters()
         if frozen:
             logger.info("Froze %d parameters the forward pass never uses: %s", len(frozen), frozen)
