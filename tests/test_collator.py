@@ -127,6 +127,24 @@ def test_truncation_never_cuts_image_tokens(cafe_model, image_folder):
     assert batch.lm is None and batch.query.input_ids.shape[0] == 2
 
 
+def test_a_conversation_cut_before_its_answer_leaves_the_lm_batch_with_a_warning(cafe_model, image_folder, caplog):
+    """Kept, a row with no answer token left would add a 0 to the LM loss's mean without a word."""
+    import logging
+
+    question = "what is shown here " * 40
+    records = [
+        {"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": "yes"}], "query": "q one"},
+        {"conversations": [{"from": "human", "value": "short?"}, {"from": "gpt", "value": "no"}], "query": "q two"},
+    ]
+    collator = collator_for(cafe_model, image_folder, 60)
+    with caplog.at_level(logging.WARNING, logger="cafe.collator"):
+        batch = collator(records)
+    assert batch.counts["lm_dropped_answer_cut"] == 1 and batch.counts["lm_truncated"] == 0
+    assert batch.lm.input_ids.shape[0] == 1 and (batch.lm.labels[0] != -100).any()
+    assert batch.query.input_ids.shape[0] == 2  # both pairs still train contrastively
+    assert any("no answer token is left" in r.getMessage() for r in caplog.records)
+
+
 def collator_for(model, folder, max_length):
     return CafeCollator(model.processor, model=model, image_folder=str(folder), max_length=max_length)
 

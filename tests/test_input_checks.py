@@ -288,15 +288,31 @@ def test_modality_gap_rejects_bare_strings(images):
     ("record", "ignored"),
     [
         ({"query": "q", "positive": "p", "image": "red.png"}, "'image'"),
-        ({"image": "red.png", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}], "text": "cap"}, "'text'"),  # noqa: E501
-        ({"image": "red.png", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}], "query": "x"}, "'query'"),  # noqa: E501
+        (
+            {
+                "image": "red.png",
+                "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}],
+                "text": "cap",
+            },
+            "'text'",
+        ),  # noqa: E501
+        (
+            {
+                "image": "red.png",
+                "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}],
+                "query": "x",
+            },
+            "'query'",
+        ),  # noqa: E501
         ({"image": "red.png", "text": "red", "query_text": "q", "target_text": "t"}, "'query_text', 'target_text'"),
         ({"query_text": "q", "target_text": "t", "text": "red"}, "'text'"),
     ],
 )
 def test_a_record_mixing_two_layouts_is_refused_not_half_read(parser, record, ignored):
     """Training would use one layout's fields and drop the others without a word."""
-    with pytest.raises(RecordError, match=rf"record 0 is read as a .* record, which does not use its {ignored}; .*split"):
+    with pytest.raises(
+        RecordError, match=rf"record 0 is read as a .* record, which does not use its {ignored}; .*split"
+    ):
         parser(record)
 
 

@@ -55,6 +55,20 @@ def test_false_negatives_are_masked():
     assert false_negative_mask(torch.tensor([1, 2, 3]), doc_groups).tolist() == (~keep).tolist()
 
 
+def test_a_batch_of_one_repeated_item_says_the_loss_compared_nothing():
+    """All pairs show the same image: masking removes every negative, the term is 0 by construction."""
+    q, d = torch.randn(3, 8), torch.randn(3, 8)
+    with pytest.warns(UserWarning, match="had nothing to compare: all 3 pairs .* same image / text"):
+        out = ContrastiveLoss(0.05)(q, d, query_groups=torch.tensor([4, 4, 4]))
+    assert out.loss.item() == 0.0
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # some negatives left, or hard negatives: no warning
+        ContrastiveLoss(0.05)(q, d, query_groups=torch.tensor([4, 4, 5]))
+        ContrastiveLoss(0.05)(q, d, torch.randn(2, 8), query_groups=torch.tensor([4, 4, 4]))
+
+
 def test_loss_is_float32_under_bf16_inputs():
     q = torch.randn(4, 8, dtype=torch.bfloat16)
     d = torch.randn(4, 8, dtype=torch.bfloat16)

@@ -109,6 +109,27 @@ def test_a_stock_model_or_a_missing_collator_is_named_with_the_fix(tiny_checkpoi
         CafeTrainer(model=cafe_model, args=args, train_dataset=load_records(str(data[0])))
 
 
+def test_an_lm_loss_that_cannot_happen_is_said(cafe_model, data, tmp_path, caplog):
+    """The arguments ask for the LM loss, the collator builds no LM rows: a warning at construction,
+    and the loss says so when a batch trains contrastively only."""
+    import logging
+
+    from cafe import CafeCollator, CafeTrainer, CafeTrainingArguments
+    from cafe.training import load_records
+
+    collator = CafeCollator(
+        cafe_model.processor, model=cafe_model, image_folder=str(data[1]), compute_language_loss=False
+    )
+    args = CafeTrainingArguments(output_dir=str(tmp_path / "run"), report_to=[], use_cpu=True, max_steps=1)
+    with caplog.at_level(logging.WARNING, logger="cafe.trainer"):
+        trainer = CafeTrainer(
+            model=cafe_model, args=args, train_dataset=load_records(str(data[0])), data_collator=collator
+        )
+    assert any("this run trains contrastively only" in r.getMessage() for r in caplog.records)
+    with pytest.warns(UserWarning, match="The LM loss is on, but a batch has no LM sequences"):
+        trainer.compute_loss(cafe_model, first_batch(trainer))
+
+
 def test_lora_merged_and_unmerged_give_same_embeddings(cafe_model, data, tmp_path):
     from peft import LoraConfig, get_peft_model
 

@@ -130,7 +130,7 @@ class CafeBatch(_Movable):
         query_groups, doc_groups: ``[rows]`` content ids (equal = identical content) for
             false-negative masking.
         counts: What the collator cut or dropped building this batch (``lm_truncated``,
-            ``lm_dropped_image_cut``, ``embedding_text_truncated``, ``skipped_records``).
+            ``lm_dropped_image_cut``, ``lm_dropped_answer_cut``, ``embedding_text_truncated``, ``skipped_records``).
     """
 
     vision: dict[str, torch.Tensor] = field(default_factory=dict)

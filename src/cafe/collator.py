@@ -43,7 +43,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-COUNT_NAMES = ("lm_truncated", "lm_dropped_image_cut", "embedding_text_truncated", "skipped_records")
+COUNT_NAMES = (
+    "lm_truncated",
+    "lm_dropped_image_cut",
+    "lm_dropped_answer_cut",
+    "embedding_text_truncated",
+    "skipped_records",
+)
 
 
 class CafeCollator:
@@ -288,6 +294,12 @@ class CafeCollator:
             input_ids = input_ids[:, : self.max_length]
             attention_mask = attention_mask[:, : self.max_length]
             labels = labels[:, : self.max_length]
+            # A row cut before its first answer token has nothing left to learn: kept, it would add
+            # a 0 to the LM loss's mean. It leaves the LM batch (its pair still trains contrastively).
+            answer_cut = keep & (labels[:, 1:] == IGNORE_INDEX).all(dim=1)
+            counts["lm_dropped_answer_cut"] += int(answer_cut.sum())
+            counts["lm_truncated"] -= int(answer_cut.sum())
+            keep &= ~answer_cut
         self._warn_once_about_lengths(counts, len(with_lm))
         if not keep.all():
             input_ids, attention_mask, labels = input_ids[keep], attention_mask[keep], labels[keep]
@@ -309,10 +321,20 @@ class CafeCollator:
                 rows,
                 self.max_length,
             )
+        if counts["lm_dropped_answer_cut"] and "answer_cut" not in self._warned:
+            self._warned.add("answer_cut")
+            logger.warning(
+                "%d of %d LM sequences in this batch left the LM loss: their prompt fills max_length=%d, so no answer "
+                "token is left to train on; they train contrastively only. Raise max_length or shorten the questions; "
+                "further drops are counted in the logged metric data/lm_dropped_answer_cut.",
+                counts["lm_dropped_answer_cut"],
+                rows,
+                self.max_length,
+            )
         if counts["lm_truncated"] and "truncated" not in self._warned:
             self._warned.add("truncated")
             logger.warning(
-                "%d of %d LM sequences in this batch were cut at max_length=%d (after their image tokens; the answer "
+                "%d of %d LM sequences in this batch were cut at max_length=%d (after any image tokens; the answer "
                 "tokens past the limit are not trained on). Raise max_length to keep them whole; further cuts are "
                 "counted in the logged metric data/lm_truncated.",
                 counts["lm_truncated"],

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -110,7 +111,7 @@ class ContrastiveLoss(nn.Module):
         if n < 2 and negative_embeds is None:
             raise ValueError(
                 f"The contrastive loss needs at least 2 pairs per batch (got {n}): with one pair there is no "
-                "negative. Increase per_device_train_batch_size, set dataloader_drop_last=True, or add hard negatives."
+                "negative. Increase per_device_train_batch_size or add hard negatives."
             )
         if doc_embeds.shape[0] != n:
             raise ValueError(f"query_embeds and doc_embeds must pair up row by row, got {n} and {doc_embeds.shape[0]}.")
@@ -123,6 +124,15 @@ class ContrastiveLoss(nn.Module):
         if mask is not None:
             # The mask is symmetric, so the same one applies to the transposed direction.
             logits = logits.masked_fill(mask, float("-inf"))
+            if negative_embeds is None and bool(mask.sum(dim=1).eq(n - 1).all()):
+                # Every candidate is a duplicate of the positive: the loss is 0 and the accuracies 1
+                # by construction, and a counter alone would not show it.
+                warnings.warn(
+                    f"The contrastive loss had nothing to compare: all {n} pairs of this batch show the same image / "
+                    "text, so false-negative masking removed every negative and the term is 0. Shuffle the data "
+                    "(or deduplicate it) so that a batch mixes different items, or add hard negatives.",
+                    stacklevel=2,
+                )
         logits_q2d = logits
         if negative_embeds is not None:
             neg = F.normalize(negative_embeds.float(), dim=-1)
@@ -351,6 +361,14 @@ class CafeLoss(nn.Module):
         if self.uses_lm and output.lm_loss is not None:
             lm = self.lm_term(output.lm_loss, batch.supervised_tokens)
             total = self.lm_weight * lm
+        elif self.uses_lm and self.uses_contrastive:
+            warnings.warn(
+                "The LM loss is on, but a batch has no LM sequences (text pairs and interleaved records have no "
+                "answer to learn; or the collator was built with compute_language_loss=False, or every row was "
+                "dropped at max_length): that batch trains contrastively only. Said once; loss_lm is not logged "
+                "for such batches.",
+                stacklevel=2,
+            )
         if self.uses_contrastive:
             contrastive = self.contrastive_term(
                 output.query_embeds, output.doc_embeds, output.negative_embeds, batch.query_groups, batch.doc_groups

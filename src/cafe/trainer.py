@@ -184,6 +184,13 @@ class CafeTrainer(Trainer):
                 "CafeTrainer needs data_collator=CafeCollator(processor, model=model): the loss reads its paired "
                 "contrastive + language-modelling batches."
             )
+        collator = getattr(self.data_collator, "collator", self.data_collator)
+        if self.args.compute_language_loss and getattr(collator, "compute_language_loss", True) is False:
+            logger.warning(
+                "compute_language_loss is on in the training arguments but the collator builds no LM sequences "
+                "(CafeCollator(compute_language_loss=False)): this run trains contrastively only. Build the collator "
+                "with compute_language_loss=True, or turn it off in CafeTrainingArguments to say so."
+            )
         frozen = self._cafe_model().freeze_unused_parameters()
         if frozen:
             logger.info("Froze %d parameters the forward pass never uses: %s", len(frozen), frozen)
