@@ -130,6 +130,24 @@ def test_an_lm_loss_that_cannot_happen_is_said(cafe_model, data, tmp_path, caplo
         trainer.compute_loss(cafe_model, first_batch(trainer))
 
 
+def test_a_plain_list_of_records_is_checked_before_step_1(cafe_model, data, tmp_path):
+    """Trainer takes a list too: its bad records are named by their index before training starts."""
+    from cafe import CafeCollator, CafeTrainer, CafeTrainingArguments
+    from cafe.data.validation import DataValidationError
+    from cafe.training import load_records
+
+    records = load_records(str(data[0])).to_list()
+    records[4] = {**records[4], "image": "nope.png"}
+    records[5] = {**records[5], "image": " "}
+    collator = CafeCollator(cafe_model.processor, model=cafe_model, image_folder=str(data[1]))
+    args = CafeTrainingArguments(output_dir=str(tmp_path / "run"), report_to=[], use_cpu=True, max_steps=1)
+    trainer = CafeTrainer(model=cafe_model, args=args, train_dataset=records, data_collator=collator)
+    with pytest.raises(
+        DataValidationError, match=r"(?s)#4: .*record 4 .*nope\.png.*#5: record 5 .*the image path is empty"
+    ):
+        trainer.train()
+
+
 def test_lora_merged_and_unmerged_give_same_embeddings(cafe_model, data, tmp_path):
     from peft import LoraConfig, get_peft_model
 

@@ -149,6 +149,8 @@ def _open_image(value: Any, image_folder: str | None, where: str, max_pixels: in
             except OSError as err:
                 raise ImageRecordError(f"Corrupt image bytes in {where} ({err}).") from None
         value = value["path"]
+    if isinstance(value, str) and not value.strip():
+        raise ImageRecordError(f"{where}: the image path is empty. Fill it in, or leave the field out (null).")
     if isinstance(value, (str, os.PathLike)) and image_folder is not None and not Path(value).is_absolute():
         value = Path(image_folder) / value
     try:
