@@ -146,6 +146,12 @@ def test_a_plain_list_of_records_is_checked_before_step_1(cafe_model, data, tmp_
         DataValidationError, match=r"(?s)#4: .*record 4 .*nope\.png.*#5: record 5 .*the image path is empty"
     ):
         trainer.train()
+    # missing_images="skip" drops them up front, from the list as given (no Arrow round trip).
+    collator = CafeCollator(cafe_model.processor, model=cafe_model, image_folder=str(data[1]), missing_images="skip")
+    args.per_device_train_batch_size = 2
+    trainer = CafeTrainer(model=cafe_model, args=args, train_dataset=records, data_collator=collator)
+    trainer._check_training_data()
+    assert trainer.train_dataset == records[:4] + records[6:]
 
 
 def test_lora_merged_and_unmerged_give_same_embeddings(cafe_model, data, tmp_path):

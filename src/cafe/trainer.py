@@ -376,29 +376,16 @@ class CafeTrainer(Trainer):
         collator = self._cafe_collator()
         parser = getattr(collator, "parser", None)
         if args.validate_data and parser is not None and isinstance(dataset, list):
-            # Trainer takes a plain list of records too; check it the same way, as a Dataset.
-            import datasets
+            # Trainer takes a plain list of records too: the same checks, on the records as given.
+            from .data.validation import validate_record_list
 
-            try:
-                as_dataset = datasets.Dataset.from_list(dataset)
-            except (TypeError, ValueError, NotImplementedError) as err:  # Arrow cannot type mixed fields
-                logger.warning(
-                    "Could not check the list of training records before step 1 (%s); a bad record will stop "
-                    "training when its batch is built. Pass a datasets.Dataset to have them all checked first.",
-                    err,
-                )
-            else:
-                from .data.validation import validate_records
-
-                validated = validate_records(
-                    as_dataset,
-                    image_folder=parser.image_folder,
-                    multimodal_input=parser.multimodal_input,
-                    caption_prompt=parser.caption_prompt,
-                    missing_images=collator.missing_images,
-                )
-                if len(validated) != len(dataset):  # missing_images="skip" dropped some
-                    self.train_dataset = dataset = validated
+            self.train_dataset = dataset = validate_record_list(
+                dataset,
+                image_folder=parser.image_folder,
+                multimodal_input=parser.multimodal_input,
+                caption_prompt=parser.caption_prompt,
+                missing_images=collator.missing_images,
+            )
         elif args.validate_data and parser is not None and hasattr(dataset, "map") and hasattr(dataset, "__len__"):
             from .data.validation import validate_records
 

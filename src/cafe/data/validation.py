@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -133,24 +134,64 @@ def validate_records(
         desc="Validating records",
     )
     problems = [RecordProblem(row["index"], row["record_id"], row["reason"], row["image_problem"]) for row in found]
+    bad = _bad_records(problems, len(dataset), missing_images)
+    return dataset if not bad else dataset.select([i for i in range(len(dataset)) if i not in bad])
+
+
+def validate_record_list(
+    records: list,
+    image_folder: str | os.PathLike | None = None,
+    multimodal_input: bool = False,
+    caption_prompt: str | None = "Describe the image.",
+    missing_images: str = "raise",
+    max_image_pixels: int | None = None,
+) -> list:
+    """`validate_records` for a plain list of records (`Trainer` takes one): the same checks and
+    errors, on the records as given (an Arrow round trip would turn a video's frame array into
+    nested lists). Returns the list itself, or without the records ``missing_images="skip"`` drops."""
+    if missing_images not in ("raise", "skip"):
+        raise ValueError(f"missing_images must be 'raise' or 'skip', got {missing_images!r}.")
+    if not records:
+        raise ValueError("The data set has no records.")
+    settings = {
+        "image_folder": None if image_folder is None else str(image_folder),
+        "multimodal_input": multimodal_input,
+        "caption_prompt": caption_prompt,
+        "max_image_pixels": max_image_pixels,
+    }
+    found = _check_records(records, range(len(records)), settings)
+    problems = [RecordProblem(*row) for row in zip(*found.values(), strict=True)]
+    bad = _bad_records(problems, len(records), missing_images)
+    return records if not bad else [record for i, record in enumerate(records) if i not in bad]
+
+
+def _bad_records(problems: list[RecordProblem], total: int, missing_images: str) -> set[int]:
+    """Raise `DataValidationError` for what cannot be skipped; else the indices to drop (with a warning)."""
     if not problems:
-        return dataset
+        return set()
     problems.sort(key=lambda problem: problem.index)
     fatal = problems if missing_images == "raise" else [p for p in problems if not p.image_problem]
     if fatal:
-        raise DataValidationError(_report(fatal, len(dataset), missing_images, problems), fatal)
+        raise DataValidationError(_report(fatal, total, missing_images, problems), fatal)
     logger.warning(
         "Dropping %d of %d records whose image cannot be used (missing_images='skip'); first: %s",
         len(problems),
-        len(dataset),
+        total,
         problems[0],
     )
-    bad = {problem.index for problem in problems}
-    return dataset.select([i for i in range(len(dataset)) if i not in bad])
+    return {problem.index for problem in problems}
 
 
 def _check_batch(batch: dict[str, list], indices: list[int], settings: dict[str, Any]) -> dict[str, list]:
     """`Dataset.map` function: one output row per bad record of the batch."""
+    columns = list(batch)
+    unread = dict.fromkeys(settings["unread_columns"], "<not loaded>")
+    records = ({**unread, **{column: batch[column][row] for column in columns}} for row in range(len(indices)))
+    return _check_records(records, indices, settings)
+
+
+def _check_records(records: Iterable[Any], indices: Iterable[int], settings: dict[str, Any]) -> dict[str, list]:
+    """``index``, ``record_id``, ``reason``, ``image_problem`` of each record that `RecordParser` refuses."""
     parser = RecordParser(
         settings["image_folder"],
         settings["multimodal_input"],
@@ -158,16 +199,13 @@ def _check_batch(batch: dict[str, list], indices: list[int], settings: dict[str,
         max_image_pixels=settings["max_image_pixels"],
         hash_images=False,
     )
-    columns = list(batch)
-    unread = dict.fromkeys(settings["unread_columns"], "<not loaded>")
     out: dict[str, list] = {"index": [], "record_id": [], "reason": [], "image_problem": []}
-    for row, index in enumerate(indices):
-        record = {**unread, **{column: batch[column][row] for column in columns}}
+    for record, index in zip(records, indices, strict=True):
         try:
             parser.check(record, index)
         except RecordError as err:
             out["index"].append(index)
-            record_id = record.get("id")
+            record_id = record.get("id") if isinstance(record, dict) else None
             out["record_id"].append(None if record_id is None else str(record_id))
             out["reason"].append(str(err))
             out["image_problem"].append(isinstance(err, ImageRecordError))
