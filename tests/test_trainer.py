@@ -180,6 +180,8 @@ def test_lora_merged_and_unmerged_give_same_embeddings(cafe_model, data, tmp_pat
     merged_emb = merged.encode(inputs)
     assert (adapter_emb - merged_emb).abs().max().item() <= 1e-5
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    with pytest.raises(ValueError, match=r"holds a PEFT adapter, not a model: .*peft\.PeftModel\.from_pretrained"):
+        CafeForConditionalGeneration.from_pretrained(tmp_path / "adapter")
     merged.save_pretrained(tmp_path / "merged")
     reloaded = CafeForConditionalGeneration.from_pretrained(tmp_path / "merged")
     assert (reloaded.encode(inputs) - merged_emb).abs().max().item() <= 1e-5

@@ -181,6 +181,15 @@ class CafeForConditionalGeneration(PreTrainedModel):
         """
         hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
         config = kwargs.pop("config", None)
+        folder = Path(pretrained_model_name_or_path)
+        if config is None and (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+            # Otherwise AutoConfig's "Unrecognized model ... model_type" says nothing about adapters.
+            raise ValueError(
+                f"{str(folder)!r} holds a PEFT adapter, not a model: load its base model, then the adapter: "
+                "model = CafeForConditionalGeneration.from_pretrained(base_path); "
+                f"model = peft.PeftModel.from_pretrained(model, {str(folder)!r}) (then merge_and_unload() to serve "
+                "it)."
+            )
         if config is None:
             config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         if cafe_settings is not None:
