@@ -104,3 +104,21 @@ def test_save_model_writes_a_vanilla_checkpoint(cafe_model, stock_class, data, t
     assert not info["missing_keys"] and not info["unexpected_keys"]
     for key, value in cafe_model.state_dict().items():
         assert torch.equal(stock.state_dict()[key], value), key
+
+
+def test_the_logged_learning_rate_is_the_language_models(cafe_model, data, tmp_path):
+    """Trainer logs its first parameter group's rate; on Qwen2-VL that group is the vision tower's.
+    The logged rate is the one --learning_rate sets, whatever the group order."""
+    trainer = make_trainer(
+        cafe_model,
+        data,
+        tmp_path,
+        max_steps=1,
+        learning_rate=1e-5,
+        vision_tower_learning_rate=2e-6,
+        lr_scheduler_type="constant",
+        per_device_train_batch_size=2,
+    )
+    trainer.create_optimizer_and_scheduler(num_training_steps=1)
+    assert {g["lr"] for g in trainer.optimizer.param_groups} == {1e-5, 2e-6}
+    assert trainer._get_learning_rate() == pytest.approx(1e-5)

@@ -283,6 +283,10 @@ class CafeTrainer(Trainer):
             {"params": params, "lr": lrs[component], "weight_decay": self.args.weight_decay if decayed else 0.0}
             for (component, decayed), params in groups.items()
         ]
+        # Trainer logs the first group's rate; on Qwen2-VL that is the vision tower's. The logged
+        # `learning_rate` is the LLM's (the one --learning_rate sets), whatever the group order.
+        components = [component for component, _ in groups]
+        self._logged_lr_group = components.index("llm") if "llm" in components else 0
         loss_params = [p for p in self.loss.parameters() if p.requires_grad]
         if loss_params:
             param_groups.append({"params": loss_params, "lr": self.args.learning_rate, "weight_decay": 0.0})
@@ -291,6 +295,12 @@ class CafeTrainer(Trainer):
         optimizer_kwargs.pop("lr", None)
         self.optimizer = optimizer_cls(param_groups, lr=self.args.learning_rate, **optimizer_kwargs)
         return self.optimizer
+
+    def _get_learning_rate(self) -> float:
+        index, scheduler = getattr(self, "_logged_lr_group", 0), self.lr_scheduler
+        if index and scheduler is not None and not self.is_deepspeed_enabled and hasattr(scheduler, "get_last_lr"):
+            return float(scheduler.get_last_lr()[index])
+        return super()._get_learning_rate()
 
     # ------------------------------------------------------------------ loss
     # Trainer types batches as dicts; cafe's are `CafeBatch` / `MiniBatches` (dicts still pass through).
