@@ -326,3 +326,13 @@ def test_a_field_given_twice_is_refused(parser):
 def test_a_conversation_turn_that_is_not_a_dict_is_named(parser):
     with pytest.raises(RecordError, match=r"record 0: turn 0 of 'conversations' is a str; each turn is a dict"):
         parser({"image": "red.png", "conversations": ["hello"]})
+
+
+def test_a_hard_negative_identical_to_the_positive_is_refused(parser):
+    """In-batch duplicates are masked; a hard negative equal to its own positive would push the
+    query away from its answer."""
+    with pytest.raises(RecordError, match=r"record 0: negative 1 is identical to the record's positive \('p1'\)"):
+        parser({"query": "q", "positive": "p1", "negatives": ["other", "p1"]})
+    with pytest.raises(RecordError, match="negative 0 is identical to the record's positive"):
+        parser({"query": "q", "positives": ["p0", "p1"], "negatives": ["p1"]})
+    parser({"query": "q", "positive": "p1", "negatives": ["p2"]})  # a different text is fine

@@ -319,7 +319,16 @@ class RecordParser:
 
         if example.positive is None or "positives" in record:
             example.positive = self._sample_positive(record, where, example.positive)
+        positives = [record[key] for key in ("positive", "text", "target_text") if key in record]
+        positives += record.get("positives") or []
         for i, negative in enumerate(record.get("negatives", [])):
+            if any(negative == positive for positive in positives):
+                # In-batch duplicates are masked out of the softmax; a hard negative equal to its own
+                # positive would be trained *away* from itself.
+                raise RecordError(
+                    f"{where}: negative {i} is identical to the record's positive ({negative!r:.80}); drop it from "
+                    "'negatives'."
+                )
             example.negatives.append(self._item(negative, where, f"negative {i}"))
         if {"negative_text", "negative_image", "negative_video"} & set(record):
             example.negatives.append(self._prefixed_side(record, "negative", where))
