@@ -43,6 +43,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# What each length count means, for the first-time warning (``%d``: max_length).
+_LENGTH_WARNINGS = {
+    "lm_dropped_image_cut": "left the LM loss: their image tokens reach past max_length=%d, so they train "
+    "contrastively only. Raise max_length (default: the model's context length).",
+    "lm_dropped_answer_cut": "left the LM loss: their prompt fills max_length=%d, so no answer token is left to "
+    "train on; they train contrastively only. Raise max_length or shorten the questions.",
+    "lm_truncated": "were cut at max_length=%d (after any image tokens; the answer tokens past the limit are not "
+    "trained on). Raise max_length to keep them whole.",
+}
 COUNT_NAMES = (
     "lm_truncated",
     "lm_dropped_image_cut",
@@ -311,36 +320,16 @@ class CafeCollator:
 
     def _warn_once_about_lengths(self, counts: dict[str, int], rows: int) -> None:
         """Say it the first time LM rows are cut or dropped at ``max_length`` (later: counts only)."""
-        if counts["lm_dropped_image_cut"] and "dropped" not in self._warned:
-            self._warned.add("dropped")
-            logger.warning(
-                "%d of %d LM sequences in this batch left the LM loss: their image tokens reach past max_length=%d, "
-                "so they train contrastively only. Raise max_length (default: the model's context length); further "
-                "drops are counted in the logged metric data/lm_dropped_image_cut.",
-                counts["lm_dropped_image_cut"],
-                rows,
-                self.max_length,
-            )
-        if counts["lm_dropped_answer_cut"] and "answer_cut" not in self._warned:
-            self._warned.add("answer_cut")
-            logger.warning(
-                "%d of %d LM sequences in this batch left the LM loss: their prompt fills max_length=%d, so no answer "
-                "token is left to train on; they train contrastively only. Raise max_length or shorten the questions; "
-                "further drops are counted in the logged metric data/lm_dropped_answer_cut.",
-                counts["lm_dropped_answer_cut"],
-                rows,
-                self.max_length,
-            )
-        if counts["lm_truncated"] and "truncated" not in self._warned:
-            self._warned.add("truncated")
-            logger.warning(
-                "%d of %d LM sequences in this batch were cut at max_length=%d (after any image tokens; the answer "
-                "tokens past the limit are not trained on). Raise max_length to keep them whole; further cuts are "
-                "counted in the logged metric data/lm_truncated.",
-                counts["lm_truncated"],
-                rows,
-                self.max_length,
-            )
+        for count, what in _LENGTH_WARNINGS.items():
+            if counts[count] and count not in self._warned:
+                self._warned.add(count)
+                logger.warning(
+                    f"%d of %d LM sequences in this batch {what} Further ones are counted in the logged metric "
+                    f"data/{count}.",
+                    counts[count],
+                    rows,
+                    self.max_length,
+                )
 
     def assistant_labels(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Labels equal to the input ids on assistant answers (and their end token), -100 elsewhere.

@@ -385,29 +385,23 @@ class CafeTrainer(Trainer):
         dataset, args = self.train_dataset, self.args
         collator = self._cafe_collator()
         parser = getattr(collator, "parser", None)
-        if args.validate_data and parser is not None and isinstance(dataset, list):
-            # Trainer takes a plain list of records too: the same checks, on the records as given.
-            from .data.validation import validate_record_list
+        if args.validate_data and parser is not None:
+            from .data.validation import validate_record_list, validate_records
 
-            self.train_dataset = dataset = validate_record_list(
-                dataset,
-                image_folder=parser.image_folder,
-                multimodal_input=parser.multimodal_input,
-                caption_prompt=parser.caption_prompt,
-                missing_images=collator.missing_images,
-            )
-        elif args.validate_data and parser is not None and hasattr(dataset, "map") and hasattr(dataset, "__len__"):
-            from .data.validation import validate_records
-
-            with args.main_process_first(desc="validating the training records"):
-                self.train_dataset = dataset = validate_records(
-                    dataset,
-                    image_folder=parser.image_folder,
-                    multimodal_input=parser.multimodal_input,
-                    caption_prompt=parser.caption_prompt,
-                    missing_images=collator.missing_images,
-                    num_proc=args.data_validation_num_proc,
-                )
+            settings = {
+                "image_folder": parser.image_folder,
+                "multimodal_input": parser.multimodal_input,
+                "caption_prompt": parser.caption_prompt,
+                "missing_images": collator.missing_images,
+            }
+            if isinstance(dataset, list):
+                # Trainer takes a plain list of records too: the same checks, on the records as given.
+                self.train_dataset = dataset = validate_record_list(dataset, **settings)
+            elif hasattr(dataset, "map") and hasattr(dataset, "__len__"):
+                with args.main_process_first(desc="validating the training records"):
+                    self.train_dataset = dataset = validate_records(
+                        dataset, num_proc=args.data_validation_num_proc, **settings
+                    )
         if dataset is not None and hasattr(dataset, "__len__") and args.dataloader_drop_last:
             needed = args.per_device_train_batch_size * max(args.world_size, 1)
             if len(dataset) < needed:
