@@ -349,3 +349,31 @@ def test_a_video_in_the_shared_prefix_stops_the_reuse_with_a_warning(cafe_model,
     assert reused_out.sequences.tolist() == plain.sequences.tolist()
     for step_reused, step_plain in zip(reused_out.scores, plain.scores, strict=True):
         torch.testing.assert_close(step_reused, step_plain, atol=1e-5, rtol=1e-5)
+
+
+def test_images_are_opened_chunk_by_chunk_with_the_same_vectors(cafe_model, tmp_path, monkeypatch):
+    """A list of photos larger than memory: `encode` opens them a chunk of batches at a time.
+    Same vectors, and an error still names the input's place in the whole list."""
+    import cafe.modeling
+
+    paths = []
+    for i, size in enumerate(((16, 64), (64, 64), (32, 16), (48, 40), (24, 24))):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", size, (40 * i, 200 - 30 * i, 90)).save(paths[-1])
+    inputs = [*paths, "a red square"]
+    whole = cafe_model.encode(inputs, batch_size=2)
+    opened = []
+    load = cafe.modeling.load_embedding_inputs
+    monkeypatch.setattr(cafe.modeling, "ENCODE_CHUNK_BATCHES", 1)
+    monkeypatch.setattr(
+        cafe.modeling, "load_embedding_inputs", lambda items, *a, **k: opened.append(len(items)) or load(items, *a, **k)
+    )
+    chunked = cafe_model.encode(inputs, batch_size=2)
+    assert opened == [2, 2, 2]
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=0)
+    with pytest.raises(FileNotFoundError, match="for input 4: "):
+        cafe_model.encode([*paths[:4], {"image": str(tmp_path / "missing.png")}], batch_size=2)
+    # Texts alone stay one chunk: the length sort sees all of them.
+    opened.clear()
+    cafe_model.encode(["a", "bb", "ccc", "dddd", "eeeee"], batch_size=2)
+    assert opened == [5]

@@ -16,6 +16,7 @@ import contextlib
 import fnmatch
 import functools
 import json
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -37,7 +38,14 @@ from .inference import (
     length_sorted_order,
 )
 from .losses import lm_loss_at_supervised_positions
-from .prompting import build_embedding_batch, build_embedding_chat_template, build_lm_chat_template, to_embedding_inputs
+from .prompting import (
+    build_embedding_batch,
+    build_embedding_chat_template,
+    build_lm_chat_template,
+    embedding_items,
+    load_embedding_inputs,
+    media_kind,
+)
 from .rotation import check_rotation, principal_rotation
 from .shared_prefix import SUPPORTED_ATTENTION, PackedBatch, pack_shared_prefix
 from .video import frame_sampling
@@ -810,9 +818,8 @@ class CafeForConditionalGeneration(PreTrainedModel):
     ) -> torch.Tensor:
         """Embed raw inputs under the CAFe embedding prompt; returns ``[N, hidden]`` float32 on CPU.
 
-        Every image is decoded before the first batch (the length sort needs them all): for a
-        collection larger than memory, call it per chunk of a few hundred images, as ``cafe embed``
-        does.
+        Images and videos are opened a chunk of 16 batches at a time (length-sorted within the
+        chunk), so a list of photos larger than memory embeds; texts alone are sorted all together.
 
         Args:
             inputs: Strings (texts; a string naming an existing local image or video file, by
@@ -866,11 +873,52 @@ class CafeForConditionalGeneration(PreTrainedModel):
                 "trained with matryoshka_dims nor rotated: they are in no particular order. Call "
                 "fit_embedding_rotation(sample) first (or `cafe rotate`) to keep the best dimensions instead."
             )
-        items = to_embedding_inputs(
-            inputs, images=images, texts=texts, video_sampling=frame_sampling(processor, self.cafe_settings)
-        )
+        raw = embedding_items(inputs, images=images, texts=texts)
+        sampling = frame_sampling(processor, self.cafe_settings)
+        # Images and videos are opened chunk by chunk (length-sorted within a chunk), so a list of
+        # photos larger than memory still embeds; texts alone are one chunk (sorting all of them
+        # together pads least).
+        chunk_size = ENCODE_CHUNK_BATCHES * batch_size if any(map(_is_visual_item, raw)) else len(raw)
+        batches = sum(math.ceil(min(chunk_size, len(raw) - c) / batch_size) for c in range(0, len(raw), chunk_size))
+        if show_progress_bar is None:
+            show_progress_bar = batches > 1
+        progress = None
+        if show_progress_bar:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=batches, desc="Embedding", unit="batch")
+        template = self.embedding_chat_template
         limit = self.cafe_settings.max_text_chars
-        cut = sum(1 for item in items if limit is not None and item.text is not None and len(item.text) > limit)
+        cut = 0
+        embeddings = torch.empty(len(raw), hidden_size, dtype=torch.float32)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                prefix_cache = self.prefix_cache_for(processor) if use_prefix_cache else None
+                for first in range(0, len(raw), chunk_size):
+                    items = load_embedding_inputs(raw[first : first + chunk_size], sampling, first_index=first)
+                    cut += sum(1 for item in items if limit is not None and item.text and len(item.text) > limit)
+                    order = list(range(len(items)))
+                    if sort_by_length and len(items) > 1:
+                        prompts = render_embedding_prompts(processor, items, template, instruction)
+                        order = length_sorted_order(approximate_token_lengths(processor, items, prompts))
+                    for start in range(0, len(items), batch_size):
+                        rows = order[start : start + batch_size]
+                        batch = build_embedding_batch(processor, [items[i] for i in rows], template, instruction)
+                        self._check_fits_context(batch["input_ids"].shape[1])
+                        batch = batch.to(self.device)
+                        for key in ("pixel_values", "pixel_values_videos"):
+                            if key in batch:
+                                batch[key] = batch[key].to(self.dtype)
+                        vectors = self.get_embeddings(**batch, prefix_cache=prefix_cache).cpu()
+                        embeddings[torch.tensor(rows) + first] = vectors
+                        if progress is not None:
+                            progress.update(1)
+        finally:
+            self.train(was_training)
+            if progress is not None:
+                progress.close()
         if cut:
             # The embedding template cuts them (as sentence-transformers and training do); say so,
             # since two texts that differ only past the limit get the same vector.
@@ -879,42 +927,24 @@ class CafeForConditionalGeneration(PreTrainedModel):
                 f"first {limit}. Raise it with from_pretrained(path, cafe_settings={{'max_text_chars': ...}}) "
                 "(within the model's context), or split long texts into passages."
             )
-        template = self.embedding_chat_template
-        order = list(range(len(items)))
-        if sort_by_length and len(items) > 1:
-            prompts = render_embedding_prompts(processor, items, template, instruction)
-            order = length_sorted_order(approximate_token_lengths(processor, items, prompts))
-        starts = range(0, len(items), batch_size)
-        if show_progress_bar is None:
-            show_progress_bar = len(items) > batch_size
-        if show_progress_bar:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, desc="Embedding", unit="batch")
-        chunks = []
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.inference_mode():
-                prefix_cache = self.prefix_cache_for(processor) if use_prefix_cache else None
-                for start in starts:
-                    chunk = [items[i] for i in order[start : start + batch_size]]
-                    batch = build_embedding_batch(processor, chunk, template, instruction)
-                    self._check_fits_context(batch["input_ids"].shape[1])
-                    batch = batch.to(self.device)
-                    for key in ("pixel_values", "pixel_values_videos"):
-                        if key in batch:
-                            batch[key] = batch[key].to(self.dtype)
-                    chunks.append(self.get_embeddings(**batch, prefix_cache=prefix_cache).cpu())
-        finally:
-            self.train(was_training)
-        embeddings = torch.empty(len(items), hidden_size, dtype=torch.float32)
-        embeddings[torch.tensor(order)] = torch.cat(chunks)
         if truncate_dim is not None:
             embeddings = embeddings[:, :truncate_dim]
             if self.cafe_settings.normalize:
                 embeddings = F.normalize(embeddings, p=2, dim=-1)
         return embeddings
+
+
+# Batches per chunk of `encode` when the inputs hold images or videos (see `encode`).
+ENCODE_CHUNK_BATCHES = 16
+
+
+def _is_visual_item(item: Any) -> bool:
+    """Whether a raw `encode` item holds an image or a video (a text alone is cheap to hold)."""
+    if isinstance(item, str):
+        return media_kind(item) is not None
+    if isinstance(item, dict):
+        return item.get("image") is not None or item.get("video") is not None
+    return True  # PIL images, videos, (image, text) tuples
 
 
 def _context_length(model: PreTrainedModel) -> int | None:

@@ -318,9 +318,17 @@ def to_embedding_inputs(
     array); its frames are chosen by ``video_sampling`` (`cafe.video.FrameSampling`, the model's
     rule; default 8 frames).
     """
+    return load_embedding_inputs(embedding_items(inputs, images=images, texts=texts), video_sampling)
+
+
+def embedding_items(
+    inputs: Sequence[Any] | None = None, *, images: Sequence[Any] | None = None, texts: Sequence[str] | None = None
+) -> list[Any]:
+    """`to_embedding_inputs`' first half: what users pass -> a non-empty list of raw items (one per
+    input, nothing opened yet), with the same type checks."""
     from PIL import Image
 
-    from .video import Video, load_video
+    from .video import Video
 
     if inputs is not None and (images is not None or texts is not None):
         raise ValueError("Pass either `inputs` or `images=`/`texts=`, not both.")
@@ -347,9 +355,20 @@ def to_embedding_inputs(
     inputs = list(inputs)
     if not inputs:
         raise ValueError("Nothing to embed: the input list is empty.")
+    return inputs
+
+
+def load_embedding_inputs(
+    inputs: Sequence[Any], video_sampling: FrameSampling | None = None, first_index: int = 0
+) -> list[EmbeddingInput]:
+    """`to_embedding_inputs`' second half: a list of raw items (as it accepts them) -> `EmbeddingInput`,
+    images opened and videos sampled. ``first_index``: the list's place in a longer one, for errors."""
+    from PIL import Image
+
+    from .video import Video, load_video
 
     result = []
-    for index, item in enumerate(inputs):
+    for index, item in enumerate(inputs, start=first_index):
         where = f"input {index}"
         if isinstance(item, str) and media_kind(item) == "image":
             result.append(EmbeddingInput(image=load_image(item, where)))
