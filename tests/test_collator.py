@@ -127,6 +127,7 @@ def test_truncation_never_cuts_image_tokens(cafe_model, image_folder):
     assert batch.lm is None and batch.query.input_ids.shape[0] == 2
 
 
+@pytest.mark.released_formats
 def test_a_conversation_cut_before_its_answer_leaves_the_lm_batch_with_a_warning(cafe_model, image_folder, caplog):
     """Kept, a row with no answer token left would add a 0 to the LM loss's mean without a word."""
     import logging
