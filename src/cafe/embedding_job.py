@@ -127,13 +127,16 @@ def shard_path(folder: Path, index: int, count: int) -> Path:
     return folder / f"shard-{index:05d}-of-{count:05d}.parquet"
 
 
-def check_model_argument(model: str, prog: str) -> None:
-    """Stop with a one-line error when ``--model`` names a local folder that is not there (otherwise
-    transformers takes it for a Hub id and fails on the repo-id format or the network)."""
+def check_data_arguments(args: argparse.Namespace, prog: str, purpose: str) -> None:
+    """`add_data_arguments`' checks, before anything loads: a column to read, and a ``--model``
+    folder that is there (otherwise transformers takes a missing one for a Hub id and fails on the
+    repo-id format or the network)."""
     from .evaluation._common import looks_like_local_path
 
-    if looks_like_local_path(model) and not Path(model).expanduser().exists():
-        raise SystemExit(f"{prog}: no model folder at {model!r}. Give a CAFe checkpoint folder or a Hub id.")
+    if not (args.text_column or args.image_column):
+        raise SystemExit(f"{prog}: give --text-column and/or --image-column (the columns to {purpose}).")
+    if looks_like_local_path(args.model) and not Path(args.model).expanduser().exists():
+        raise SystemExit(f"{prog}: no model folder at {args.model!r}. Give a CAFe checkpoint folder or a Hub id.")
 
 
 def row_inputs(
@@ -168,11 +171,9 @@ def row_inputs(
 
 def embed_main(argv: list[str] | None = None) -> Path:
     args = _parser().parse_args(argv)
-    if not (args.text_column or args.image_column):
-        raise SystemExit("cafe embed: give --text-column and/or --image-column (the columns to embed).")
+    check_data_arguments(args, "cafe embed", "embed")
     if args.shard_size < 1 or args.batch_size < 1:
         raise SystemExit("cafe embed: --shard-size and --batch-size must be >= 1.")
-    check_model_argument(args.model, "cafe embed")
     if args.truncate_dim is not None and args.truncate_dim < 1:
         raise SystemExit("cafe embed: --truncate-dim must be >= 1.")
     with datasets_progress_bars(args.progress):

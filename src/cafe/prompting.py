@@ -370,9 +370,10 @@ def load_embedding_inputs(
     result = []
     for index, item in enumerate(inputs, start=first_index):
         where = f"input {index}"
-        if isinstance(item, str) and media_kind(item) == "image":
+        kind = media_kind(item) if isinstance(item, str) else None  # one file check per string
+        if kind == "image":
             result.append(EmbeddingInput(image=load_image(item, where)))
-        elif isinstance(item, str) and media_kind(item) == "video":
+        elif kind == "video":
             result.append(EmbeddingInput(video=load_video(item, video_sampling, where)))
         elif isinstance(item, str):
             result.append(EmbeddingInput(text=check_text(item, where)))

@@ -262,9 +262,10 @@ class RecordParser:
             )
         where = self.where(record, position)
         given = [k for k, v in record.items() if v is not None]
-        clashing = sorted(k for k in set(LAYOUT_KEYS) if sum(_MMEB_ALIASES.get(g, g) == k for g in given) > 1)
+        fields = [_MMEB_ALIASES.get(k, k) for k in given]
+        clashing = sorted({f for f in fields if fields.count(f) > 1})
         if clashing:
-            names = [g for g in given if _MMEB_ALIASES.get(g, g) in clashing]
+            names = [g for g, f in zip(given, fields, strict=True) if f in clashing]
             raise RecordError(
                 f"{where} gives {' and '.join(map(repr, names))}, which name the same field ({', '.join(clashing)}); "
                 "keep one of them."

@@ -19,7 +19,7 @@ import random
 import sys
 from pathlib import Path
 
-from .embedding_job import add_data_arguments, check_model_argument, datasets_progress_bars, row_inputs
+from .embedding_job import add_data_arguments, check_data_arguments, datasets_progress_bars, row_inputs
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,11 +43,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def rotate_main(argv: list[str] | None = None) -> Path:
     args = _parser().parse_args(argv)
-    if not (args.text_column or args.image_column):
-        raise SystemExit("cafe rotate: give --text-column and/or --image-column (the columns to fit on).")
+    check_data_arguments(args, "cafe rotate", "fit on")
     if args.sample < 1 or args.batch_size < 1:
         raise SystemExit("cafe rotate: --sample and --batch-size must be >= 1.")
-    check_model_argument(args.model, "cafe rotate")
     with datasets_progress_bars(args.progress):
         return _rotate(args)
 
