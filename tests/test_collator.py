@@ -105,6 +105,22 @@ def test_identical_texts_share_a_group(collator):
     assert batch_image_count(batch) == 2  # the repeated image is encoded once
 
 
+def test_a_hard_negative_shares_the_group_of_the_document_it_shows(collator):
+    """A mined hard negative that is another row's document gets that document's content id."""
+    batch = collator(
+        [
+            {"query": "a capital of France", "positive": "Paris", "negatives": ["Rome"]},
+            {"query": "the capital of Italy", "positive": "Rome", "negatives": ["Paris", "Madrid"]},
+        ]
+    )
+    assert batch.negative_groups.tolist() == [
+        batch.doc_groups[1].item(),
+        batch.doc_groups[0].item(),
+        batch.negative_groups[2].item(),
+    ]
+    assert batch.negative_groups[2] not in batch.doc_groups
+
+
 def test_truncation_never_cuts_image_tokens(cafe_model, image_folder):
     long_answer = " ".join(["red"] * 200)
     records = [

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cafe.losses import ContrastiveLoss, false_negative_mask, lm_loss_at_supervised_positions
+from cafe.losses import ContrastiveLoss, false_negative_mask, hard_negative_mask, lm_loss_at_supervised_positions
 
 
 def _unit(*rows):
@@ -53,6 +53,32 @@ def test_false_negatives_are_masked():
     unmasked = ContrastiveLoss(0.05)(q, d)
     assert unmasked.loss.item() != pytest.approx(out.loss.item(), rel=1e-3)
     assert false_negative_mask(torch.tensor([1, 2, 3]), doc_groups).tolist() == (~keep).tolist()
+
+
+def test_a_hard_negative_showing_a_rows_own_positive_is_masked_for_that_row():
+    """Row 0's mined negative is row 1's document: a negative for query 0, the positive of query 1.
+
+    Row 2 repeats row 1's document, so that negative is query 2's positive too; the unrelated
+    negative stays a column for every query.
+    """
+    q = _unit([1.0, 0.0], [0.0, 1.0], [0.2, 1.0])
+    d = _unit([1.0, 0.2], [0.1, 1.0], [0.1, 1.0])
+    neg = _unit([0.1, 1.0], [0.6, 0.4])
+    doc_groups, negative_groups = torch.tensor([3, 8, 8]), torch.tensor([8, 9])
+    s = (q @ d.T) / 0.05
+    sn = (q @ neg.T) / 0.05
+    keep = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)  # rows 1 and 2: same document
+    keep_negatives = torch.tensor([[1, 1], [0, 1], [0, 1]], dtype=torch.bool)
+    q2d = torch.cat([s.masked_fill(~keep, float("-inf")), sn.masked_fill(~keep_negatives, float("-inf"))], dim=1)
+    d2q = s.masked_fill(~keep, float("-inf")).T
+    by_hand = (sum(_ce(q2d[i], i) for i in range(3)) / 3 + sum(_ce(d2q[i], i) for i in range(3)) / 3) / 2
+    out = ContrastiveLoss(0.05)(q, d, neg, doc_groups=doc_groups, negative_groups=negative_groups)
+    assert out.loss.item() == pytest.approx(by_hand.item(), abs=1e-6)
+    unmasked = ContrastiveLoss(0.05)(q, d, neg, doc_groups=doc_groups)
+    assert unmasked.loss.item() > out.loss.item() + 0.1  # query 1 no longer pushes its own text away
+    mask = hard_negative_mask(false_negative_mask(None, doc_groups), doc_groups, negative_groups)
+    assert mask.tolist() == (~keep_negatives).tolist()
+    assert hard_negative_mask(None, doc_groups, None) is None
 
 
 def test_a_batch_of_one_repeated_item_says_the_loss_compared_nothing():

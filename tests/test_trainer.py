@@ -41,7 +41,7 @@ def test_a_user_loss_plugs_in_without_editing_the_trainer(cafe_model, data, tmp_
     class OneWayInfoNCE(CafeLoss):
         """Image->text InfoNCE only (no text->image term), fixed scale 10."""
 
-        def contrastive_term(self, query, doc, negatives, query_groups, doc_groups):
+        def contrastive_term(self, query, doc, negatives, query_groups, doc_groups, negative_groups):
             logits = 10.0 * query @ doc.T
             labels = torch.arange(len(query))
             loss = F.cross_entropy(logits, labels)

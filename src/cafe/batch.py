@@ -129,6 +129,9 @@ class CafeBatch(_Movable):
             else -1.
         query_groups, doc_groups: ``[rows]`` content ids (equal = identical content) for
             false-negative masking.
+        negative_groups: ``[negatives]`` content ids of the hard negatives, in the same id space
+            as ``doc_groups``: a hard negative that shows another row's document is masked out for
+            the queries that document is a positive of.
         counts: What the collator cut or dropped building this batch (``lm_truncated``,
             ``lm_dropped_image_cut``, ``lm_dropped_answer_cut``, ``embedding_text_truncated``, ``skipped_records``).
     """
@@ -141,6 +144,7 @@ class CafeBatch(_Movable):
     query_lm_index: torch.Tensor | None = None
     query_groups: torch.Tensor | None = None
     doc_groups: torch.Tensor | None = None
+    negative_groups: torch.Tensor | None = None
     counts: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:

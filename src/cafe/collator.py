@@ -202,6 +202,7 @@ class CafeCollator:
             negatives = [negative for example in examples for negative in example.negatives]
             if negatives:
                 batch.negative = self._embedding_side(negatives, visuals, counts)
+                batch.negative_groups = _group_ids(negatives)
             batch.query_groups = _group_ids(queries)
             batch.doc_groups = _group_ids(docs)
         if self.compute_language_loss:

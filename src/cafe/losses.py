@@ -61,7 +61,9 @@ class ContrastiveLoss(nn.Module):
 
     False negatives: two rows whose documents (or queries) are identical would each count the
     other's positive as a negative. Pass ``doc_groups`` / ``query_groups`` (equal ids = identical
-    content) and those off-diagonal entries are masked out of the softmax.
+    content) and those off-diagonal entries are masked out of the softmax. With ``negative_groups``
+    (the same id space as ``doc_groups``), a hard negative that shows a query's own positive (mined
+    negatives often are another row's document) is masked out for that query too.
 
     Args:
         temperature: tau; the logit scale is 1/tau (reference: 0.05, i.e. 20).
@@ -95,6 +97,7 @@ class ContrastiveLoss(nn.Module):
         negative_embeds: torch.Tensor | None = None,
         query_groups: torch.Tensor | None = None,
         doc_groups: torch.Tensor | None = None,
+        negative_groups: torch.Tensor | None = None,
     ) -> ContrastiveOutput:
         """
         Args:
@@ -103,6 +106,7 @@ class ContrastiveLoss(nn.Module):
             negative_embeds: ``[K, D]`` hard negatives, extra columns for every query.
             query_groups, doc_groups: ``[N]`` content ids (equal id = identical content) for
                 false-negative masking.
+            negative_groups: ``[K]`` content ids of the hard negatives (``doc_groups``' id space).
 
         Returns:
             `ContrastiveOutput` with the mean of both directions.
@@ -136,7 +140,11 @@ class ContrastiveLoss(nn.Module):
         logits_q2d = logits
         if negative_embeds is not None:
             neg = F.normalize(negative_embeds.float(), dim=-1)
-            logits_q2d = torch.cat([logits, scale * (q @ neg.T)], dim=1)  # [N, N + K]
+            negative_logits = scale * (q @ neg.T)  # [N, K]
+            negative_mask = hard_negative_mask(mask, doc_groups, negative_groups)
+            if negative_mask is not None:
+                negative_logits = negative_logits.masked_fill(negative_mask, float("-inf"))
+            logits_q2d = torch.cat([logits, negative_logits], dim=1)  # [N, N + K]
         logits_d2q = logits.T
 
         labels = torch.arange(n, device=q.device)
@@ -162,6 +170,28 @@ def false_negative_mask(query_groups: torch.Tensor | None, doc_groups: torch.Ten
         mask |= g[:, None] == g[None, :]
     mask.fill_diagonal_(False)
     return mask
+
+
+def hard_negative_mask(
+    false_negatives: torch.Tensor | None, doc_groups: torch.Tensor | None, negative_groups: torch.Tensor | None
+) -> torch.Tensor | None:
+    """``[N, K]`` True where hard negative k shows a document that is a positive for query i.
+
+    Query i's positives are its own document and those of the rows masked as its false negatives
+    (``false_negatives``, `false_negative_mask`). A hard negative mined from the same pool as the
+    documents is often another row's document: for that row's query it is its positive again, and
+    would be pushed away as a negative.
+    """
+    if doc_groups is None or negative_groups is None:
+        return None
+    n = doc_groups.shape[0]
+    positives = torch.eye(n, dtype=torch.bool, device=doc_groups.device)  # [N, N]: doc j is a positive of query i
+    if false_negatives is not None:
+        positives |= false_negatives
+    shows = doc_groups[:, None] == negative_groups[None, :]  # [N, K]: negative k shows doc j
+    # A float product is the boolean "any j" without an [N, N, K] intermediate (N, K grow with
+    # the number of processes when negatives are gathered).
+    return (positives.float() @ shows.float()) > 0
 
 
 def lm_loss_at_supervised_positions(
@@ -370,8 +400,13 @@ class CafeLoss(nn.Module):
                 stacklevel=2,
             )
         if self.uses_contrastive:
-            contrastive = self.contrastive_term(
-                output.query_embeds, output.doc_embeds, output.negative_embeds, batch.query_groups, batch.doc_groups
+            contrastive = self.gathered_contrastive_term(
+                output.query_embeds,
+                output.doc_embeds,
+                output.negative_embeds,
+                batch.query_groups,
+                batch.doc_groups,
+                batch.negative_groups,
             )
             weighted = self.contrastive_weight * contrastive.loss
             total = weighted if total is None else total + weighted
@@ -402,22 +437,23 @@ class CafeLoss(nn.Module):
         torch.distributed.all_reduce(count)
         return count.item() / torch.distributed.get_world_size()
 
-    def contrastive_term(
+    def gathered_contrastive_term(
         self,
         query: torch.Tensor | None,
         doc: torch.Tensor | None,
         negatives: torch.Tensor | None,
         query_groups: torch.Tensor | None,
         doc_groups: torch.Tensor | None,
+        negative_groups: torch.Tensor | None,
     ) -> ContrastiveOutput:
-        """InfoNCE over this process's pairs, or over every process's (gather-then-local-loss)."""
+        """`contrastive_term` over this process's pairs, or over every process's (gather-then-local-loss)."""
         if query is None or doc is None:
             raise ValueError(
                 "The contrastive loss is on but the batch has no pairs; build batches with "
                 "CafeCollator(compute_contrastive_loss=True)."
             )
         if not self.mask_false_negatives:
-            query_groups = doc_groups = None
+            query_groups = doc_groups = negative_groups = None
         if self.gather_negatives and is_distributed():
             world_size = torch.distributed.get_world_size()
             if self.contrastive_gradient == "exact":
@@ -431,9 +467,28 @@ class CafeLoss(nn.Module):
                 negatives = gather_with_grad(negatives)
             query_groups = None if query_groups is None else gather_no_grad(query_groups)
             doc_groups = None if doc_groups is None else gather_no_grad(doc_groups)
+            negative_groups = None if negative_groups is None else gather_no_grad(negative_groups)
+        return self.contrastive_term(query, doc, negatives, query_groups, doc_groups, negative_groups)
+
+    def contrastive_term(
+        self,
+        query: torch.Tensor,
+        doc: torch.Tensor,
+        negatives: torch.Tensor | None,
+        query_groups: torch.Tensor | None,
+        doc_groups: torch.Tensor | None,
+        negative_groups: torch.Tensor | None = None,
+    ) -> ContrastiveOutput:
+        """The contrastive objective on the step's embeddings, already gathered from every process.
+
+        ``[N, D]`` queries and documents, ``[K, D]`` hard negatives, and their content ids for
+        false-negative masking (``None`` when masking is off). InfoNCE, or with
+        ``matryoshka_dims`` the weighted sum over truncated sizes. The piece to override for a
+        new contrastive objective (docs/training.md).
+        """
         if self.matryoshka_dims:
-            return self.matryoshka_term(query, doc, negatives, query_groups, doc_groups)
-        return self.contrastive(query, doc, negatives, query_groups, doc_groups)
+            return self.matryoshka_term(query, doc, negatives, query_groups, doc_groups, negative_groups)
+        return self.contrastive(query, doc, negatives, query_groups, doc_groups, negative_groups)
 
     def matryoshka_term(
         self,
@@ -442,6 +497,7 @@ class CafeLoss(nn.Module):
         negatives: torch.Tensor | None,
         query_groups: torch.Tensor | None,
         doc_groups: torch.Tensor | None,
+        negative_groups: torch.Tensor | None = None,
     ) -> ContrastiveOutput:
         """``sum_k w_k * InfoNCE`` over the truncated prefixes ``[:, :d_k]`` of ``[N, D]`` embeddings.
 
@@ -474,6 +530,7 @@ class CafeLoss(nn.Module):
                 None if negatives is None else negatives[..., :dim],
                 query_groups,
                 doc_groups,
+                negative_groups,
             )
             by_dim[dim] = out.loss.detach()
             term = weight * out.loss
@@ -597,19 +654,19 @@ class CachedCafeLoss(CafeLoss):
 
         total, contrastive, cached_grads = None, None, {}
         if self.uses_contrastive:
-            groups = {
-                key: None
-                if getattr(mini_batches[0], key) is None
-                else torch.cat([getattr(mb, key) for mb in mini_batches])
-                for key in ("query_groups", "doc_groups")
-            }
+            # Concatenated like the leaves: a mini-batch without hard negatives adds no ids.
+            groups = {}
+            for key in ("query_groups", "doc_groups", "negative_groups"):
+                chunks = [getattr(mb, key) for mb in mini_batches if getattr(mb, key) is not None]
+                groups[key] = torch.cat(chunks) if chunks else None
             with torch.enable_grad():
-                contrastive = self.contrastive_term(
+                contrastive = self.gathered_contrastive_term(
                     leaves.get("query"),
                     leaves.get("doc"),
                     leaves.get("negative"),
                     groups["query_groups"],
                     groups["doc_groups"],
+                    groups["negative_groups"],
                 )
                 total = self.contrastive_weight * contrastive.loss
                 if torch.is_grad_enabled() and leaves:
