@@ -346,6 +346,44 @@ def wordnet_records(synsets: list) -> list[dict]:
     return [{k: v for k, v in definition_record(s).items() if k != "id"} for s in synsets]
 
 
+def with_mined_negatives(records: list[dict], embedder: str, count: int) -> list[dict]:
+    """The WordNet records with `count` hard negatives each: other training definitions that the
+    reference embedder ranks closest to the record's words.
+
+    sentence-transformers' `mine_hard_negatives` does the mining; its NV-Retriever setting
+    (``relative_margin=0.05``) skips candidates scored within 5 % of the positive, which are
+    mostly synonyms' definitions, not negatives. A record for which no candidate passes keeps no
+    negative (counted and printed). Mined negatives are often another record's definition: the
+    loss masks such a negative for the record whose positive it is (`cafe.losses.hard_negative_mask`).
+    """
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.util import mine_hard_negatives
+
+    model = SentenceTransformer(reference_embedder_path(embedder), device="cpu")
+    pairs = Dataset.from_dict(
+        {"words": [r["query"] for r in records], "definition": [r["conversations"][1]["value"] for r in records]}
+    )
+    mined = mine_hard_negatives(
+        pairs,
+        model,
+        anchor_column_name="words",
+        positive_column_name="definition",
+        num_negatives=count,
+        relative_margin=0.05,
+        range_max=50,
+        output_format="n-tuple",
+        verbose=False,
+    )
+    negatives = {
+        (row["words"], row["definition"]): [row[f"negative_{i}"] for i in range(1, count + 1)] for row in mined
+    }
+    out = [{**r, "negatives": negatives.get((r["query"], r["conversations"][1]["value"]), [])} for r in records]
+    missing = sum(1 for r in out if not r["negatives"])
+    print(f"[hard negatives] {count} per WordNet record mined with {embedder}; {missing} of {len(out)} got none")
+    return out
+
+
 # ----------------------------------------------------------------------------- evaluation
 def truncated_recall(definitions: torch.Tensor, words: torch.Tensor, suffix: str = "") -> dict[str, float]:
     """Definition -> word R@1 of each `TRUNCATED_DIMS` prefix: what `encode(..., truncate_dim=dim)`
@@ -607,6 +645,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--reference_embedder", default="all-MiniLM-L6-v2", help="sentence-transformers model path, or 'none'"
     )
+    parser.add_argument(
+        "--hard_negatives",
+        type=int,
+        default=0,
+        help="mined hard negatives per WordNet record (other training definitions the reference embedder ranks "
+        "closest to its words); needs --reference_embedder",
+    )
     parser.add_argument("--keep_checkpoints", action="store_true", help="keep every variant's weights (540 MB each)")
     args = parser.parse_args(argv)
     # Bad arguments fail here, before the composition and stage 1 (minutes) run.
@@ -615,6 +660,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(
             f"--gradient_cache_mini_batch must be between 1 and --batch_size ({args.batch_size}), got {mini_batch}"
         )
+    if args.hard_negatives < 0 or (args.hard_negatives and args.reference_embedder == "none"):
+        parser.error("--hard_negatives must be >= 0 and needs a --reference_embedder to mine them with")
     unknown = set(args.variants or []) - {v[0] for v in VARIANTS}
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {[v[0] for v in VARIANTS]}")
@@ -658,7 +705,10 @@ def main(argv: list[str] | None = None) -> dict:
         )
     stage(out / "base", lambda: evaluate(base, data))
     rows: dict[str, list[dict]] = {"base (SmolLM2 + stage 1)": [with_rotated_truncation(out / "base", base, data)]}
-    records = shape_records(data["shapes_train"]) + wordnet_records(data["wordnet_train"])
+    definitions = wordnet_records(data["wordnet_train"])
+    if args.hard_negatives:
+        definitions = with_mined_negatives(definitions, args.reference_embedder, args.hard_negatives)
+    records = shape_records(data["shapes_train"]) + definitions
     variants = [v for v in VARIANTS if v[0] in (args.variants or DEFAULT_VARIANTS)]
     for seed in args.seeds:
         for name, lm_weight, con_weight, dims, dim_weights in variants:

@@ -223,4 +223,35 @@ def test_bad_arguments_are_refused_before_any_stage(tmp_path, capsys):
     with pytest.raises(SystemExit):
         example.main(["--output_dir", str(tmp_path / "out"), "--variants", "CAFe 1:100"])
     assert "unknown variants ['CAFe 1:100']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        example.main(["--output_dir", str(tmp_path / "out"), "--hard_negatives", "1", "--reference_embedder", "none"])
+    assert "--hard_negatives must be >= 0 and needs a --reference_embedder" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before the composition and stage 1
+
+
+def test_mined_hard_negatives_are_other_training_definitions(tmp_path, capsys):
+    """`--hard_negatives`: sentence-transformers' `mine_hard_negatives` with a (tiny, local) embedder."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import StaticEmbedding
+
+    from cafe.data.wordnet import read_wordnet, retrieval_synsets
+    from cafe.testing import train_tiny_tokenizer
+
+    example = _load_example()
+    tokenizer = train_tiny_tokenizer().backend_tokenizer
+    SentenceTransformer(modules=[StaticEmbedding(tokenizer, embedding_dim=16)]).save(str(tmp_path / "embedder"))
+    records = example.wordnet_records(retrieval_synsets(read_wordnet(WORDNET_SAMPLE)))
+    mined = example.with_mined_negatives(records, str(tmp_path / "embedder"), 2)
+
+    definitions = [r["conversations"][1]["value"] for r in records]
+    assert [{k: v for k, v in r.items() if k != "negatives"} for r in mined] == records  # nothing else changes
+    with_negatives = [r for r in mined if r["negatives"]]
+    assert with_negatives, "no record got a negative"
+    for record in with_negatives:
+        assert len(record["negatives"]) == 2
+        assert set(record["negatives"]) <= set(definitions)
+        assert record["conversations"][1]["value"] not in record["negatives"]
+    got_none = len(mined) - len(with_negatives)
+    assert f"2 per WordNet record mined with {tmp_path / 'embedder'}; {got_none} of {len(mined)} got none" in (
+        capsys.readouterr().out
+    )
