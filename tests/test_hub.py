@@ -190,3 +190,70 @@ def test_save_pretrained_with_push_to_hub_uploads_after_writing_everything(cafe_
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [
         "LlavaOnevisionForConditionalGeneration"
     ]
+
+
+# ----------------------------------------------------------------------------- LoRA adapter folders
+@pytest.fixture()
+def adapter_folder(tiny_checkpoint, tmp_path):
+    """An adapter saved by `CafeTrainer` (PEFT LoRA, B matrices non-zero so it changes the model)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from cafe import CafeCollator, CafeTrainer, CafeTrainingArguments
+
+    model = CafeForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    model.config.cafe = {**model.config.cafe, "text_prompt": "Summarise this sentence in one word:"}
+    peft_model = get_peft_model(
+        model, LoraConfig(r=2, target_modules=r".*language_model.*\.q_proj", init_lora_weights=False)
+    )
+    args = CafeTrainingArguments(output_dir=str(tmp_path / "run"), report_to=[], use_cpu=True)
+    trainer = CafeTrainer(model=peft_model, args=args, data_collator=CafeCollator(model.processor, model=model))
+    model.model_card_data = CARD_DATA
+    trainer.save_model(str(tmp_path / "adapter"))
+    with torch.no_grad():
+        expected = model.encode(["a red picture"])
+    return tmp_path / "adapter", expected
+
+
+def test_an_adapter_folder_gets_cafes_card_and_loads_with_its_trained_settings(adapter_folder, tmp_path, monkeypatch):
+    folder, expected = adapter_folder
+    card = ModelCard.load(folder / "README.md")
+    assert "More Information Needed" not in card.text  # PEFT's placeholder card is replaced
+    data = card.data.to_dict()
+    assert data["library_name"] == "peft" and {"cafe", "lora"} <= set(data["tags"])
+    assert data["base_model"] == CARD_DATA.base_model and data["cafe_training"]
+    assert '| text prompt | `"Summarise this sentence in one word:"` |' in card.text
+    assert json.loads((folder / "cafe_settings.json").read_text())["text_prompt"].startswith("Summarise")
+
+    # The card's snippets run as written (with the folder as the model id, as for an upload).
+    from cafe.hub import rewrite_adapter_card
+
+    rewrite_adapter_card(folder, repo_id=str(folder))
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (48, 40), (200, 30, 30)).save("photo.jpg")
+    blocks = _python_blocks((folder / "README.md").read_text())
+    assert len(blocks) == 2
+    for index, block in enumerate(blocks):
+        exec(compile(block, f"README.md snippet {index}", "exec"), {"__name__": "__main__"})
+    loaded = CafeForConditionalGeneration.from_pretrained(folder)
+    assert loaded.config.cafe["text_prompt"].startswith("Summarise")  # not the base model's prompt
+    assert (loaded.encode(["a red picture"]) - expected).abs().max() <= 1e-5
+    # The merged save from the second snippet: a full checkpoint for sentence-transformers.
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(tmp_path / "merged"), device="cpu")
+    assert abs(st.encode(["a red picture"], convert_to_tensor=True) - expected).max() <= 1e-4
+
+
+def test_push_an_adapter_folder(adapter_folder, hub_calls):
+    from cafe.hub import push_folder_to_hub
+
+    folder, _ = adapter_folder
+    push_folder_to_hub(folder, "someone/cafe-lora")
+    upload = hub_calls["upload_folder"]
+    assert {"adapter_config.json", "adapter_model.safetensors", "cafe_settings.json", "README.md"} <= set(
+        upload["files"]
+    )
+    assert 'from_pretrained("someone/cafe-lora")' in upload["readme"]
+    data = ModelCard(upload["readme"]).data.to_dict()
+    assert data["base_model"] == CARD_DATA.base_model and data["cafe_training"]  # kept from the folder's card

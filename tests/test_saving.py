@@ -291,6 +291,8 @@ def test_cafe_train_final_folder_holds_the_last_run_and_says_how_to_load_it(tiny
                 "True",
                 "--merge_lora",
                 str(merge),
+                "--learnable_logit_scale",
+                "True",
             ]
         )
         return capsys.readouterr().out
@@ -299,7 +301,21 @@ def test_cafe_train_final_folder_holds_the_last_run_and_says_how_to_load_it(tiny
 
     printed = train(merge=False)
     assert (final / "adapter_config.json").exists()
-    assert "LoRA adapter" in printed and "PeftModel.from_pretrained" in printed and str(tiny_checkpoint) in printed
+    assert "LoRA adapter" in printed and str(tiny_checkpoint) in printed
+    assert (
+        f"CafeForConditionalGeneration.from_pretrained({str(final)!r})" in printed and "merge_adapter=True" in printed
+    )
+    # cafe's card over PEFT's placeholder, and the settings training changed (the learned temperature).
+    card = (final / "README.md").read_text()
+    assert "A LoRA adapter from a [CAFe]" in card and "More Information Needed" not in card
+    assert "library_name: peft" in card and "merge_adapter=True" in card
+    trained = json.loads((final / "cafe_settings.json").read_text())
+    assert trained["learnable_logit_scale"] is True
+    assert trained["contrastive_temperature"] != base.config.cafe["contrastive_temperature"]
+    adapter_model = CafeForConditionalGeneration.from_pretrained(final)
+    assert adapter_model.config.cafe == trained
+    recipe = PeftModel.from_pretrained(CafeForConditionalGeneration.from_pretrained(tiny_checkpoint), final)
+    assert (adapter_model.encode([TEXT]) - recipe.get_base_model().encode([TEXT])).abs().max() <= 1e-5
 
     # A merged run into the same output_dir: final/ is that run's merged model, no adapter on top.
     printed = train(merge=True)

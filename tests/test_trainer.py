@@ -180,7 +180,16 @@ def test_lora_merged_and_unmerged_give_same_embeddings(cafe_model, data, tmp_pat
     merged_emb = merged.encode(inputs)
     assert (adapter_emb - merged_emb).abs().max().item() <= 1e-5
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
-    with pytest.raises(ValueError, match=r"holds a PEFT adapter, not a model: .*peft\.PeftModel\.from_pretrained"):
+    # An adapter folder (here PEFT's own save: no cafe_settings.json) loads on top of its base model,
+    # the adapter injected (transformers' load_adapter) or merged.
+    adapted = CafeForConditionalGeneration.from_pretrained(tmp_path / "adapter")
+    assert (adapted.encode(inputs) - adapter_emb).abs().max().item() <= 1e-5
+    assert adapted.processor is not None  # the base model's, since the adapter folder has none
+    folded = CafeForConditionalGeneration.from_pretrained(tmp_path / "adapter", merge_adapter=True)
+    assert type(folded) is type(base) and (folded.encode(inputs) - merged_emb).abs().max().item() <= 1e-5
+    adapter_config = tmp_path / "adapter" / "adapter_config.json"
+    adapter_config.write_text(adapter_config.read_text().replace(str(base.name_or_path), str(tmp_path / "gone")))
+    with pytest.raises(OSError, match=r"is a PEFT adapter on top of the base model '.*gone'"):
         CafeForConditionalGeneration.from_pretrained(tmp_path / "adapter")
     merged.save_pretrained(tmp_path / "merged")
     reloaded = CafeForConditionalGeneration.from_pretrained(tmp_path / "merged")

@@ -22,6 +22,10 @@ DEFAULT_VIDEO_PROMPT = "Compress this video in one word:"
 DEFAULT_MULTIMODAL_PROMPT = ""
 
 POOLING_MODES = ("last_token",)
+# A PEFT adapter folder has no config.json to carry ``config.cafe``: `CafeTrainer` writes the
+# settings the adapter was trained with (prompts, learned temperature, Matryoshka sizes) into this
+# file beside it, and `CafeForConditionalGeneration.from_pretrained(adapter_folder)` reads them back.
+ADAPTER_SETTINGS_NAME = "cafe_settings.json"
 
 
 @dataclass

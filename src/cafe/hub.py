@@ -287,6 +287,97 @@ def write_model_card(
     return path
 
 
+def write_adapter_card(
+    save_directory: str | os.PathLike,
+    *,
+    base_model: str,
+    cafe: dict[str, Any],
+    card_data: CafeModelCardData | None = None,
+    model_id: str | None = None,
+) -> Path:
+    """Write ``README.md`` into a PEFT adapter folder saved from a CAFe fine-tune (over PEFT's
+    placeholder card) and return its path.
+
+    Args:
+        save_directory: The adapter folder.
+        base_model: The base model the adapter applies to (``base_model_name_or_path``).
+        cafe: The CAFe settings the adapter was trained with (``config.cafe``).
+        card_data: Card data; empty fields are inherited from the base model's card.
+        model_id: Path or Hub id the usage snippets load; defaults to `save_directory`.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from .configuration import ADAPTER_SETTINGS_NAME
+
+    save_directory = Path(save_directory)
+    data = resolve_card_data(card_data, base_model)
+    model_id = model_id or str(save_directory)
+    first_base = _as_list(data.base_model)[0] if data.base_model else None
+    extra: dict[str, Any] = {TRAINING_METADATA_KEY: data.training} if data.training else {}
+    metadata = ModelCardData(
+        base_model=data.base_model,
+        datasets=data.datasets or None,
+        language=data.language or None,
+        library_name="peft",
+        license=data.license,
+        pipeline_tag=PIPELINE_TAG,
+        tags=_unique([CAFE_TAG, "lora", "peft", *data.tags]),
+        **extra,
+    )
+    base = f"[{first_base}](https://huggingface.co/{first_base})" if first_base else f"`{base_model}`"
+    name = data.model_name or Path(model_id.rstrip("/")).name or "CAFe adapter"
+    sections = [
+        f"# {name}",
+        _ADAPTER_INTRO.format(base=base, settings_file=ADAPTER_SETTINGS_NAME),
+        _ADAPTER_USAGE.format(model_id=model_id, settings_file=ADAPTER_SETTINGS_NAME),
+        _settings_section(
+            cafe,
+            f"Stored in `{ADAPTER_SETTINGS_NAME}` (the base model's `config.cafe` as trained, full templates included).",
+        ),
+        _training_section(data.training),
+        _CITATION,
+    ]
+    card = ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
+    path = save_directory / "README.md"
+    card.save(path)
+    return path
+
+
+def is_adapter_folder(folder: str | os.PathLike) -> bool:
+    """A PEFT adapter save (``adapter_config.json``, no model ``config.json``)."""
+    return (Path(folder) / "adapter_config.json").is_file() and not (Path(folder) / "config.json").is_file()
+
+
+def rewrite_adapter_card(
+    folder: str | os.PathLike,
+    *,
+    repo_id: str,
+    card_data: CafeModelCardData | None = None,
+    tags: list[str] | None = None,
+) -> Path:
+    """`write_adapter_card` again for an adapter folder about to be uploaded to `repo_id`: the
+    snippets load the repo; base model, settings and training are read back from the folder."""
+    from .configuration import ADAPTER_SETTINGS_NAME
+
+    folder = Path(folder)
+    base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    settings = folder / ADAPTER_SETTINGS_NAME
+    cafe = json.loads(settings.read_text(encoding="utf-8")) if settings.is_file() else {}
+    # The folder's own card holds the training settings and metadata cafe wrote at save time.
+    own = card_data_from_source(folder)
+    given = card_data if card_data is not None else CafeModelCardData()
+    data = dataclasses.replace(
+        given,
+        base_model=given.base_model or own.base_model,
+        datasets=given.datasets or own.datasets,
+        license=given.license or own.license,
+        language=given.language or own.language,
+        tags=_unique([*own.tags, *given.tags, *(tags or [])]),
+        training=given.training or own.training,
+    )
+    return write_adapter_card(folder, base_model=str(base or ""), cafe=cafe, card_data=data, model_id=repo_id)
+
+
 # ----------------------------------------------------------------------------- upload
 def push_folder_to_hub(
     folder: str | os.PathLike,
@@ -332,7 +423,10 @@ def push_folder_to_hub(
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     if revision is not None and not revision.startswith("refs/pr"):
         api.create_branch(repo_id, branch=revision, exist_ok=True)
-    write_model_card(folder, repo_id=repo_id, card_data=card_data, source=folder, tags=tags)
+    if is_adapter_folder(folder):
+        rewrite_adapter_card(folder, repo_id=repo_id, card_data=card_data, tags=tags)
+    else:
+        write_model_card(folder, repo_id=repo_id, card_data=card_data, source=folder, tags=tags)
     return api.upload_folder(
         repo_id=repo_id,
         folder_path=str(folder),
@@ -482,6 +576,39 @@ sentence-transformers loads the backbone without its LM head, so transformers lo
 `lm_head` weight as `UNEXPECTED` in its load report: that is expected, the head is kept for
 generation. Do not call `SentenceTransformer.save` into this folder: it writes the backbone only."""
 
+_ADAPTER_INTRO = """\
+A LoRA adapter from a [CAFe](https://arxiv.org/abs/2503.19900) (contrastive-autoregressive
+fine-tuning) run on {base}: with it the base model both **generates** and **embeds** images, texts
+and image+text inputs for retrieval. The folder holds the adapter weights (PEFT layout) and the CAFe
+settings it was trained with (embedding prompts, temperature, Matryoshka sizes) in
+`{settings_file}`; the base model's weights are not in it."""
+
+_ADAPTER_USAGE = """\
+## Usage
+
+```python
+from cafe import CafeForConditionalGeneration
+
+# The base model with this adapter loaded into it, and the CAFe settings it was trained with.
+model = CafeForConditionalGeneration.from_pretrained("{model_id}")
+embeddings = model.encode(["a photo of a cat", {{"image": "photo.jpg", "text": "What is in the picture?"}}])
+```
+
+Generation works on the same model (`model.generate(...)`, see the base model's card). To publish a
+full checkpoint that loads in stock transformers and in sentence-transformers, merge the adapter
+into the weights and save:
+
+```python
+from cafe import CafeForConditionalGeneration
+
+model = CafeForConditionalGeneration.from_pretrained("{model_id}", merge_adapter=True)
+model.save_pretrained("merged")  # then SentenceTransformer("merged"), AutoModelForImageTextToText...
+```
+
+With PEFT directly: `peft.PeftModel.from_pretrained(CafeForConditionalGeneration.from_pretrained(base,
+cafe_settings=<{settings_file}>), "{model_id}")`; without `cafe_settings` the base model's own
+settings apply, which may not be the ones the adapter was trained with."""
+
 _CITATION = """\
 ## Citation
 
@@ -495,7 +622,13 @@ _CITATION = """\
 ```"""
 
 
-def _settings_section(cafe: dict[str, Any]) -> str:
+_CHECKPOINT_SETTINGS = (
+    "Stored in `config.json` under `cafe`; the full embedding chat template is `cafe.embedding_chat_template` "
+    "(also in `sentence_bert_config.json`)."
+)
+
+
+def _settings_section(cafe: dict[str, Any], where: str = _CHECKPOINT_SETTINGS) -> str:
     rows = [
         ("system prompt", cafe.get("system_prompt")),
         ("image prompt", cafe.get("image_prompt")),
@@ -506,10 +639,8 @@ def _settings_section(cafe: dict[str, Any]) -> str:
         ("contrastive temperature", cafe.get("contrastive_temperature")),
         ("learnable logit scale", cafe.get("learnable_logit_scale")),
     ]
-    return (
-        "## CAFe settings\n\nStored in `config.json` under `cafe`; the full embedding chat template is "
-        "`cafe.embedding_chat_template` (also in `sentence_bert_config.json`).\n\n"
-        + _table(("setting", "value"), [(name, value) for name, value in rows if value is not None])
+    return f"## CAFe settings\n\n{where}\n\n" + _table(
+        ("setting", "value"), [(name, value) for name, value in rows if value is not None]
     )
 
 

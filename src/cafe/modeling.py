@@ -29,8 +29,9 @@ from transformers import AutoConfig, PreTrainedModel
 from transformers.utils import logging
 
 from .batch import CafeBatch
-from .configuration import CafeSettings
+from .configuration import ADAPTER_SETTINGS_NAME, CafeSettings
 from .export import read_embedding_rotation
+from .hub import resolve_checkpoint_file
 from .inference import (
     EmbeddingPrefixCache,
     approximate_token_lengths,
@@ -174,30 +175,42 @@ class CafeForConditionalGeneration(PreTrainedModel):
         *model_args: Any,
         cafe_settings: CafeSettings | dict | None = None,
         load_processor: bool = True,
+        merge_adapter: bool = False,
         **kwargs: Any,
     ) -> CafeForConditionalGeneration:
         """Load a stock or CAFe checkpoint of a supported family as its CAFe class.
 
         Args:
-            pretrained_model_name_or_path: Hub id or local folder.
+            pretrained_model_name_or_path: Hub id or local folder: a checkpoint, or a PEFT adapter
+                saved from a LoRA fine-tune (loaded on top of its base model, see `_from_adapter`).
             cafe_settings: Override the CAFe settings stored in the checkpoint (or the defaults): a
                 `CafeSettings` replaces them all, a dict only the settings it names
                 (``{"max_text_chars": 4096}`` keeps the checkpoint's prompts and the rest).
             load_processor: Also load the checkpoint's processor into ``model.processor`` (used by
                 `encode` and saved by `save_pretrained`). Skipped silently if the folder has none.
+            merge_adapter: For an adapter: merge it into the base weights (PEFT's
+                ``merge_and_unload``), so that `save_pretrained` writes a full checkpoint for
+                transformers and sentence-transformers. Ignored for a checkpoint.
             **kwargs: Passed to transformers' ``from_pretrained`` (``dtype``, ``device_map``, ...).
         """
         hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
         config = kwargs.pop("config", None)
-        folder = Path(pretrained_model_name_or_path)
-        if config is None and (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
-            # Otherwise AutoConfig's "Unrecognized model ... model_type" says nothing about adapters.
-            raise ValueError(
-                f"{str(folder)!r} holds a PEFT adapter, not a model: load its base model, then the adapter: "
-                "model = CafeForConditionalGeneration.from_pretrained(base_path); "
-                f"model = peft.PeftModel.from_pretrained(model, {str(folder)!r}) (then merge_and_unload() to serve "
-                "it)."
-            )
+        if config is None and resolve_checkpoint_file(pretrained_model_name_or_path, "config.json") is None:
+            # A folder or Hub repo with an adapter and no model: transformers' own test for one.
+            from transformers.utils.peft_utils import find_adapter_config_file
+
+            found = find_adapter_config_file(str(pretrained_model_name_or_path), **hub_kwargs)
+            if found is not None:
+                adapter_config = Path(found)
+                return cls._from_adapter(
+                    pretrained_model_name_or_path,
+                    adapter_config,
+                    *model_args,
+                    cafe_settings=cafe_settings,
+                    load_processor=load_processor,
+                    merge_adapter=merge_adapter,
+                    **kwargs,
+                )
         if config is None:
             config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         if cafe_settings is not None:
@@ -219,6 +232,62 @@ class CafeForConditionalGeneration(PreTrainedModel):
         if load_processor:
             loaded.processor = _try_load_processor(pretrained_model_name_or_path, hub_kwargs)
         return model
+
+    @classmethod
+    def _from_adapter(
+        cls,
+        adapter: str | os.PathLike,
+        adapter_config: Path,
+        *model_args: Any,
+        cafe_settings: CafeSettings | dict | None,
+        load_processor: bool,
+        merge_adapter: bool,
+        **kwargs: Any,
+    ) -> CafeForConditionalGeneration:
+        """A PEFT adapter folder (a LoRA fine-tune saved without merging): its base model, with the
+        CAFe settings the adapter was trained with (`ADAPTER_SETTINGS_NAME`, written by `CafeTrainer`)
+        and the adapter loaded into it, as transformers' own ``from_pretrained`` does for adapters
+        (``load_adapter``: LoRA layers injected, no `PeftModel` wrapper; `encode` and `generate`
+        run through them), or merged into the weights (`merge_adapter`). `cafe_settings`
+        overrides the trained settings.
+        """
+        base = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        if not base:
+            raise ValueError(
+                f"{str(adapter)!r} holds a PEFT adapter whose adapter_config.json names no base model "
+                "(base_model_name_or_path): load the base model with CafeForConditionalGeneration.from_pretrained, "
+                f"then peft.PeftModel.from_pretrained(model, {str(adapter)!r})."
+            )
+        from transformers.utils import cached_file
+
+        hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+        settings_file = cached_file(
+            str(adapter), ADAPTER_SETTINGS_NAME, _raise_exceptions_for_missing_entries=False, **hub_kwargs
+        )
+        trained = json.loads(Path(settings_file).read_text(encoding="utf-8")) if settings_file else {}
+        settings: CafeSettings | dict | None = cafe_settings
+        if not isinstance(cafe_settings, CafeSettings) and trained:
+            settings = {**trained, **(cafe_settings or {})}
+        try:
+            model = cls.from_pretrained(base, *model_args, cafe_settings=settings, load_processor=False, **kwargs)
+        except OSError as err:
+            raise OSError(
+                f"{str(adapter)!r} is a PEFT adapter on top of the base model {base!r} (adapter_config.json "
+                f"base_model_name_or_path), which could not be loaded: {err}"
+            ) from err
+        if isinstance(model, tuple):
+            raise ValueError("output_loading_info=True is not supported for a PEFT adapter folder; load it without.")
+        loaded = model
+        if merge_adapter:
+            from peft import PeftModel
+
+            loaded = PeftModel.from_pretrained(loaded, str(adapter), **hub_kwargs).merge_and_unload()
+        else:
+            loaded.load_adapter(str(adapter), **hub_kwargs)
+        if load_processor:
+            # A trainer that was given the processor saved it with the adapter; else the base's.
+            loaded.processor = _try_load_processor(adapter, hub_kwargs) or _try_load_processor(base, hub_kwargs)
+        return loaded
 
     @classmethod
     def from_config(cls, config: PreTrainedConfig, **kwargs: Any) -> CafeForConditionalGeneration:
@@ -997,6 +1066,7 @@ _MODEL_SAVE_FILES = (
     "adapter_config.json",
     "adapter_model.safetensors",
     "adapter_model.bin",
+    ADAPTER_SETTINGS_NAME,
     "processor_config.json",
     "preprocessor_config.json",
     "video_preprocessor_config.json",

@@ -425,6 +425,27 @@ class CafeTrainer(Trainer):
                 os.remove(pickled)
             with open(os.path.join(output_dir, TRAINING_ARGS_JSON_NAME), "w") as f:
                 f.write(self.args.to_json_string())
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            if hasattr(unwrapped, "get_base_model"):
+                self._save_adapter_extras(output_dir)
+
+    def _save_adapter_extras(self, output_dir: str) -> None:
+        """Beside PEFT's adapter files: the CAFe settings the adapter was trained with (an adapter
+        folder has no config.json for ``config.cafe``, and training may have changed the prompts,
+        the temperature or the Matryoshka sizes) and cafe's model card over PEFT's placeholder.
+        `CafeForConditionalGeneration.from_pretrained(output_dir)` reads both back."""
+        from .configuration import ADAPTER_SETTINGS_NAME
+        from .hub import write_adapter_card
+
+        model = self._cafe_model()
+        with open(os.path.join(output_dir, ADAPTER_SETTINGS_NAME), "w") as f:
+            json.dump(model.config.cafe, f, indent=2)
+        write_adapter_card(
+            output_dir,
+            base_model=str(model.name_or_path),
+            cafe=model.config.cafe,
+            card_data=getattr(model, "model_card_data", None),
+        )
 
     # Returns None on non-main processes, as Trainer.push_to_hub does (it is annotated CommitInfo only).
     def push_to_hub(  # type: ignore[override]

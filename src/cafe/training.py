@@ -207,13 +207,11 @@ def _checkpoint_message(output_dir: str, backbone: str, merged: bool) -> str:
 
 def _adapter_message(output_dir: str, base: str) -> str:
     return (
-        f"Saved the LoRA adapter (--merge_lora False) to {output_dir}: adapter weights only, on top of the base "
-        f"model {base}. CafeForConditionalGeneration.from_pretrained cannot load this folder alone; load it with\n"
-        "  from peft import PeftModel\n"
-        "  from cafe import CafeForConditionalGeneration\n"
-        f"  model = PeftModel.from_pretrained(CafeForConditionalGeneration.from_pretrained({base!r}), {output_dir!r})\n"
-        "  model.get_base_model().encode([...])  # embeddings with the adapter applied\n"
-        "or merge it into a full checkpoint: model.merge_and_unload().save_pretrained(path)."
+        f"Saved the LoRA adapter (--merge_lora False) to {output_dir}: adapter weights and the CAFe settings they were "
+        f"trained with, on top of the base model {base}. Load it with\n"
+        f"  CafeForConditionalGeneration.from_pretrained({output_dir!r})  # the base model + this adapter\n"
+        f"or merge it into a full checkpoint (stock transformers, SentenceTransformer):\n"
+        f"  CafeForConditionalGeneration.from_pretrained({output_dir!r}, merge_adapter=True).save_pretrained(path)"
     )
 
 
