@@ -303,12 +303,12 @@ def test_cafe_train_final_folder_holds_the_last_run_and_says_how_to_load_it(tiny
     assert (final / "adapter_config.json").exists()
     assert "LoRA adapter" in printed and str(tiny_checkpoint) in printed
     assert (
-        f"CafeForConditionalGeneration.from_pretrained({str(final)!r})" in printed and "merge_adapter=True" in printed
+        f"CafeForConditionalGeneration.from_pretrained({str(final)!r})" in printed and "merge_adapter=False" in printed
     )
     # cafe's card over PEFT's placeholder, and the settings training changed (the learned temperature).
     card = (final / "README.md").read_text()
     assert "A LoRA adapter from a [CAFe]" in card and "More Information Needed" not in card
-    assert "library_name: peft" in card and "merge_adapter=True" in card
+    assert "library_name: peft" in card and "merge_adapter=False" in card
     trained = json.loads((final / "cafe_settings.json").read_text())
     assert trained["learnable_logit_scale"] is True
     assert trained["contrastive_temperature"] != base.config.cafe["contrastive_temperature"]

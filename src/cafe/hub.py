@@ -589,25 +589,23 @@ _ADAPTER_USAGE = """\
 ```python
 from cafe import CafeForConditionalGeneration
 
-# The base model with this adapter loaded into it, and the CAFe settings it was trained with.
+# The base model with the CAFe settings the adapter was trained with, and the adapter merged in.
 model = CafeForConditionalGeneration.from_pretrained("{model_id}")
 embeddings = model.encode(["a photo of a cat", {{"image": "photo.jpg", "text": "What is in the picture?"}}])
 ```
 
-Generation works on the same model (`model.generate(...)`, see the base model's card). To publish a
-full checkpoint that loads in stock transformers and in sentence-transformers, merge the adapter
-into the weights and save:
+Generation works on the same model (`model.generate(...)`, see the base model's card). The merged
+model saves as a full checkpoint that loads in stock transformers and in sentence-transformers:
 
 ```python
 from cafe import CafeForConditionalGeneration
 
-model = CafeForConditionalGeneration.from_pretrained("{model_id}", merge_adapter=True)
-model.save_pretrained("merged")  # then SentenceTransformer("merged"), AutoModelForImageTextToText...
+CafeForConditionalGeneration.from_pretrained("{model_id}").save_pretrained("merged")
 ```
 
-With PEFT directly: `peft.PeftModel.from_pretrained(CafeForConditionalGeneration.from_pretrained(base,
-cafe_settings=<{settings_file}>), "{model_id}")`; without `cafe_settings` the base model's own
-settings apply, which may not be the ones the adapter was trained with."""
+To keep the adapter separate (to train it further, or switch it off with `disable_adapter()`),
+`CafeForConditionalGeneration.from_pretrained("{model_id}", merge_adapter=False)` returns the
+`peft.PeftModel` holding it, on the base model with the same settings."""
 
 _CITATION = """\
 ## Citation

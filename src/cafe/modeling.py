@@ -175,7 +175,7 @@ class CafeForConditionalGeneration(PreTrainedModel):
         *model_args: Any,
         cafe_settings: CafeSettings | dict | None = None,
         load_processor: bool = True,
-        merge_adapter: bool = False,
+        merge_adapter: bool = True,
         **kwargs: Any,
     ) -> CafeForConditionalGeneration:
         """Load a stock or CAFe checkpoint of a supported family as its CAFe class.
@@ -188,9 +188,9 @@ class CafeForConditionalGeneration(PreTrainedModel):
                 (``{"max_text_chars": 4096}`` keeps the checkpoint's prompts and the rest).
             load_processor: Also load the checkpoint's processor into ``model.processor`` (used by
                 `encode` and saved by `save_pretrained`). Skipped silently if the folder has none.
-            merge_adapter: For an adapter: merge it into the base weights (PEFT's
-                ``merge_and_unload``), so that `save_pretrained` writes a full checkpoint for
-                transformers and sentence-transformers. Ignored for a checkpoint.
+            merge_adapter: For an adapter folder: merge it into the base weights (default; PEFT's
+                ``merge_and_unload``), or return the `peft.PeftModel` holding it (``False``).
+                Ignored for a checkpoint.
             **kwargs: Passed to transformers' ``from_pretrained`` (``dtype``, ``device_map``, ...).
         """
         hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
@@ -243,13 +243,17 @@ class CafeForConditionalGeneration(PreTrainedModel):
         load_processor: bool,
         merge_adapter: bool,
         **kwargs: Any,
-    ) -> CafeForConditionalGeneration:
+    ) -> Any:  # the CAFe model, or the PeftModel wrapping it (merge_adapter=False)
         """A PEFT adapter folder (a LoRA fine-tune saved without merging): its base model, with the
-        CAFe settings the adapter was trained with (`ADAPTER_SETTINGS_NAME`, written by `CafeTrainer`)
-        and the adapter loaded into it, as transformers' own ``from_pretrained`` does for adapters
-        (``load_adapter``: LoRA layers injected, no `PeftModel` wrapper; `encode` and `generate`
-        run through them), or merged into the weights (`merge_adapter`). `cafe_settings`
-        overrides the trained settings.
+        CAFe settings the adapter was trained with (`ADAPTER_SETTINGS_NAME`, written by `CafeTrainer`;
+        `cafe_settings` overrides them) and the adapter merged into the weights (PEFT's
+        ``merge_and_unload``: a plain CAFe model, whose `save_pretrained` writes a full checkpoint).
+        With ``merge_adapter=False``, the `peft.PeftModel` wrapping it instead (to train the adapter
+        further or switch it off; `encode` and `generate` reach the model through it).
+
+        PEFT directly rather than transformers' ``load_adapter``: that integration needs a newer
+        PEFT than the one on PyPI for saving, and a model with an injected adapter saves the
+        adapter only, which would drop the settings file.
         """
         base = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
         if not base:
@@ -277,17 +281,13 @@ class CafeForConditionalGeneration(PreTrainedModel):
             ) from err
         if isinstance(model, tuple):
             raise ValueError("output_loading_info=True is not supported for a PEFT adapter folder; load it without.")
-        loaded = model
-        if merge_adapter:
-            from peft import PeftModel
+        from peft import PeftModel
 
-            loaded = PeftModel.from_pretrained(loaded, str(adapter), **hub_kwargs).merge_and_unload()
-        else:
-            loaded.load_adapter(str(adapter), **hub_kwargs)
         if load_processor:
             # A trainer that was given the processor saved it with the adapter; else the base's.
-            loaded.processor = _try_load_processor(adapter, hub_kwargs) or _try_load_processor(base, hub_kwargs)
-        return loaded
+            model.processor = _try_load_processor(adapter, hub_kwargs) or _try_load_processor(base, hub_kwargs)
+        adapted = PeftModel.from_pretrained(model, str(adapter), **hub_kwargs)
+        return adapted.merge_and_unload() if merge_adapter else adapted
 
     @classmethod
     def from_config(cls, config: PreTrainedConfig, **kwargs: Any) -> CafeForConditionalGeneration:

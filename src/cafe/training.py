@@ -209,9 +209,9 @@ def _adapter_message(output_dir: str, base: str) -> str:
     return (
         f"Saved the LoRA adapter (--merge_lora False) to {output_dir}: adapter weights and the CAFe settings they were "
         f"trained with, on top of the base model {base}. Load it with\n"
-        f"  CafeForConditionalGeneration.from_pretrained({output_dir!r})  # the base model + this adapter\n"
-        f"or merge it into a full checkpoint (stock transformers, SentenceTransformer):\n"
-        f"  CafeForConditionalGeneration.from_pretrained({output_dir!r}, merge_adapter=True).save_pretrained(path)"
+        f"  CafeForConditionalGeneration.from_pretrained({output_dir!r})  # the base model, this adapter merged in\n"
+        f"  CafeForConditionalGeneration.from_pretrained({output_dir!r}, merge_adapter=False)  # the PeftModel\n"
+        "and .save_pretrained(path) on the merged model writes a full checkpoint (stock transformers, SentenceTransformer)."
     )
 
 
