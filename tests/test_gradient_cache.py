@@ -95,7 +95,9 @@ def test_matches_one_full_batch_without_dropout(tiny_checkpoint, with_lm, learna
     out = cached(model, MiniBatchCollator(collator(model), 2)(recs))
     out.loss.backward()
     assert out.loss.item() == pytest.approx(plain_out.loss.item(), rel=1e-5)
-    assert_same_grads(grads(model, cached), expected, rel=1e-6 if learnable else 1e-5)
+    # 1e-5 of each gradient's scale: the two paths sum in different orders, and float32 sums split
+    # over another number of threads (a busy machine) differ by ~1e-6; a wrong scale is >= 1e-2.
+    assert_same_grads(grads(model, cached), expected, rel=1e-5)
 
 
 @pytest.mark.parametrize("share_prefix", [True, False])
