@@ -150,6 +150,25 @@ def load_language_model(name: str) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+# bf16 autocast on CPU (set by --precision): fast where the CPU multiplies bf16 natively (AMX,
+# AVX-512 BF16, the recorded runs); elsewhere (AVX2 only) torch falls back to a generic bf16 GEMM
+# several times slower than float32, so "auto" picks float32 there.
+USE_BF16 = True
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(amx_bf16|avx512_bf16)\b", flags))
+
+
+def cpu_bf16_autocast() -> torch.autocast:
+    """bf16 autocast for CPU runs (off on CUDA, where Trainer's `bf16` handles it, and under --precision fp32)."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=USE_BF16 and not torch.cuda.is_available())
+
+
 def reference_embedder_path(name: str) -> str:
     if name != "all-MiniLM-L6-v2":
         return name
@@ -264,6 +283,7 @@ def train(
             "matryoshka_weights": matryoshka_weights,
             "gradient_cache_mini_batch": gradient_cache_mini_batch,
             **({"principal_basis": True} if principal_basis else {}),  # older runs' settings stay valid
+            **({} if USE_BF16 else {"precision": "fp32"}),  # likewise (they ran in bf16)
             "records": len(records),
             "records_sha256": hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest(),
         },
@@ -276,7 +296,7 @@ def train(
         model.lm_head.weight.requires_grad_(False)
     if principal_basis:
         sample = data["wordnet_train"][:ROTATION_FIT_SYNSETS]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not torch.cuda.is_available()):
+        with cpu_bf16_autocast():
             model.eval().fit_embedding_rotation(texts=[s.words for s in sample] + [s.definition for s in sample])
         model.train()
     training_args = CafeTrainingArguments(
@@ -307,7 +327,7 @@ def train(
         save_total_limit=1,
         report_to=[],
         use_cpu=not torch.cuda.is_available(),
-        bf16=True,  # autocast: AMX / AVX-512 bf16 matmuls on CPU, fp32 master weights
+        bf16=USE_BF16,  # autocast: AMX / AVX-512 bf16 matmuls on CPU, fp32 master weights
         seed=seed,
         data_seed=seed,
     )
@@ -428,7 +448,7 @@ def with_rotated_truncation(path: Path, model_path: Path, data: dict, batch_size
     print(f"[rotated truncation] {path.name}")
     model = CafeForConditionalGeneration.from_pretrained(model_path).eval()
     synsets = data["wordnet_test"]
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not torch.cuda.is_available()):
+    with cpu_bf16_autocast():
         words = model.encode(texts=[s.words for s in synsets], batch_size=batch_size)
         definitions = model.encode(texts=[s.definition for s in synsets], batch_size=batch_size)
         metrics.update(rotated_truncated_recall(model, data, definitions, words, batch_size))
@@ -440,7 +460,7 @@ def evaluate(model_path: Path, data: dict, batch_size: int = 32) -> dict[str, An
     """Every metric of the table for one checkpoint (bf16 autocast, as in training)."""
     model = CafeForConditionalGeneration.from_pretrained(model_path).eval()
     result: dict[str, Any] = {}
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not torch.cuda.is_available()):
+    with cpu_bf16_autocast():
         synsets = data["wordnet_test"]
         words = model.encode(texts=[s.words for s in synsets], batch_size=batch_size)
         definitions = model.encode(texts=[s.definition for s in synsets], batch_size=batch_size)
@@ -652,6 +672,12 @@ def main(argv: list[str] | None = None) -> dict:
         help="mined hard negatives per WordNet record (other training definitions the reference embedder ranks "
         "closest to its words); needs --reference_embedder",
     )
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp32"],
+        default="auto",
+        help="bf16 autocast (the recorded runs) or float32; auto: bf16 on CUDA or a CPU with AMX / AVX-512 BF16",
+    )
     parser.add_argument("--keep_checkpoints", action="store_true", help="keep every variant's weights (540 MB each)")
     args = parser.parse_args(argv)
     # Bad arguments fail here, before the composition and stage 1 (minutes) run.
@@ -669,6 +695,10 @@ def main(argv: list[str] | None = None) -> dict:
         args.stage1_steps, args.steps, args.seeds = 2, 2, args.seeds[:1]
         args.num_train_images, args.num_test_images, args.num_train_synsets = 32, 16, 32
         args.num_test_synsets, args.num_define, args.num_perplexity = 32, 4, 8
+    global USE_BF16
+    if args.precision == "auto":
+        args.precision = "bf16" if torch.cuda.is_available() or cpu_has_native_bf16() else "fp32"
+    USE_BF16 = args.precision == "bf16"
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     logging.getLogger("transformers").setLevel(logging.ERROR)
