@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from huggingface_hub import CommitInfo, ModelCard
+    from huggingface_hub import CommitInfo, ModelCard, ModelCardData
 
     from .modeling import CafeForConditionalGeneration
 
@@ -215,23 +215,12 @@ def build_model_card(config: dict[str, Any], *, model_id: str, card_data: CafeMo
         model_id: Hub id (or local path) the usage snippets load.
         card_data: Resolved card data (see `resolve_card_data`).
     """
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCard
 
     cafe = config.get("cafe") or {}
     model_type = config.get("model_type")
     architecture = (config.get("architectures") or ["AutoModelForImageTextToText"])[0]
-    # Training settings ride in the card's metadata under their own key (ModelCardData keeps extras).
-    extra: dict[str, Any] = {TRAINING_METADATA_KEY: card_data.training} if card_data.training else {}
-    metadata = ModelCardData(
-        base_model=card_data.base_model,
-        datasets=card_data.datasets or None,
-        language=card_data.language or None,
-        library_name="transformers",
-        license=card_data.license,
-        pipeline_tag=PIPELINE_TAG,
-        tags=_unique([*CARD_TAGS, *([model_type] if model_type else []), *card_data.tags]),
-        **extra,
-    )
+    metadata = _card_metadata(card_data, "transformers", [*CARD_TAGS, *([model_type] if model_type else [])])
     name = card_data.model_name or Path(str(model_id).rstrip("/")).name or "CAFe model"
     # The Hub accepts one base model or a list (merges); the text names the first.
     first_base = _as_list(card_data.base_model)[0] if card_data.base_model else None
@@ -249,6 +238,24 @@ def build_model_card(config: dict[str, Any], *, model_id: str, card_data: CafeMo
         _CITATION,
     ]
     return ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
+
+
+def _card_metadata(data: CafeModelCardData, library_name: str, tags: list[str]) -> ModelCardData:
+    """The card's YAML metadata: `tags` first, then the card data's own."""
+    from huggingface_hub import ModelCardData
+
+    # Training settings ride in the card's metadata under their own key (ModelCardData keeps extras).
+    extra: dict[str, Any] = {TRAINING_METADATA_KEY: data.training} if data.training else {}
+    return ModelCardData(
+        base_model=data.base_model,
+        datasets=data.datasets or None,
+        language=data.language or None,
+        library_name=library_name,
+        license=data.license,
+        pipeline_tag=PIPELINE_TAG,
+        tags=_unique([*tags, *data.tags]),
+        **extra,
+    )
 
 
 def write_model_card(
@@ -305,7 +312,7 @@ def write_adapter_card(
         card_data: Card data; empty fields are inherited from the base model's card.
         model_id: Path or Hub id the usage snippets load; defaults to `save_directory`.
     """
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCard
 
     from .configuration import ADAPTER_SETTINGS_NAME
 
@@ -313,17 +320,7 @@ def write_adapter_card(
     data = resolve_card_data(card_data, base_model)
     model_id = model_id or str(save_directory)
     first_base = _as_list(data.base_model)[0] if data.base_model else None
-    extra: dict[str, Any] = {TRAINING_METADATA_KEY: data.training} if data.training else {}
-    metadata = ModelCardData(
-        base_model=data.base_model,
-        datasets=data.datasets or None,
-        language=data.language or None,
-        library_name="peft",
-        license=data.license,
-        pipeline_tag=PIPELINE_TAG,
-        tags=_unique([CAFE_TAG, "lora", "peft", *data.tags]),
-        **extra,
-    )
+    metadata = _card_metadata(data, "peft", [CAFE_TAG, "lora", "peft"])
     base = f"[{first_base}](https://huggingface.co/{first_base})" if first_base else f"`{base_model}`"
     name = data.model_name or Path(model_id.rstrip("/")).name or "CAFe adapter"
     sections = [
