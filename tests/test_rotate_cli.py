@@ -30,8 +30,10 @@ def test_rotate_fits_on_the_sample_and_saves_a_rotated_checkpoint(data, tiny_che
 
     rows = sorted(random.Random(3).sample(range(len(TEXTS)), 72))
     model = CafeForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
-    expected = model.fit_embedding_rotation([{"text": TEXTS[i]} for i in rows])
-    assert torch.allclose(rotated.embedding_rotation, expected, atol=1e-5)
+    expected = model.fit_embedding_rotation([{"text": TEXTS[i]} for i in rows], batch_size=8)
+    # Eigenvectors of nearly equal eigenvalues (72 points in 64 dimensions) move by ~1e-4 when float32
+    # sums run over another thread split (a busy machine); another sample of rows moves them by ~0.9.
+    assert torch.allclose(rotated.embedding_rotation, expected, atol=1e-3)
     assert (out / "2_Dense" / "model.safetensors").is_file()
 
 
