@@ -336,3 +336,10 @@ def test_a_hard_negative_identical_to_the_positive_is_refused(parser):
     with pytest.raises(RecordError, match="negative 0 is identical to the record's positive"):
         parser({"query": "q", "positives": ["p0", "p1"], "negatives": ["p1"]})
     parser({"query": "q", "positive": "p1", "negatives": ["p2"]})  # a different text is fine
+
+
+def test_from_pretrained_names_a_missing_model_folder(tmp_path):
+    from cafe import CafeForConditionalGeneration
+
+    with pytest.raises(FileNotFoundError, match=r"No model folder at '.*/absent' .*check the path"):
+        CafeForConditionalGeneration.from_pretrained(tmp_path / "absent")

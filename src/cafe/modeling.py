@@ -31,7 +31,7 @@ from transformers.utils import logging
 from .batch import CafeBatch
 from .configuration import ADAPTER_SETTINGS_NAME, CafeSettings
 from .export import read_embedding_rotation
-from .hub import resolve_checkpoint_file
+from .hub import is_hub_repo_id, resolve_checkpoint_file
 from .inference import (
     EmbeddingPrefixCache,
     approximate_token_lengths,
@@ -195,24 +195,31 @@ class CafeForConditionalGeneration(PreTrainedModel):
         """
         hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
         config = kwargs.pop("config", None)
-        if config is None and resolve_checkpoint_file(pretrained_model_name_or_path, "config.json") is None:
-            # A folder or Hub repo with an adapter and no model: transformers' own test for one.
-            from transformers.utils.peft_utils import find_adapter_config_file
-
-            found = find_adapter_config_file(str(pretrained_model_name_or_path), **hub_kwargs)
-            if found is not None:
-                adapter_config = Path(found)
-                return cls._from_adapter(
-                    pretrained_model_name_or_path,
-                    adapter_config,
-                    *model_args,
-                    cafe_settings=cafe_settings,
-                    load_processor=load_processor,
-                    merge_adapter=merge_adapter,
-                    **kwargs,
-                )
+        adapter_config = None
         if config is None:
-            config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+            _check_model_source(pretrained_model_name_or_path)
+            # A PEFT adapter (adapter_config.json, no config.json): found locally or in the Hub
+            # cache first; a Hub repo is asked for one only once its config.json turned out missing,
+            # so that loading a model costs no extra request.
+            if resolve_checkpoint_file(pretrained_model_name_or_path, "config.json") is None:
+                adapter_config = resolve_checkpoint_file(pretrained_model_name_or_path, "adapter_config.json")
+            if adapter_config is None:
+                try:
+                    config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+                except OSError:
+                    adapter_config = _hub_adapter_config(pretrained_model_name_or_path, hub_kwargs)
+                    if adapter_config is None:
+                        raise
+        if adapter_config is not None:
+            return cls._from_adapter(
+                pretrained_model_name_or_path,
+                adapter_config,
+                *model_args,
+                cafe_settings=cafe_settings,
+                load_processor=load_processor,
+                merge_adapter=merge_adapter,
+                **kwargs,
+            )
         if cafe_settings is not None:
             settings = (
                 cafe_settings
@@ -1039,6 +1046,35 @@ def _check_processor_matches(model: CafeForConditionalGeneration, processor: Pro
                 f"does not match the model's config.{modality}_token_id ({model_id}). Load the processor from the "
                 "same checkpoint as the model (AutoProcessor.from_pretrained(<model path>))."
             )
+
+
+def _check_model_source(name: str | os.PathLike) -> None:
+    """A path that does not exist and cannot be a Hub repo id is a missing folder: say so (the Hub
+    client's "Repo id must be in the form 'namespace/repo_name'" names neither)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if os.path.exists(name):
+        return
+    try:
+        validate_repo_id(str(name))
+    except HFValidationError:
+        raise FileNotFoundError(
+            f"No model folder at {str(name)!r} (and it is not a Hub repo id such as 'llava-hf/llava-onevision-"
+            "qwen2-0.5b-ov-hf'): check the path."
+        ) from None
+
+
+def _hub_adapter_config(name: str | os.PathLike, hub_kwargs: dict[str, Any]) -> Path | None:
+    """``adapter_config.json`` of the Hub repo `name` (downloaded), or None: not a repo id, or no adapter."""
+    from transformers.utils.peft_utils import find_adapter_config_file
+
+    if not is_hub_repo_id(name):
+        return None
+    try:
+        found = find_adapter_config_file(str(name), **hub_kwargs)
+    except OSError:
+        return None
+    return Path(found) if found is not None else None
 
 
 def _try_load_processor(path: str | os.PathLike, hub_kwargs: dict[str, Any]) -> ProcessorMixin | None:
