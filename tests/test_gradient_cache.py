@@ -33,7 +33,9 @@ def records():
                 ],
             }
         )
-    out[1]["negatives"] = ["a purple picture"]
+    # The second negative is record 2's answer: masked for query 2 only if the negatives' content ids
+    # follow the negatives across mini-batches (records 0-1 and 2-3; the second has no negatives).
+    out[1]["negatives"] = ["a purple picture", out[2]["conversations"][1]["value"]]
     return out
 
 
@@ -130,6 +132,7 @@ def test_matches_plain_computation_with_dropout(tiny_checkpoint, share_prefix):
         cat("negative"),
         torch.cat([mb.query_groups for mb in mini_batches]),
         torch.cat([mb.doc_groups for mb in mini_batches]),
+        torch.cat([mb.negative_groups for mb in mini_batches if mb.negative_groups is not None]),
     )
     plain_loss = loss.lm_weight * lm + loss.contrastive_weight * con.loss
     model.zero_grad()
