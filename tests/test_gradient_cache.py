@@ -21,7 +21,7 @@ COLOURS = [(255, 0, 0), (0, 200, 0), (0, 0, 255), (255, 255, 0), (255, 255, 255)
 NAMES = ["red", "green", "blue", "yellow", "white", "black"]
 
 
-def records():
+def records(mined_negative: bool = True):
     out = []
     for rgb, name in zip(COLOURS, NAMES, strict=True):
         out.append(
@@ -33,9 +33,11 @@ def records():
                 ],
             }
         )
-    # The second negative is record 2's answer: masked for query 2 only if the negatives' content ids
-    # follow the negatives across mini-batches (records 0-1 and 2-3; the second has no negatives).
-    out[1]["negatives"] = ["a purple picture", out[2]["conversations"][1]["value"]]
+    out[1]["negatives"] = ["a purple picture"]
+    if mined_negative:
+        # Record 2's answer, as a mined negative: masked for query 2 only if the negatives' content
+        # ids follow the negatives across mini-batches (records 0-1 and 2-3; the second has none).
+        out[1]["negatives"].append(out[2]["conversations"][1]["value"])
     return out
 
 
