@@ -361,17 +361,9 @@ def rewrite_adapter_card(
     settings = folder / ADAPTER_SETTINGS_NAME
     cafe = json.loads(settings.read_text(encoding="utf-8")) if settings.is_file() else {}
     # The folder's own card holds the training settings and metadata cafe wrote at save time.
-    own = card_data_from_source(folder)
-    given = card_data if card_data is not None else CafeModelCardData()
-    data = dataclasses.replace(
-        given,
-        base_model=given.base_model or own.base_model,
-        datasets=given.datasets or own.datasets,
-        license=given.license or own.license,
-        language=given.language or own.language,
-        tags=_unique([*own.tags, *given.tags, *(tags or [])]),
-        training=given.training or own.training,
-    )
+    data = resolve_card_data(card_data, folder)
+    if tags:
+        data = dataclasses.replace(data, tags=_unique([*data.tags, *tags]))
     return write_adapter_card(folder, base_model=str(base or ""), cafe=cafe, card_data=data, model_id=repo_id)
 
 
