@@ -699,6 +699,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.precision == "auto":
         args.precision = "bf16" if torch.cuda.is_available() or cpu_has_native_bf16() else "fp32"
     USE_BF16 = args.precision == "bf16"
+    if not USE_BF16:
+        print("[precision] float32 (no native bf16 on this CPU, or --precision fp32): the recorded runs used bf16")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     logging.getLogger("transformers").setLevel(logging.ERROR)

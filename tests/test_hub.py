@@ -215,6 +215,8 @@ def adapter_folder(tiny_checkpoint, tmp_path):
     return tmp_path / "adapter", expected
 
 
+@pytest.mark.all_families
+@pytest.mark.released_formats
 def test_an_adapter_folder_gets_cafes_card_and_loads_with_its_trained_settings(adapter_folder, tmp_path, monkeypatch):
     folder, expected = adapter_folder
     card = ModelCard.load(folder / "README.md")

@@ -93,6 +93,11 @@ def test_a_batch_of_one_repeated_item_says_the_loss_compared_nothing():
         warnings.simplefilter("error")  # some negatives left, or hard negatives: no warning
         ContrastiveLoss(0.05)(q, d, query_groups=torch.tensor([4, 4, 5]))
         ContrastiveLoss(0.05)(q, d, torch.randn(2, 8), query_groups=torch.tensor([4, 4, 4]))
+    # Hard negatives that all show the (one) positive leave nothing either.
+    with pytest.warns(UserWarning, match="had nothing to compare: .*hard negatives included"):
+        groups = {"query_groups": torch.tensor([4, 4, 4]), "doc_groups": torch.tensor([7, 7, 7])}
+        out = ContrastiveLoss(0.05)(q, d, torch.randn(2, 8), **groups, negative_groups=torch.tensor([7, 7]))
+    assert out.loss.item() == 0.0
 
 
 def test_loss_is_float32_under_bf16_inputs():

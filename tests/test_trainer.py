@@ -154,7 +154,7 @@ def test_a_plain_list_of_records_is_checked_before_step_1(cafe_model, data, tmp_
     assert trainer.train_dataset == records[:4] + records[6:]
 
 
-def test_lora_merged_and_unmerged_give_same_embeddings(cafe_model, data, tmp_path):
+def test_lora_merged_and_unmerged_give_same_embeddings(cafe_model, data, tmp_path, caplog):
     from peft import LoraConfig, PeftModel, get_peft_model
 
     from cafe.training import LORA_TARGETS
@@ -182,7 +182,11 @@ def test_lora_merged_and_unmerged_give_same_embeddings(cafe_model, data, tmp_pat
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
     # An adapter folder (here PEFT's own save: no cafe_settings.json) loads on top of its base model,
     # the adapter merged in, or held by a PeftModel.
-    folded = CafeForConditionalGeneration.from_pretrained(tmp_path / "adapter")
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="cafe.modeling"):
+        folded = CafeForConditionalGeneration.from_pretrained(tmp_path / "adapter")
+    assert any("has no cafe_settings.json (an adapter saved by PEFT itself" in r.getMessage() for r in caplog.records)
     assert type(folded) is type(base) and (folded.encode(inputs) - merged_emb).abs().max().item() <= 1e-5
     assert folded.processor is not None  # the base model's, since the adapter folder has none
     adapted = CafeForConditionalGeneration.from_pretrained(tmp_path / "adapter", merge_adapter=False)

@@ -128,15 +128,6 @@ class ContrastiveLoss(nn.Module):
         if mask is not None:
             # The mask is symmetric, so the same one applies to the transposed direction.
             logits = logits.masked_fill(mask, float("-inf"))
-            if negative_embeds is None and bool(mask.sum(dim=1).eq(n - 1).all()):
-                # Every candidate is a duplicate of the positive: the loss is 0 and the accuracies 1
-                # by construction, and a counter alone would not show it.
-                warnings.warn(
-                    f"The contrastive loss had nothing to compare: all {n} pairs of this batch show the same image / "
-                    "text, so false-negative masking removed every negative and the term is 0. Shuffle the data "
-                    "(or deduplicate it) so that a batch mixes different items, or add hard negatives.",
-                    stacklevel=2,
-                )
         logits_q2d = logits
         if negative_embeds is not None:
             neg = F.normalize(negative_embeds.float(), dim=-1)
@@ -145,6 +136,16 @@ class ContrastiveLoss(nn.Module):
             if negative_mask is not None:
                 negative_logits = negative_logits.masked_fill(negative_mask, float("-inf"))
             logits_q2d = torch.cat([logits, negative_logits], dim=1)  # [N, N + K]
+        if mask is not None and bool(torch.isfinite(logits_q2d).sum(dim=1).eq(1).all()):
+            # Every candidate (in-batch and hard negative) is a duplicate of the positive: the loss
+            # is 0 and the accuracies 1 by construction, and a counter alone would not show it.
+            warnings.warn(
+                f"The contrastive loss had nothing to compare: all {n} pairs of this batch show the same image / "
+                "text, so false-negative masking removed every negative (hard negatives included) and the term "
+                "is 0. Shuffle the data (or deduplicate it) so that a batch mixes different items, or add hard "
+                "negatives.",
+                stacklevel=2,
+            )
         logits_d2q = logits.T
 
         labels = torch.arange(n, device=q.device)

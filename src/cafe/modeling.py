@@ -276,6 +276,14 @@ class CafeForConditionalGeneration(PreTrainedModel):
             str(adapter), ADAPTER_SETTINGS_NAME, _raise_exceptions_for_missing_entries=False, **hub_kwargs
         )
         trained = json.loads(Path(settings_file).read_text(encoding="utf-8")) if settings_file else {}
+        if not trained and cafe_settings is None:
+            logger.warning(
+                "%s has no %s (an adapter saved by PEFT itself, not by CafeTrainer): it is loaded with the base "
+                "model's CAFe settings, which may not be the prompts and temperature it was trained with. Pass "
+                "cafe_settings={...} to say which.",
+                adapter,
+                ADAPTER_SETTINGS_NAME,
+            )
         settings: CafeSettings | dict | None = cafe_settings
         if not isinstance(cafe_settings, CafeSettings) and trained:
             settings = {**trained, **(cafe_settings or {})}
