@@ -153,6 +153,23 @@ def test_weight_change_recomputes_the_prefix(cafe_model, images):
     assert (after - before).abs().max().item() > 1e-4
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_an_optimizer_step_recomputes_the_prefix(cafe_model, fused):
+    """A fused AdamW (Trainer's default, adamw_torch_fused) writes the weights without bumping
+    their version counter; its step must still invalidate the cached prefix."""
+    inputs = ["a short text", "a much longer text about a red square", "hi"]
+    before = cafe_model.encode(inputs)
+    weight = cafe_model.model.language_model.layers[0].self_attn.k_proj.weight
+    optimizer = torch.optim.AdamW([weight], lr=0.1, fused=fused)
+    weight.grad = torch.ones_like(weight)
+    version = weight._version
+    optimizer.step()
+    assert fused == (weight._version == version)  # what the version counter alone would miss
+    after = cafe_model.encode(inputs)
+    assert (after - cafe_model.encode(inputs, use_prefix_cache=False)).abs().max().item() <= 1e-5
+    assert (after - before).abs().max().item() > 1e-4
+
+
 def test_dtype_change_gets_its_own_prefix(cafe_model, images):
     cafe_model.encode(["a text"])
     cache = cafe_model.prefix_cache_for()

@@ -42,8 +42,10 @@ a newline).
 
 Invalidation. The cache is keyed on the device and dtype, and on a *weights signature*: for every
 parameter of the language model, its storage pointer and its in-place version counter
-(``tensor._version``, bumped by optimizer steps, ``load_state_dict``, ``copy_``, merges of LoRA
-weights). Any change to those weights recomputes the prefix on the next batch, at the cost of one
+(``tensor._version``, bumped by ``load_state_dict``, ``copy_``, merges of LoRA weights and most
+optimizer steps), plus the number of optimizer steps taken in the process (fused optimizers, such
+as Trainer's default ``adamw_torch_fused``, update weights without bumping the version counter).
+Any change to those weights recomputes the prefix on the next batch, at the cost of one
 pass over ~300 parameter handles per batch (microseconds), rather than trusting callers to clear
 it. The one change it cannot see is a forward that changes without any weight changing (toggling
 PEFT adapters with ``disable_adapter()``): call `CafeForConditionalGeneration.clear_prefix_cache`
@@ -118,8 +120,33 @@ def embedding_prompt_prefix_ids(
 
 
 def weights_signature(module: torch.nn.Module) -> tuple:
-    """Storage pointer and in-place version of every parameter: changes whenever a weight does."""
-    return tuple((p.data_ptr(), p._version) for p in module.parameters())
+    """Optimizer steps so far, and the storage pointer and in-place version of every parameter:
+    changes whenever a weight does.
+
+    The version counter alone misses optimizer steps: fused optimizers (``AdamW(fused=True)``,
+    Trainer's default ``adamw_torch_fused``) write the weights in place without bumping it, and a
+    model embedded before `Trainer.train` would then embed afterwards with the old prefix. So every
+    optimizer step, of any optimizer, also counts (torch's global step hook, registered once).
+    """
+    _count_optimizer_steps()
+    return (_OPTIMIZER_STEPS[0], *((p.data_ptr(), p._version) for p in module.parameters()))
+
+
+# Optimizer steps taken in this process since the first `weights_signature` (see there).
+_OPTIMIZER_STEPS = [0]
+_STEP_HOOK: list = []
+
+
+def _count_optimizer_steps() -> None:
+    if _STEP_HOOK:
+        return
+
+    def count(optimizer: Any, args: Any, kwargs: Any) -> None:
+        _OPTIMIZER_STEPS[0] += 1
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    _STEP_HOOK.append(register_optimizer_step_post_hook(count))
 
 
 @dataclass
