@@ -96,6 +96,9 @@ VARIANTS = [
     # before training, so the truncated terms train (and `truncate_dim` serves) the leading
     # principal coordinates instead of the first hidden units (see `PRINCIPAL_BASIS_VARIANTS`).
     ("CAFe 1:10 + Matryoshka 1/4, principal basis", 1.0, 10.0, [576, 256, 128, 64], [0.25] * 4),
+    # Matryoshka 1/4 with a rotation of the embedding space learned by the same loss
+    # (`matryoshka_rotation`, see `LEARNED_ROTATION_VARIANTS`).
+    ("CAFe 1:10 + Matryoshka 1/4, learned rotation", 1.0, 10.0, [576, 256, 128, 64], [0.25] * 4),
 ]
 # Variants whose base model is rotated (`fit_embedding_rotation` on `ROTATION_FIT_SYNSETS` training
 # synsets) before fine-tuning. The residual stream's coordinates are shared by every layer through
@@ -104,6 +107,12 @@ VARIANTS = [
 # terms coordinates the model can keep its information in. Without Matryoshka the rotation changes
 # nothing in training (InfoNCE on cosines is rotation-invariant).
 PRINCIPAL_BASIS_VARIANTS = {"CAFe 1:10 + Matryoshka 1/4, principal basis"}
+# Variants whose loss learns an orthogonal rotation of the embedding space jointly with the
+# Matryoshka terms (`CafeLoss(matryoshka_rotation=True)`): where the residual stream cannot be
+# reordered by a fine-tune, the rotation can, and only the truncated terms move it (it is
+# orthogonal, so full-size similarities do not see it). Without Matryoshka it would get no
+# gradient: the run without Matryoshka is its comparison.
+LEARNED_ROTATION_VARIANTS = {"CAFe 1:10 + Matryoshka 1/4, learned rotation"}
 DEFAULT_VARIANTS = [v[0] for v in VARIANTS[:5]]
 TRUNCATED_DIMS = (256, 128, 64)
 # Training synsets (words and definitions) that `fit_embedding_rotation` is fitted on for the
@@ -263,6 +272,7 @@ def train(
     matryoshka_weights: list[float] | None = None,
     gradient_cache_mini_batch: int | None = None,
     principal_basis: bool = False,
+    learned_rotation: bool = False,
 ) -> Path:
     """One fine-tune with CafeTrainer; returns the saved final checkpoint. ``principal_basis``:
     rotate the model (`fit_embedding_rotation` on training synsets) before training; the rotation is
@@ -283,6 +293,7 @@ def train(
             "matryoshka_weights": matryoshka_weights,
             "gradient_cache_mini_batch": gradient_cache_mini_batch,
             **({"principal_basis": True} if principal_basis else {}),  # older runs' settings stay valid
+            **({"learned_rotation": True} if learned_rotation else {}),
             **({} if USE_BF16 else {"precision": "fp32"}),  # likewise (they ran in bf16)
             "records": len(records),
             "records_sha256": hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest(),
@@ -312,6 +323,7 @@ def train(
         compute_contrastive_loss=contrastive_weight > 0,
         matryoshka_dims=matryoshka_dims,
         matryoshka_weights=matryoshka_weights,
+        matryoshka_rotation=learned_rotation,
         # GradCache: the batch in mini-batches of this many records, memory independent of the
         # batch (more in-batch negatives at constant memory). Unset keeps the arguments' defaults.
         **(
@@ -755,6 +767,7 @@ def main(argv: list[str] | None = None) -> dict:
                 dims: list[int] | None = dims,
                 dim_weights: list[float] | None = dim_weights,
                 principal_basis: bool = name in PRINCIPAL_BASIS_VARIANTS,
+                learned_rotation: bool = name in LEARNED_ROTATION_VARIANTS,
             ) -> dict:
                 if dims is not None:  # a smaller LM (the tests' tiny Llama) trains the sizes it has
                     width = AutoConfig.from_pretrained(base).get_text_config().hidden_size
@@ -780,6 +793,7 @@ def main(argv: list[str] | None = None) -> dict:
                     matryoshka_weights=dim_weights,
                     gradient_cache_mini_batch=args.gradient_cache_mini_batch,
                     principal_basis=principal_basis,
+                    learned_rotation=learned_rotation,
                 )
                 metrics = evaluate(final, data)
                 if not args.keep_checkpoints:

@@ -114,3 +114,153 @@ def test_matryoshka_dims_parse_from_the_command_line():
         ["--output_dir", "x", "--matryoshka_dims", "896", "256", "64", "--use_cpu", "true"]
     )
     assert args.matryoshka_dims == [896, 256, 64]
+    (args,) = HfArgumentParser(CafeTrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", "x", "--matryoshka_dims", "64", "8", "--matryoshka_rotation", "--use_cpu", "true"]
+    )
+    assert args.matryoshka_rotation and args.matryoshka_rotation_learning_rate == 1e-3
+
+
+# ---------------------------------------------------------------------- learned rotation
+def _rotation_grad(loss, q, d):
+    loss.learned_rotation.zero_grad()
+    loss.contrastive_term(q, d, None, None, None).loss.backward()
+    return loss.learned_rotation.parametrizations.weight.original.grad
+
+
+def test_a_learned_rotation_starts_as_the_plain_loss_and_only_the_truncated_terms_train_it():
+    torch.manual_seed(0)
+    q, d, neg = torch.randn(6, 64), torch.randn(6, 64), torch.randn(2, 64)
+    rotated = CafeLoss(matryoshka_dims=DIMS, matryoshka_rotation=True)
+    assert torch.equal(rotated.rotation, torch.eye(64))
+    plain = CafeLoss(matryoshka_dims=DIMS).contrastive_term(q, d, neg, None, None).loss
+    assert rotated.contrastive_term(q, d, neg, None, None).loss.item() == pytest.approx(plain.item(), rel=1e-6)
+    # Orthogonal: the full-size InfoNCE does not depend on it, the truncated ones do.
+    full_only = CafeLoss(matryoshka_dims=[64], matryoshka_rotation=True)
+    assert _rotation_grad(full_only, q, d).abs().max() < 1e-5
+    assert _rotation_grad(rotated, q, d).abs().max() > 1e-2
+
+
+def test_a_learned_rotation_moves_the_information_into_the_prefix():
+    """Pairs that differ only in their last 8 coordinates: the first 8 retrieve at chance until
+    the rotation, trained by the 8-dimension term, turns those directions to the front."""
+    torch.manual_seed(0)
+
+    def pairs(n):
+        signal = torch.randn(n, 8)
+        noise = torch.randn(n, 56)
+        return torch.cat([noise, signal], 1), torch.cat([torch.randn(n, 56), signal + 0.1 * torch.randn(n, 8)], 1)
+
+    def recall_at_8(loss, q, d):
+        q, d = (q, d) if loss is None else (q @ loss.rotation.T, d @ loss.rotation.T)
+        q, d = F.normalize(q[:, :8], dim=-1), F.normalize(d[:, :8], dim=-1)
+        return ((q @ d.T).argmax(-1) == torch.arange(len(q))).float().mean().item()
+
+    loss = CafeLoss(matryoshka_dims=[64, 8], matryoshka_rotation=True)
+    test_q, test_d = pairs(200)
+    assert recall_at_8(None, test_q, test_d) < 0.05
+    optimizer = torch.optim.Adam(loss.parameters(), lr=1e-2)
+    for _ in range(300):
+        q, d = pairs(32)
+        optimizer.zero_grad()
+        loss.contrastive_term(q, d, None, None, None).loss.backward()
+        optimizer.step()
+    assert recall_at_8(loss, test_q, test_d) > 0.95
+    rotation = loss.rotation.double()
+    assert (rotation @ rotation.T - torch.eye(64, dtype=torch.float64)).abs().max() < 1e-4  # still orthogonal
+    loss.reset_rotation()
+    assert torch.allclose(loss.rotation, torch.eye(64))
+
+
+def test_a_learned_rotation_needs_the_sizes_and_the_full_width():
+    with pytest.raises(ValueError, match="matryoshka_rotation=True needs matryoshka_dims"):
+        CafeLoss(matryoshka_rotation=True)
+    loss = CafeLoss(matryoshka_dims=[32, 8], matryoshka_rotation=True)
+    with pytest.raises(ValueError, match="list the full size 64 in matryoshka_dims"):
+        loss.contrastive_term(torch.randn(3, 64), torch.randn(3, 64), None, None, None)
+    from cafe import CafeTrainingArguments
+
+    with pytest.raises(ValueError, match="matryoshka_rotation=True needs matryoshka_dims"):
+        CafeTrainingArguments(output_dir="x", use_cpu=True, matryoshka_rotation=True)
+
+
+def _rotation_run(tiny_checkpoint, data, tmp_path, output_dir, **overrides):
+    model = CafeForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    kwargs = dict(
+        output_dir=str(output_dir),
+        max_steps=4,
+        matryoshka_dims=DIMS,
+        matryoshka_rotation=True,
+        matryoshka_rotation_learning_rate=0.05,
+    )
+    kwargs.update(overrides)
+    return model, make_trainer(model, data, tmp_path, **kwargs)
+
+
+def test_the_trainer_learns_the_rotation_and_the_checkpoint_serves_it(tiny_checkpoint, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    data = write_training_data(tmp_path, names=("red", "green", "blue", "yellow"))
+    model, trainer = _rotation_run(tiny_checkpoint, data, tmp_path, tmp_path / "run")
+    items = ["a red picture", "a blue square", "green"]
+    before = model.encode(items)
+    trainer.train()
+    rates = {group["lr"] for group in trainer.optimizer.param_groups if group["params"][0].shape == (64, 64)}
+    assert trainer.args.matryoshka_rotation_learning_rate in rates or trainer.lr_scheduler is not None
+    rotation = model.embedding_rotation
+    assert rotation is not None and (rotation - torch.eye(64)).abs().max() > 1e-3  # it turned
+    assert torch.allclose(trainer.loss.rotation, torch.eye(64))  # folded into the model, the loss restarts
+    # Full size: the rotation changes no similarity.
+    after = model.encode(items)
+    with torch.no_grad():
+        model.set_embedding_rotation(None)
+        unrotated = model.encode(items)
+        model.set_embedding_rotation(rotation)
+    assert torch.allclose(after @ after.T, unrotated @ unrotated.T, atol=1e-5)
+    assert not torch.allclose(after, before, atol=1e-3)
+    out = tmp_path / "saved"
+    model.save_pretrained(out)
+    assert (out / "2_Dense").is_dir()
+    reloaded = CafeForConditionalGeneration.from_pretrained(out)
+    assert torch.allclose(reloaded.embedding_rotation, rotation, atol=1e-6)
+    st = SentenceTransformer(str(out), device="cpu", truncate_dim=8)
+    served = st.encode(items, convert_to_tensor=True)
+    assert torch.allclose(F.normalize(served, dim=-1), model.encode(items, truncate_dim=8), atol=1e-4)
+
+
+def test_a_checkpoint_holds_the_rotation_of_its_step_and_resumes_it(tiny_checkpoint, tmp_path):
+    data = write_training_data(tmp_path, names=("red", "green", "blue", "yellow"))
+    saving = dict(save_strategy="steps", save_steps=2, learning_rate=1e-3)
+    model, full = _rotation_run(tiny_checkpoint, data, tmp_path, tmp_path / "full", **saving)
+    full.train()
+    uninterrupted = model.embedding_rotation
+    at_2 = CafeForConditionalGeneration.from_pretrained(tmp_path / "full" / "checkpoint-2").embedding_rotation
+    assert at_2 is not None and not torch.allclose(at_2, uninterrupted, atol=1e-4)
+    assert (at_2 - torch.eye(64)).abs().max() > 1e-3
+
+    resumed_model, resumed = _rotation_run(tiny_checkpoint, data, tmp_path, tmp_path / "full", **saving)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    assert torch.allclose(resumed_model.embedding_rotation, uninterrupted, atol=1e-5)
+
+
+def test_a_lora_adapter_folder_carries_the_learned_rotation(tiny_checkpoint, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    data = write_training_data(tmp_path, names=("red", "green", "blue", "yellow"))
+    model = CafeForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=r".*language_model.*\.q_proj"))
+    trainer = make_trainer(
+        peft_model,
+        data,
+        tmp_path,
+        max_steps=2,
+        matryoshka_dims=DIMS,
+        matryoshka_rotation=True,
+        matryoshka_rotation_learning_rate=0.05,
+    )
+    trainer.train()
+    trainer.save_model(str(tmp_path / "adapter"))
+    assert (tmp_path / "adapter" / "cafe_embedding_rotation.safetensors").is_file()
+    loaded = CafeForConditionalGeneration.from_pretrained(tmp_path / "adapter")
+    assert torch.allclose(loaded.embedding_rotation, model.embedding_rotation, atol=1e-6)
+    items = ["a red picture", "green"]
+    assert torch.allclose(loaded.encode(items, truncate_dim=8), model.encode(items, truncate_dim=8), atol=1e-4)

@@ -26,6 +26,9 @@ POOLING_MODES = ("last_token",)
 # settings the adapter was trained with (prompts, learned temperature, Matryoshka sizes) into this
 # file beside it, and `CafeForConditionalGeneration.from_pretrained(adapter_folder)` reads them back.
 ADAPTER_SETTINGS_NAME = "cafe_settings.json"
+# ... and the embedding rotation (fitted, or learned with `matryoshka_rotation`), which a full
+# checkpoint stores as its sentence-transformers ``Dense`` module: one ``[D, D]`` tensor, "rotation".
+ADAPTER_ROTATION_NAME = "cafe_embedding_rotation.safetensors"
 
 
 @dataclass

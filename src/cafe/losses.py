@@ -319,6 +319,16 @@ class CafeLoss(nn.Module):
         matryoshka_weights: ``w_k`` per size (default 1 each; as sentence-transformers, the terms are
             summed, so the contrastive term's scale grows with the number of sizes: lower
             ``contrastive_weight`` or pass weights summing to 1 to keep the paper's balance).
+        matryoshka_rotation: Learn a ``[D, D]`` orthogonal rotation of the embedding space jointly
+            with the Matryoshka terms (``D`` = the largest of ``matryoshka_dims``, which must be the
+            full embedding size), applied before truncating. A fine-tune cannot reorder the
+            coordinates of a pretrained LM's residual stream (docs/sentence-transformers.md), so
+            the truncated terms alone leave the first ``k`` coordinates no better than any ``k``;
+            the rotation is where the loss can put the directions that matter first. It is
+            orthogonal, so the full-size term does not see it and full-size embeddings are
+            unchanged: only the truncated terms train it. A parameter of this loss (as a learnable
+            logit scale), saved with the trainer state; `CafeTrainer` folds it into the model's
+            `embedding_rotation` (the saved ``Dense`` module) when it saves and after training.
     """
 
     def __init__(
@@ -335,6 +345,7 @@ class CafeLoss(nn.Module):
         share_prefix: bool = True,
         matryoshka_dims: list[int] | tuple[int, ...] | None = None,
         matryoshka_weights: list[float] | tuple[float, ...] | None = None,
+        matryoshka_rotation: bool = False,
     ):
         super().__init__()
         if contrastive_weight < 0 or lm_weight < 0:
@@ -360,6 +371,14 @@ class CafeLoss(nn.Module):
         self.average_tokens_across_processes = average_tokens_across_processes
         self.share_prefix = share_prefix
         self.matryoshka_dims, self.matryoshka_weights = _check_matryoshka(matryoshka_dims, matryoshka_weights)
+        self.learned_rotation: nn.Linear | None = None
+        if matryoshka_rotation:
+            if not self.matryoshka_dims:
+                raise ValueError(
+                    "matryoshka_rotation=True needs matryoshka_dims: the rotation is trained by the truncated terms "
+                    "(the full-size term does not see an orthogonal rotation)."
+                )
+            self.learned_rotation = learned_rotation(max(self.matryoshka_dims))
 
     @property
     def uses_lm(self) -> bool:
@@ -455,6 +474,12 @@ class CafeLoss(nn.Module):
             )
         if not self.mask_false_negatives:
             query_groups = doc_groups = negative_groups = None
+        if self.learned_rotation is not None and is_distributed() and not self.gather_negatives:
+            # The rotation is no DDP parameter: on local batches every process would turn its own.
+            raise ValueError(
+                "matryoshka_rotation=True under several processes needs gather_negatives=True, so that every "
+                "process learns the rotation from the same global loss."
+            )
         if self.gather_negatives and is_distributed():
             world_size = torch.distributed.get_world_size()
             if self.contrastive_gradient == "exact":
@@ -521,6 +546,12 @@ class CafeLoss(nn.Module):
                 f"matryoshka_dims {list(dims)} leave out the full embedding size {size}: the full "
                 f"vectors get no loss of their own. Add {size} to train them too."
             )
+        if self.learned_rotation is not None:
+            rotation = self.rotation_matrix(size)
+            # float32 even under autocast, as every part of the loss.
+            with torch.autocast(query.device.type, enabled=False):
+                query, doc = query.float() @ rotation.T, doc.float() @ rotation.T
+                negatives = None if negatives is None else negatives.float() @ rotation.T
         total: torch.Tensor | None = None
         by_dim: dict[int, torch.Tensor] = {}
         largest: tuple[int, ContrastiveOutput] | None = None
@@ -544,6 +575,46 @@ class CafeLoss(nn.Module):
         return ContrastiveOutput(
             total, best.accuracy_query_to_doc, best.accuracy_doc_to_query, best.logit_scale, loss_by_dim=by_dim
         )
+
+    @property
+    def rotation(self) -> torch.Tensor | None:
+        """The learned ``[D, D]`` orthogonal rotation (``matryoshka_rotation``), detached, or None."""
+        if self.learned_rotation is None:
+            return None
+        return self.learned_rotation.weight.detach().float()
+
+    def rotation_matrix(self, size: int) -> torch.Tensor:
+        """The learned rotation, ``[size, size]`` float32 with its gradient: one matrix exponential,
+        shared by a step's queries, documents and negatives. A clear error if ``size``, the
+        embeddings' width, is not the width it was built for."""
+        if self.learned_rotation is None:
+            raise ValueError("rotation_matrix needs matryoshka_rotation=True: this loss learns no rotation.")
+        rotation = self.learned_rotation.weight
+        if rotation.shape[0] != size:
+            raise ValueError(
+                f"matryoshka_rotation learns a rotation of the full embedding, {rotation.shape[0]} wide (the largest "
+                f"of matryoshka_dims), but the embeddings are {size} wide: list the full size {size} in "
+                "matryoshka_dims."
+            )
+        return rotation.float()
+
+    def reset_rotation(self) -> None:
+        """Start the learned rotation again from the identity (after `CafeTrainer` folded it into the model)."""
+        if self.learned_rotation is not None:
+            size = self.learned_rotation.weight.shape[0]
+            device = self.learned_rotation.weight.device
+            with torch.no_grad():
+                self.learned_rotation.weight = torch.eye(size, device=device)
+
+
+def learned_rotation(size: int) -> nn.Linear:
+    """A ``[size, size]`` linear map kept orthogonal by torch's ``orthogonal`` parametrization
+    (the matrix exponential of a learned skew-symmetric matrix), starting at the identity."""
+    layer = nn.Linear(size, size, bias=False)
+    torch.nn.utils.parametrizations.orthogonal(layer, orthogonal_map="matrix_exp")  # in place
+    with torch.no_grad():
+        layer.weight = torch.eye(size)  # the parametrization's right inverse
+    return layer
 
 
 def _check_matryoshka(

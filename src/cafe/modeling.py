@@ -29,7 +29,7 @@ from transformers import AutoConfig, PreTrainedModel
 from transformers.utils import logging
 
 from .batch import CafeBatch
-from .configuration import ADAPTER_SETTINGS_NAME, CafeSettings
+from .configuration import ADAPTER_ROTATION_NAME, ADAPTER_SETTINGS_NAME, CafeSettings
 from .export import read_embedding_rotation
 from .hub import is_hub_repo_id, resolve_checkpoint_file
 from .inference import (
@@ -298,6 +298,14 @@ class CafeForConditionalGeneration(PreTrainedModel):
             raise ValueError("output_loading_info=True is not supported for a PEFT adapter folder; load it without.")
         from peft import PeftModel
 
+        rotation_file = cached_file(
+            str(adapter), ADAPTER_ROTATION_NAME, _raise_exceptions_for_missing_entries=False, **hub_kwargs
+        )
+        if rotation_file:
+            from safetensors.torch import load_file
+
+            # The rotation the adapter was trained or fitted with replaces the base model's.
+            model.set_embedding_rotation(load_file(rotation_file)["rotation"])
         if load_processor:
             # A trainer that was given the processor saved it with the adapter; else the base's.
             model.processor = _try_load_processor(adapter, hub_kwargs) or _try_load_processor(base, hub_kwargs)
@@ -757,9 +765,9 @@ class CafeForConditionalGeneration(PreTrainedModel):
         (the rotation is orthogonal). Unsupervised: fit on a sample of the corpus you will embed
         (queries and documents alike), never on evaluation labels. Replaces any earlier rotation.
 
-        The rotation is saved by `save_pretrained` (as the ``Dense`` module of the folder) and by
-        nothing else: a PEFT adapter-only save does not carry it, so save the merged model (or
-        fit again after loading the adapter).
+        The rotation is saved by `save_pretrained` (as the ``Dense`` module of the folder) and,
+        for a LoRA fine-tune saved as an adapter, by `CafeTrainer` beside the adapter
+        (``cafe_embedding_rotation.safetensors``); PEFT's own ``save_pretrained`` does not carry it.
 
         Args:
             inputs, images, texts, instruction, processor, batch_size, show_progress_bar: As in

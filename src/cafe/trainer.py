@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +29,10 @@ if TYPE_CHECKING:
     from .modeling import CafeForConditionalGeneration
 
 logger = logging.get_logger(__name__)
+
+
+# Default rate of the learned Matryoshka rotation (`CafeLoss(matryoshka_rotation=True)`).
+MATRYOSHKA_ROTATION_LEARNING_RATE = 1e-3
 
 
 @dataclass
@@ -102,6 +108,17 @@ class CafeTrainingArguments(TrainingArguments):
     matryoshka_weights: list[float] | None = field(
         default=None, metadata={"help": "Weight of each matryoshka_dims term (default 1 each, summed)."}
     )
+    matryoshka_rotation: bool = field(
+        default=False,
+        metadata={
+            "help": "Learn an orthogonal rotation of the embedding space with the Matryoshka terms, so that truncated "
+            "prefixes hold the directions that matter (saved as the sentence-transformers Dense module). See CafeLoss."
+        },
+    )
+    matryoshka_rotation_learning_rate: float = field(
+        default=MATRYOSHKA_ROTATION_LEARNING_RATE,
+        metadata={"help": "Learning rate of the learned Matryoshka rotation (it starts at the identity)."},
+    )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep raw record columns: CafeCollator reads them."}
     )
@@ -123,6 +140,11 @@ class CafeTrainingArguments(TrainingArguments):
         if self.contrastive_gradient not in CONTRASTIVE_GRADIENTS:
             raise ValueError(
                 f"contrastive_gradient must be one of {CONTRASTIVE_GRADIENTS}, got {self.contrastive_gradient!r}."
+            )
+        if self.matryoshka_rotation and not self.matryoshka_dims:
+            raise ValueError(
+                "matryoshka_rotation=True needs matryoshka_dims (e.g. 896 512 256 128 64): only the truncated terms "
+                "train the rotation."
             )
         if self.torch_compile:
             warnings.warn("torch_compile=True with CafeTrainer is untested; it is off by default.", stacklevel=2)
@@ -250,6 +272,7 @@ class CafeTrainer(Trainer):
             share_prefix=args.share_prefix,
             matryoshka_dims=args.matryoshka_dims,
             matryoshka_weights=args.matryoshka_weights,
+            matryoshka_rotation=args.matryoshka_rotation,
         )
         if args.gradient_cache:
             return CachedCafeLoss(mini_batch_size=args.gradient_cache_mini_batch_size, **kwargs)
@@ -287,9 +310,21 @@ class CafeTrainer(Trainer):
         # `learning_rate` is the LLM's (the one --learning_rate sets), whatever the group order.
         components = [component for component, _ in groups]
         self._logged_lr_group = components.index("llm") if "llm" in components else 0
-        loss_params = [p for p in self.loss.parameters() if p.requires_grad]
+        rotation = getattr(self.loss, "learned_rotation", None)
+        rotation_params = set() if rotation is None else {id(p) for p in rotation.parameters()}
+        loss_params = [p for p in self.loss.parameters() if p.requires_grad and id(p) not in rotation_params]
         if loss_params:
             param_groups.append({"params": loss_params, "lr": self.args.learning_rate, "weight_decay": 0.0})
+        if rotation is not None:
+            # Its own rate: it starts at the identity and has to turn far in a few hundred steps,
+            # where the LLM's rate (1e-5 - 1e-4) would leave it there.
+            param_groups.append(
+                {
+                    "params": list(rotation.parameters()),
+                    "lr": self.args.matryoshka_rotation_learning_rate,
+                    "weight_decay": 0.0,
+                }
+            )
         # transformers annotates the model as PreTrainedModel; a PEFT / DDP wrapper is what Trainer passes too.
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)  # type: ignore[arg-type]
         optimizer_kwargs.pop("lr", None)
@@ -371,9 +406,49 @@ class CafeTrainer(Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> TrainOutput:
         self._check_training_data()
+        # The model's own rotation (a fitted one, or none) while the loss learns one on top of it.
+        self._rotation_before_training = self._cafe_model().embedding_rotation
         result = super().train(resume_from_checkpoint, *args, **kwargs)
         self.write_learned_settings()
+        self.fold_learned_rotation()
         return result
+
+    # ------------------------------------------------------------------ learned Matryoshka rotation
+    def learned_embedding_rotation(self) -> torch.Tensor | None:
+        """The model's rotation with the loss's learned one on top (``R_learned @ R_model``, ``[D, D]``
+        float32 on the CPU), or None when the loss learns none (``matryoshka_rotation``)."""
+        learned = getattr(self.loss, "rotation", None)
+        if learned is None:
+            return None
+        before = getattr(self, "_rotation_before_training", self._cafe_model().embedding_rotation)
+        learned = learned.to("cpu", torch.float32)
+        return learned if before is None else learned @ before
+
+    def fold_learned_rotation(self) -> None:
+        """Make the learned rotation the model's `embedding_rotation` and restart the loss's from the
+        identity, so that the model embeds (and a further `train` starts) as training left it."""
+        rotation = self.learned_embedding_rotation()
+        if rotation is None:
+            return
+        self._cafe_model().set_embedding_rotation(rotation)
+        self._rotation_before_training = rotation
+        self.loss.reset_rotation()
+
+    @contextlib.contextmanager
+    def _saving_learned_rotation(self) -> Iterator[None]:
+        """While saving mid-training: the model's rotation is the learned one, so the checkpoint
+        embeds as the model does at this step; afterwards training goes on with the loss applying it."""
+        rotation = self.learned_embedding_rotation()
+        if rotation is None:
+            yield
+            return
+        model = self._cafe_model()
+        before = model.embedding_rotation
+        model.set_embedding_rotation(rotation)
+        try:
+            yield
+        finally:
+            model.set_embedding_rotation(before)
 
     # ------------------------------------------------------------------ data checks
     def _cafe_collator(self) -> Any:
@@ -415,7 +490,8 @@ class CafeTrainer(Trainer):
     # ------------------------------------------------------------------ saving
     def _save(self, output_dir: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         self.write_learned_settings()
-        super()._save(output_dir, state_dict)
+        with self._saving_learned_rotation():
+            super()._save(output_dir, state_dict)
         # Trainer pickles its arguments next to the weights; a published folder should hold no
         # pickle (loading one runs code). Write them as JSON instead.
         output_dir = output_dir if output_dir is not None else self.args.output_dir
@@ -432,14 +508,22 @@ class CafeTrainer(Trainer):
     def _save_adapter_extras(self, output_dir: str) -> None:
         """Beside PEFT's adapter files: the CAFe settings the adapter was trained with (an adapter
         folder has no config.json for ``config.cafe``, and training may have changed the prompts,
-        the temperature or the Matryoshka sizes) and cafe's model card over PEFT's placeholder.
-        `CafeForConditionalGeneration.from_pretrained(output_dir)` reads both back."""
-        from .configuration import ADAPTER_SETTINGS_NAME
+        the temperature or the Matryoshka sizes), the embedding rotation if the model has one
+        (fitted, or learned by the loss) and cafe's model card over PEFT's placeholder.
+        `CafeForConditionalGeneration.from_pretrained(output_dir)` reads them back."""
+        from safetensors.torch import save_file
+
+        from .configuration import ADAPTER_ROTATION_NAME, ADAPTER_SETTINGS_NAME
         from .hub import write_adapter_card
 
         model = self._cafe_model()
         with open(os.path.join(output_dir, ADAPTER_SETTINGS_NAME), "w") as f:
             json.dump(model.config.cafe, f, indent=2)
+        rotation_path = os.path.join(output_dir, ADAPTER_ROTATION_NAME)
+        if model.embedding_rotation is not None:
+            save_file({"rotation": model.embedding_rotation.contiguous()}, rotation_path)
+        elif os.path.isfile(rotation_path):  # an earlier save's, which this model no longer has
+            os.remove(rotation_path)
         write_adapter_card(
             output_dir,
             base_model=str(model.name_or_path),
