@@ -20,6 +20,8 @@ from cafe.losses import CachedCafeLoss  # noqa: E402
 MODE_SETTINGS = {
     "reference": {"contrastive_gradient": "reference"},
     "learnable": {"learnable_logit_scale": True},
+    "rotation": {"matryoshka_dims": [64, 16, 8], "matryoshka_rotation": True},
+    "rotation_local": {"matryoshka_dims": [64, 16, 8], "matryoshka_rotation": True, "gather_negatives": False},
 }
 
 

@@ -94,7 +94,7 @@ def assert_close_grads(got, expected):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["plain", "gradient_cache", "fsdp", "learnable"])
+@pytest.mark.parametrize("mode", ["plain", "gradient_cache", "fsdp", "learnable", "rotation"])
 def test_two_processes_equal_one_process_on_the_concatenated_batch(tiny_checkpoint, tmp_path, mode):
     """contrastive_gradient="exact": the DDP-averaged gradient is the global loss's gradient, the
     learnable logit scale's included (it is not a DDP parameter: no world-size factor on it)."""
@@ -105,6 +105,8 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tiny_checkpoi
     assert result["loss"] == pytest.approx(loss, rel=1e-4)
     if mode == "learnable":
         assert "loss.contrastive.log_logit_scale" in grads
+    if mode == "rotation":  # the learned Matryoshka rotation: every rank turns it by the global loss's gradient
+        assert grads["loss.learned_rotation.parametrizations.weight.original"].abs().max() > 0
     assert_close_grads(result["grads"], grads)
 
 
@@ -119,6 +121,12 @@ def test_reference_gradient_scale_is_con_weight_over_world_size(tiny_checkpoint,
     # ... and not the exact gradient (the test would prove nothing if the two coincided).
     with pytest.raises(AssertionError):
         assert_close_grads(result["grads"], exact)
+
+
+@pytest.mark.slow
+def test_a_learned_rotation_without_gathered_negatives_is_a_clear_error(tiny_checkpoint, tmp_path):
+    result = run_two_processes(tiny_checkpoint, tmp_path / "local.pt", "rotation_local")
+    assert "matryoshka_rotation=True under several processes needs gather_negatives=True" in result["error"]
 
 
 @pytest.mark.slow
