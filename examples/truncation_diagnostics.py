@@ -9,6 +9,8 @@ WordNet synsets with the vectors cut to ``k`` dimensions four ways:
 - ``rotated``: the first ``k`` after `fit_embedding_rotation` on the words and definitions of the
   first 1,000 training synsets (the deployable fix; ``--fit_synsets`` adds other sample sizes as
   ``rotated_{n}_synsets``);
+- ``raw`` (for a run saved with a rotation, e.g. one learned with ``matryoshka_rotation``): the first
+  ``k`` of the language model's own coordinates, the rotation taken off again;
 - ``ceiling``: the best ``k``-dimensional subspace of the held-out vectors themselves (fitted on the
   evaluation set, so an upper bound, not a result);
 - ``base_rotated`` (with ``--base_rotation``): the first ``k`` after the rotation fitted on the *base*
@@ -79,6 +81,9 @@ def diagnose(
         for n in fit_synsets
     }
     rotations["ceiling"] = principal_rotation(torch.cat([words, definitions]))
+    if model.embedding_rotation is not None:
+        # Served vectors are x @ R^T: R takes them back to the LM's coordinates.
+        rotations["raw"] = model.embedding_rotation.T
     if base is not None:
         # The vectors come rotated if the run was (a principal-basis variant): back to the LM's own
         # coordinates, where the base rotation was fitted, then into the base basis.

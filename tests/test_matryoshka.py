@@ -253,11 +253,18 @@ def test_a_lora_adapter_folder_carries_the_learned_rotation(tiny_checkpoint, tmp
         data,
         tmp_path,
         max_steps=2,
+        save_strategy="steps",
+        save_steps=1,
         matryoshka_dims=DIMS,
         matryoshka_rotation=True,
         matryoshka_rotation_learning_rate=0.05,
     )
     trainer.train()
+    # A checkpoint written mid-training holds the rotation of its step (learned, not yet folded in).
+    from safetensors.torch import load_file
+
+    at_1 = load_file(tmp_path / "run" / "checkpoint-1" / "cafe_embedding_rotation.safetensors")["rotation"]
+    assert (at_1 - torch.eye(64)).abs().max() > 1e-3 and not torch.allclose(at_1, model.embedding_rotation, atol=1e-4)
     trainer.save_model(str(tmp_path / "adapter"))
     assert (tmp_path / "adapter" / "cafe_embedding_rotation.safetensors").is_file()
     loaded = CafeForConditionalGeneration.from_pretrained(tmp_path / "adapter")

@@ -503,7 +503,8 @@ class CafeTrainer(Trainer):
                 f.write(self.args.to_json_string())
             unwrapped = self.accelerator.unwrap_model(self.model)
             if hasattr(unwrapped, "get_base_model"):
-                self._save_adapter_extras(output_dir)
+                with self._saving_learned_rotation():
+                    self._save_adapter_extras(output_dir)
 
     def _save_adapter_extras(self, output_dir: str) -> None:
         """Beside PEFT's adapter files: the CAFe settings the adapter was trained with (an adapter
