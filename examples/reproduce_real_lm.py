@@ -70,6 +70,7 @@ from cafe.evaluation import (
     score_answers,
     token_f1,
 )
+from cafe.trainer import MATRYOSHKA_ROTATION_LEARNING_RATE
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CAPTION_PROMPT = "Describe the picture."
@@ -293,7 +294,11 @@ def train(
             "matryoshka_weights": matryoshka_weights,
             "gradient_cache_mini_batch": gradient_cache_mini_batch,
             **({"principal_basis": True} if principal_basis else {}),  # older runs' settings stay valid
-            **({"learned_rotation": True} if learned_rotation else {}),
+            **(
+                {"learned_rotation": True, "rotation_learning_rate": MATRYOSHKA_ROTATION_LEARNING_RATE}
+                if learned_rotation
+                else {}
+            ),
             **({} if USE_BF16 else {"precision": "fp32"}),  # likewise (they ran in bf16)
             "records": len(records),
             "records_sha256": hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest(),

@@ -117,7 +117,7 @@ def test_matryoshka_dims_parse_from_the_command_line():
     (args,) = HfArgumentParser(CafeTrainingArguments).parse_args_into_dataclasses(
         ["--output_dir", "x", "--matryoshka_dims", "64", "8", "--matryoshka_rotation", "--use_cpu", "true"]
     )
-    assert args.matryoshka_rotation and args.matryoshka_rotation_learning_rate == 1e-3
+    assert args.matryoshka_rotation and args.matryoshka_rotation_learning_rate == 1e-2
 
 
 # ---------------------------------------------------------------------- learned rotation

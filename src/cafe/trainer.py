@@ -32,7 +32,7 @@ logger = logging.get_logger(__name__)
 
 
 # Default rate of the learned Matryoshka rotation (`CafeLoss(matryoshka_rotation=True)`).
-MATRYOSHKA_ROTATION_LEARNING_RATE = 1e-3
+MATRYOSHKA_ROTATION_LEARNING_RATE = 1e-2
 
 
 @dataclass
