@@ -196,6 +196,7 @@ def _rotation_run(tiny_checkpoint, data, tmp_path, output_dir, **overrides):
     return model, make_trainer(model, data, tmp_path, **kwargs)
 
 
+@pytest.mark.released_formats
 def test_the_trainer_learns_the_rotation_and_the_checkpoint_serves_it(tiny_checkpoint, tmp_path):
     from sentence_transformers import SentenceTransformer
 

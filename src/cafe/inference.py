@@ -128,25 +128,22 @@ def weights_signature(module: torch.nn.Module) -> tuple:
     model embedded before `Trainer.train` would then embed afterwards with the old prefix. So every
     optimizer step, of any optimizer, also counts (torch's global step hook, registered once).
     """
-    _count_optimizer_steps()
-    return (_OPTIMIZER_STEPS[0], *((p.data_ptr(), p._version) for p in module.parameters()))
+    global _step_hook
+    if _step_hook is None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _step_hook = register_optimizer_step_post_hook(_count_optimizer_step)
+    return (_optimizer_steps, *((p.data_ptr(), p._version) for p in module.parameters()))
 
 
 # Optimizer steps taken in this process since the first `weights_signature` (see there).
-_OPTIMIZER_STEPS = [0]
-_STEP_HOOK: list = []
+_optimizer_steps = 0
+_step_hook: Any = None
 
 
-def _count_optimizer_steps() -> None:
-    if _STEP_HOOK:
-        return
-
-    def count(optimizer: Any, args: Any, kwargs: Any) -> None:
-        _OPTIMIZER_STEPS[0] += 1
-
-    from torch.optim.optimizer import register_optimizer_step_post_hook
-
-    _STEP_HOOK.append(register_optimizer_step_post_hook(count))
+def _count_optimizer_step(optimizer: Any, args: Any, kwargs: Any) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
 
 
 @dataclass
