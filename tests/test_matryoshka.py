@@ -272,3 +272,13 @@ def test_a_lora_adapter_folder_carries_the_learned_rotation(tiny_checkpoint, tmp
     assert torch.allclose(loaded.embedding_rotation, model.embedding_rotation, atol=1e-6)
     items = ["a red picture", "green"]
     assert torch.allclose(loaded.encode(items, truncate_dim=8), model.encode(items, truncate_dim=8), atol=1e-4)
+
+
+def test_a_passed_loss_without_the_rotation_says_the_argument_is_not_used(tiny_checkpoint, tmp_path, caplog):
+    data = write_training_data(tmp_path, names=("red", "green", "blue", "yellow"))
+    model = CafeForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    with caplog.at_level("WARNING"):
+        make_trainer(
+            model, data, tmp_path, loss=CafeLoss(matryoshka_dims=DIMS), matryoshka_dims=DIMS, matryoshka_rotation=True
+        )
+    assert any("learns no rotation: this run trains none" in r.getMessage() for r in caplog.records)

@@ -216,6 +216,11 @@ class CafeTrainer(Trainer):
         frozen = self._cafe_model().freeze_unused_parameters()
         if frozen:
             logger.info("Froze %d parameters the forward pass never uses: %s", len(frozen), frozen)
+        if loss is not None and self.args.matryoshka_rotation and getattr(loss, "learned_rotation", None) is None:
+            logger.warning(
+                "matryoshka_rotation=True in the training arguments, but the loss passed to CafeTrainer learns no "
+                "rotation: this run trains none. Build it with CafeLoss(..., matryoshka_rotation=True)."
+            )
         self.loss = (loss if loss is not None else self.default_loss()).to(self.args.device)
         # Our losses are means over their own batch; let Trainer divide by the accumulation steps.
         self.model_accepts_loss_kwargs = False
