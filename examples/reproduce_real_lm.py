@@ -70,6 +70,7 @@ from cafe.evaluation import (
     score_answers,
     token_f1,
 )
+from cafe.losses import MATRYOSHKA_ROTATION_DECAY
 from cafe.trainer import MATRYOSHKA_ROTATION_LEARNING_RATE
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -98,8 +99,21 @@ VARIANTS = [
     # principal coordinates instead of the first hidden units (see `PRINCIPAL_BASIS_VARIANTS`).
     ("CAFe 1:10 + Matryoshka 1/4, principal basis", 1.0, 10.0, [576, 256, 128, 64], [0.25] * 4),
     # Matryoshka 1/4 with a rotation of the embedding space learned by the same loss
-    # (`matryoshka_rotation`, see `LEARNED_ROTATION_VARIANTS`).
+    # (`matryoshka_rotation`, see `ROTATION_VARIANTS`).
     ("CAFe 1:10 + Matryoshka 1/4, learned rotation", 1.0, 10.0, [576, 256, 128, 64], [0.25] * 4),
+    # Both: the rotation is learned from the base model's principal basis instead of the identity,
+    # so the 80 steps that left the identity-started rotation at ~94 % of full size start where
+    # a fitted rotation is.
+    (
+        "CAFe 1:10 + Matryoshka 1/4, learned rotation from the principal basis",
+        1.0,
+        10.0,
+        [576, 256, 128, 64],
+        [0.25] * 4,
+    ),
+    # The rotation as the running principal basis of the training embeddings
+    # (`matryoshka_rotation_method="principal"`): no steps spent turning it, it follows the model.
+    ("CAFe 1:10 + Matryoshka 1/4, running principal rotation", 1.0, 10.0, [576, 256, 128, 64], [0.25] * 4),
 ]
 # Variants whose base model is rotated (`fit_embedding_rotation` on `ROTATION_FIT_SYNSETS` training
 # synsets) before fine-tuning. The residual stream's coordinates are shared by every layer through
@@ -107,13 +121,21 @@ VARIANTS = [
 # stalled at ~93 % of full-size R@1 at 128 dimensions. A fixed principal basis gives the truncated
 # terms coordinates the model can keep its information in. Without Matryoshka the rotation changes
 # nothing in training (InfoNCE on cosines is rotation-invariant).
-PRINCIPAL_BASIS_VARIANTS = {"CAFe 1:10 + Matryoshka 1/4, principal basis"}
-# Variants whose loss learns an orthogonal rotation of the embedding space jointly with the
-# Matryoshka terms (`CafeLoss(matryoshka_rotation=True)`): where the residual stream cannot be
-# reordered by a fine-tune, the rotation can, and only the truncated terms move it (it is
-# orthogonal, so full-size similarities do not see it). Without Matryoshka it would get no
-# gradient: the run without Matryoshka is its comparison.
-LEARNED_ROTATION_VARIANTS = {"CAFe 1:10 + Matryoshka 1/4, learned rotation"}
+PRINCIPAL_BASIS_VARIANTS = {
+    "CAFe 1:10 + Matryoshka 1/4, principal basis",
+    "CAFe 1:10 + Matryoshka 1/4, learned rotation from the principal basis",
+}
+# Variants whose loss rotates the embedding space for the Matryoshka terms
+# (`CafeLoss(matryoshka_rotation=True)`), by `matryoshka_rotation_method`: "learned", an orthogonal
+# matrix trained by the truncated terms, or "principal", the running principal basis of the
+# training embeddings. Where the residual stream cannot be reordered by a fine-tune, the rotation
+# can. It is orthogonal, so full-size similarities do not see it; without Matryoshka there is no
+# truncated term to use it: the run without Matryoshka is its comparison.
+ROTATION_VARIANTS = {
+    "CAFe 1:10 + Matryoshka 1/4, learned rotation": "learned",
+    "CAFe 1:10 + Matryoshka 1/4, learned rotation from the principal basis": "learned",
+    "CAFe 1:10 + Matryoshka 1/4, running principal rotation": "principal",
+}
 DEFAULT_VARIANTS = [v[0] for v in VARIANTS[:5]]
 TRUNCATED_DIMS = (256, 128, 64)
 # Training synsets (words and definitions) that `fit_embedding_rotation` is fitted on for the
@@ -273,11 +295,13 @@ def train(
     matryoshka_weights: list[float] | None = None,
     gradient_cache_mini_batch: int | None = None,
     principal_basis: bool = False,
-    learned_rotation: bool = False,
+    rotation_method: str | None = None,
 ) -> Path:
     """One fine-tune with CafeTrainer; returns the saved final checkpoint. ``principal_basis``:
     rotate the model (`fit_embedding_rotation` on training synsets) before training; the rotation is
-    kept fixed and saved with the checkpoint."""
+    kept fixed and saved with the checkpoint. ``rotation_method``: the loss rotates the Matryoshka
+    terms' embedding space ("learned" or "principal", `CafeLoss(matryoshka_rotation_method=...)`),
+    folded into the checkpoint's rotation after training."""
     from datasets import Dataset
 
     last = resumable_checkpoint(
@@ -296,7 +320,12 @@ def train(
             **({"principal_basis": True} if principal_basis else {}),  # older runs' settings stay valid
             **(
                 {"learned_rotation": True, "rotation_learning_rate": MATRYOSHKA_ROTATION_LEARNING_RATE}
-                if learned_rotation
+                if rotation_method == "learned"
+                else {}
+            ),
+            **(
+                {"principal_rotation": True, "rotation_decay": MATRYOSHKA_ROTATION_DECAY}
+                if rotation_method == "principal"
                 else {}
             ),
             **({} if USE_BF16 else {"precision": "fp32"}),  # likewise (they ran in bf16)
@@ -328,7 +357,8 @@ def train(
         compute_contrastive_loss=contrastive_weight > 0,
         matryoshka_dims=matryoshka_dims,
         matryoshka_weights=matryoshka_weights,
-        matryoshka_rotation=learned_rotation,
+        matryoshka_rotation=rotation_method is not None,
+        matryoshka_rotation_method=rotation_method or "learned",
         # GradCache: the batch in mini-batches of this many records, memory independent of the
         # batch (more in-batch negatives at constant memory). Unset keeps the arguments' defaults.
         **(
@@ -772,7 +802,7 @@ def main(argv: list[str] | None = None) -> dict:
                 dims: list[int] | None = dims,
                 dim_weights: list[float] | None = dim_weights,
                 principal_basis: bool = name in PRINCIPAL_BASIS_VARIANTS,
-                learned_rotation: bool = name in LEARNED_ROTATION_VARIANTS,
+                rotation_method: str | None = ROTATION_VARIANTS.get(name),
             ) -> dict:
                 if dims is not None:  # a smaller LM (the tests' tiny Llama) trains the sizes it has
                     width = AutoConfig.from_pretrained(base).get_text_config().hidden_size
@@ -798,7 +828,7 @@ def main(argv: list[str] | None = None) -> dict:
                     matryoshka_weights=dim_weights,
                     gradient_cache_mini_batch=args.gradient_cache_mini_batch,
                     principal_basis=principal_basis,
-                    learned_rotation=learned_rotation,
+                    rotation_method=rotation_method,
                 )
                 metrics = evaluate(final, data)
                 if not args.keep_checkpoints:

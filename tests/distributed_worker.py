@@ -21,6 +21,11 @@ MODE_SETTINGS = {
     "reference": {"contrastive_gradient": "reference"},
     "learnable": {"learnable_logit_scale": True},
     "rotation": {"matryoshka_dims": [64, 16, 8], "matryoshka_rotation": True},
+    "principal": {
+        "matryoshka_dims": [64, 16, 8],
+        "matryoshka_rotation": True,
+        "matryoshka_rotation_method": "principal",
+    },
     "rotation_local": {"matryoshka_dims": [64, 16, 8], "matryoshka_rotation": True, "gather_negatives": False},
 }
 
@@ -64,6 +69,7 @@ def main(checkpoint: str, output: str, mode: str):
         if p.grad is not None
     }
     grads.update({f"loss.{n}": p.grad.clone() for n, p in trainer.loss.named_parameters() if p.grad is not None})
+    grads.update({f"loss.{n}": b.clone() for n, b in trainer.loss.named_buffers()})  # compared like gradients
     if rank == 0:
         torch.save({"loss": loss.item() / world, "grads": grads}, output)
 

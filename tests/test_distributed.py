@@ -47,6 +47,7 @@ def make_trainer(checkpoint, output_dir, **overrides):
     trainer = CafeTrainer(
         model=model, args=CafeTrainingArguments(**kwargs), data_collator=CafeCollator(model.processor, model=model)
     )
+    model.train()  # as Trainer's training_step: the loss's running statistics update in training mode
     return trainer, model
 
 
@@ -81,6 +82,7 @@ def single_process_reference(checkpoint, tmp_path, **settings):
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     grads.update({f"loss.{n}": p.grad.clone() for n, p in trainer.loss.named_parameters() if p.grad is not None})
+    grads.update({f"loss.{n}": b.clone() for n, b in trainer.loss.named_buffers()})  # compared like gradients
     return loss.item(), grads
 
 
@@ -94,7 +96,7 @@ def assert_close_grads(got, expected):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["plain", "gradient_cache", "fsdp", "learnable", "rotation"])
+@pytest.mark.parametrize("mode", ["plain", "gradient_cache", "fsdp", "learnable", "rotation", "principal"])
 def test_two_processes_equal_one_process_on_the_concatenated_batch(tiny_checkpoint, tmp_path, mode):
     """contrastive_gradient="exact": the DDP-averaged gradient is the global loss's gradient, the
     learnable logit scale's included (it is not a DDP parameter: no world-size factor on it)."""
@@ -107,6 +109,11 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tiny_checkpoi
         assert "loss.contrastive.log_logit_scale" in grads
     if mode == "rotation":  # the learned Matryoshka rotation: every rank turns it by the global loss's gradient
         assert grads["loss.learned_rotation.parametrizations.weight.original"].abs().max() > 0
+    if mode == "principal":  # the running principal basis: every rank computes it from the gathered embeddings
+        got, expected = result["grads"].pop("loss.learned_rotation.weight"), grads.pop("loss.learned_rotation.weight")
+        assert (expected - torch.eye(64)).abs().max() > 1e-3
+        for k in (4, 8):  # the leading subspaces (past the 8 records' rank the basis is an arbitrary completion)
+            assert torch.allclose(got[:k].T @ got[:k], expected[:k].T @ expected[:k], atol=1e-4)
     assert_close_grads(result["grads"], grads)
 
 

@@ -118,6 +118,26 @@ def test_matryoshka_dims_parse_from_the_command_line():
         ["--output_dir", "x", "--matryoshka_dims", "64", "8", "--matryoshka_rotation", "--use_cpu", "true"]
     )
     assert args.matryoshka_rotation and args.matryoshka_rotation_learning_rate == 1e-2
+    assert args.matryoshka_rotation_method == "learned"
+    (args,) = HfArgumentParser(CafeTrainingArguments).parse_args_into_dataclasses(
+        [
+            "--output_dir",
+            "x",
+            "--matryoshka_dims",
+            "64",
+            "8",
+            "--matryoshka_rotation",
+            "--use_cpu",
+            "true",
+            "--matryoshka_rotation_method",
+            "principal",
+            "--matryoshka_rotation_decay",
+            "0.9",
+        ]
+    )
+    assert (args.matryoshka_rotation_method, args.matryoshka_rotation_decay) == ("principal", 0.9)
+    with pytest.raises(ValueError, match="matryoshka_rotation_method must be one of"):
+        CafeTrainingArguments(output_dir="x", use_cpu=True, matryoshka_rotation_method="pca")
 
 
 # ---------------------------------------------------------------------- learned rotation
@@ -171,6 +191,66 @@ def test_a_learned_rotation_moves_the_information_into_the_prefix():
     assert torch.allclose(loss.rotation, torch.eye(64))
 
 
+def test_a_principal_rotation_is_the_running_principal_basis_of_the_training_embeddings():
+    """``matryoshka_rotation_method="principal"``: no parameter, a statistic of the embeddings the
+    loss trains on, updated in training mode only, that puts the high-variance directions first."""
+    from cafe.losses import RunningPrincipalBasis
+    from cafe.rotation import principal_rotation
+
+    torch.manual_seed(0)
+    scale = torch.ones(64)
+    scale[-8:] = 4.0  # most of the vectors' length in the last 8 coordinates
+
+    def pairs(n):
+        signal = torch.randn(n, 64) * scale
+        return signal, signal + torch.randn(n, 64)
+
+    def recall_at_8(rotation, q, d):
+        q, d = F.normalize((q @ rotation.T)[:, :8], dim=-1), F.normalize((d @ rotation.T)[:, :8], dim=-1)
+        return ((q @ d.T).argmax(-1) == torch.arange(len(q))).float().mean().item()
+
+    loss = CafeLoss(matryoshka_dims=[64, 8], matryoshka_rotation=True, matryoshka_rotation_method="principal")
+    assert isinstance(loss.learned_rotation, RunningPrincipalBasis) and not list(loss.parameters())[1:]
+    test_q, test_d = pairs(300)
+    assert recall_at_8(torch.eye(64), test_q, test_d) < 0.5
+    loss.eval()  # evaluation steps do not move the statistic
+    loss.contrastive_term(*pairs(32), None, None, None)
+    assert torch.equal(loss.rotation, torch.eye(64)) and not loss.learned_rotation.second_moment.any()
+    loss.train()
+    for _ in range(40):
+        q, d = pairs(32)
+        out = loss.contrastive_term(q, d, None, None, None)
+    assert out.loss.requires_grad is False  # no parameter in play: inputs without grad give none
+    assert recall_at_8(loss.rotation, test_q, test_d) > 0.9
+    # The leading 8-dimensional subspace is the last 8 coordinates'.
+    assert loss.rotation[:8, -8:].pow(2).sum().item() == pytest.approx(8.0, abs=0.2)
+
+    # On one repeated batch the running statistic converges to that batch's second moment: the
+    # basis `principal_rotation` fits (up to signs; the eigenvalues here are distinct).
+    q, d = pairs(200)
+    basis = RunningPrincipalBasis(64, decay=0.5)
+    for _ in range(60):
+        basis.update(q, d)
+    fitted = principal_rotation(torch.cat([q, d]))
+    assert torch.allclose((basis.weight @ fitted.T).abs()[:8, :8], torch.eye(8), atol=1e-3)
+
+    # Folded into the model: the statistic moves into the new basis (diagonal there), the basis restarts.
+    loss.reset_rotation()
+    assert torch.equal(loss.rotation, torch.eye(64))
+    moment = loss.learned_rotation.second_moment
+    assert (moment - torch.diag(moment.diagonal())).abs().max() < 1e-5
+    assert moment.diagonal()[:8].min() > moment.diagonal()[8:].max()
+    with pytest.raises(ValueError, match="matryoshka_rotation_method must be one of"):
+        CafeLoss(matryoshka_dims=[64, 8], matryoshka_rotation=True, matryoshka_rotation_method="pca")
+    with pytest.raises(ValueError, match="matryoshka_rotation_decay must be in"):
+        CafeLoss(
+            matryoshka_dims=[64, 8],
+            matryoshka_rotation=True,
+            matryoshka_rotation_method="principal",
+            matryoshka_rotation_decay=1.0,
+        )
+
+
 def test_a_learned_rotation_needs_the_sizes_and_the_full_width():
     with pytest.raises(ValueError, match="matryoshka_rotation=True needs matryoshka_dims"):
         CafeLoss(matryoshka_rotation=True)
@@ -197,16 +277,24 @@ def _rotation_run(tiny_checkpoint, data, tmp_path, output_dir, **overrides):
 
 
 @pytest.mark.released_formats
-def test_the_trainer_learns_the_rotation_and_the_checkpoint_serves_it(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("method", ["learned", "principal"])
+def test_the_trainer_learns_the_rotation_and_the_checkpoint_serves_it(tiny_checkpoint, tmp_path, method):
     from sentence_transformers import SentenceTransformer
 
     data = write_training_data(tmp_path, names=("red", "green", "blue", "yellow"))
-    model, trainer = _rotation_run(tiny_checkpoint, data, tmp_path, tmp_path / "run")
+    model, trainer = _rotation_run(tiny_checkpoint, data, tmp_path, tmp_path / "run", matryoshka_rotation_method=method)
     items = ["a red picture", "a blue square", "green"]
     before = model.encode(items)
     trainer.train()
-    rates = {group["lr"] for group in trainer.optimizer.param_groups if group["params"][0].shape == (64, 64)}
-    assert trainer.args.matryoshka_rotation_learning_rate in rates or trainer.lr_scheduler is not None
+    # The learned rotation trains in its own optimizer group; the principal basis is no parameter.
+    rotation_params = list(trainer.loss.learned_rotation.parameters())
+    assert bool(rotation_params) == (method == "learned")
+    rotation_groups = [
+        group
+        for group in trainer.optimizer.param_groups
+        if any(p is q for p in group["params"] for q in rotation_params)
+    ]
+    assert len(rotation_groups) == (method == "learned")
     rotation = model.embedding_rotation
     assert rotation is not None and (rotation - torch.eye(64)).abs().max() > 1e-3  # it turned
     assert torch.allclose(trainer.loss.rotation, torch.eye(64))  # folded into the model, the loss restarts
@@ -228,9 +316,10 @@ def test_the_trainer_learns_the_rotation_and_the_checkpoint_serves_it(tiny_check
     assert torch.allclose(F.normalize(served, dim=-1), model.encode(items, truncate_dim=8), atol=1e-4)
 
 
-def test_a_checkpoint_holds_the_rotation_of_its_step_and_resumes_it(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("method", ["learned", "principal"])
+def test_a_checkpoint_holds_the_rotation_of_its_step_and_resumes_it(tiny_checkpoint, tmp_path, method):
     data = write_training_data(tmp_path, names=("red", "green", "blue", "yellow"))
-    saving = dict(save_strategy="steps", save_steps=2, learning_rate=1e-3)
+    saving = dict(save_strategy="steps", save_steps=2, learning_rate=1e-3, matryoshka_rotation_method=method)
     model, full = _rotation_run(tiny_checkpoint, data, tmp_path, tmp_path / "full", **saving)
     full.train()
     uninterrupted = model.embedding_rotation

@@ -54,6 +54,7 @@ def test_reproduce_real_lm_quick_runs_every_stage_and_resumes(tmp_path):
         "contrastive only",
         "CAFe 1:10 + Matryoshka",
         "CAFe 1:10 + Matryoshka 1/4",
+        "CAFe 1:10 + Matryoshka 1/4, running principal rotation",
     ]
     summary = example.main(argv)
     assert list(summary) == [
@@ -61,6 +62,7 @@ def test_reproduce_real_lm_quick_runs_every_stage_and_resumes(tmp_path):
         "contrastive only",
         "CAFe 1:10 + Matryoshka",
         "CAFe 1:10 + Matryoshka 1/4",
+        "CAFe 1:10 + Matryoshka 1/4, running principal rotation",
     ]
     results = json.loads((out / "results.json").read_text())
     for name, runs in results["runs"].items():
@@ -78,6 +80,10 @@ def test_reproduce_real_lm_quick_runs_every_stage_and_resumes(tmp_path):
     settings = json.loads((out / "cafe-1-10-matryoshka-1-4-seed0" / "training_args.json").read_text())
     assert settings["matryoshka_dims"] == [64] and settings["matryoshka_weights"] == [0.25]
     assert settings["gradient_cache"] and settings["gradient_cache_mini_batch_size"] == 2
+    rotated = json.loads(
+        (out / "cafe-1-10-matryoshka-1-4-running-principal-rotation-seed0" / "training_args.json").read_text()
+    )
+    assert rotated["matryoshka_rotation"] and rotated["matryoshka_rotation_method"] == "principal"
     assert "| contrastive only | 1 |" in (out / "results.md").read_text()
 
     # Resume: every stage's metrics are read back, nothing is trained or evaluated again.

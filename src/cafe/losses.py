@@ -230,6 +230,11 @@ def lm_loss_at_supervised_positions(
 
 # ----------------------------------------------------------------------------- Eq. 3
 CONTRASTIVE_GRADIENTS = ("exact", "reference")
+# How `CafeLoss(matryoshka_rotation=True)` finds its rotation: a trained orthogonal parameter, or
+# the running principal basis of the training embeddings (`RunningPrincipalBasis`).
+MATRYOSHKA_ROTATION_METHODS = ("learned", "principal")
+# The principal basis's running statistic averages over about the last 1 / (1 - decay) = 20 steps.
+MATRYOSHKA_ROTATION_DECAY = 0.95
 
 
 @dataclass
@@ -329,6 +334,17 @@ class CafeLoss(nn.Module):
             unchanged: only the truncated terms train it. A parameter of this loss (as a learnable
             logit scale), saved with the trainer state; `CafeTrainer` folds it into the model's
             `embedding_rotation` (the saved ``Dense`` module) when it saves and after training.
+        matryoshka_rotation_method: How ``matryoshka_rotation`` finds its rotation. ``"learned"``
+            (default): the orthogonal matrix above, a parameter trained by the truncated terms
+            at its own learning rate; it turns slowly (a few hundred steps to reach the data's
+            principal basis). ``"principal"``: the principal basis of the embeddings this loss
+            sees in training, a running statistic (`RunningPrincipalBasis`, like batch norm's
+            running mean: a buffer updated on every training step, no gradient), so the
+            truncated terms always train the subspace that currently holds most of the
+            embeddings' length, and it follows the model as it changes.
+        matryoshka_rotation_decay: For ``"principal"``: the running second moment's decay per
+            training step (0.95 averages over about the last 20 steps; use more steps' worth,
+            i.e. a decay closer to 1, when a step holds fewer vectors than the embedding width).
     """
 
     def __init__(
@@ -346,6 +362,8 @@ class CafeLoss(nn.Module):
         matryoshka_dims: list[int] | tuple[int, ...] | None = None,
         matryoshka_weights: list[float] | tuple[float, ...] | None = None,
         matryoshka_rotation: bool = False,
+        matryoshka_rotation_method: str = "learned",
+        matryoshka_rotation_decay: float = MATRYOSHKA_ROTATION_DECAY,
     ):
         super().__init__()
         if contrastive_weight < 0 or lm_weight < 0:
@@ -371,14 +389,24 @@ class CafeLoss(nn.Module):
         self.average_tokens_across_processes = average_tokens_across_processes
         self.share_prefix = share_prefix
         self.matryoshka_dims, self.matryoshka_weights = _check_matryoshka(matryoshka_dims, matryoshka_weights)
-        self.learned_rotation: nn.Linear | None = None
+        if matryoshka_rotation_method not in MATRYOSHKA_ROTATION_METHODS:
+            raise ValueError(
+                f"matryoshka_rotation_method must be one of {MATRYOSHKA_ROTATION_METHODS}, "
+                f"got {matryoshka_rotation_method!r}."
+            )
+        # Either kind is "learned" from the training embeddings: by gradient, or as their statistic.
+        self.learned_rotation: nn.Linear | RunningPrincipalBasis | None = None
         if matryoshka_rotation:
             if not self.matryoshka_dims:
                 raise ValueError(
                     "matryoshka_rotation=True needs matryoshka_dims: the rotation is trained by the truncated terms "
                     "(the full-size term does not see an orthogonal rotation)."
                 )
-            self.learned_rotation = learned_rotation(max(self.matryoshka_dims))
+            size = max(self.matryoshka_dims)
+            if matryoshka_rotation_method == "principal":
+                self.learned_rotation = RunningPrincipalBasis(size, matryoshka_rotation_decay)
+            else:
+                self.learned_rotation = learned_rotation(size)
 
     @property
     def uses_lm(self) -> bool:
@@ -548,6 +576,9 @@ class CafeLoss(nn.Module):
             )
         if self.learned_rotation is not None:
             rotation = self.rotation_matrix(size)
+            if isinstance(self.learned_rotation, RunningPrincipalBasis) and self.training:
+                # This step's embeddings join the statistic before the terms use its basis.
+                rotation = self.learned_rotation.update(query, doc, negatives)
             # float32 even under autocast, as every part of the loss.
             with torch.autocast(query.device.type, enabled=False):
                 query, doc = query.float() @ rotation.T, doc.float() @ rotation.T
@@ -581,7 +612,8 @@ class CafeLoss(nn.Module):
         """The learned ``[D, D]`` orthogonal rotation (``matryoshka_rotation``), detached, or None."""
         if self.learned_rotation is None:
             return None
-        return self.learned_rotation.weight.detach().float()
+        # A copy: a running principal basis is a buffer that `reset_rotation` overwrites in place.
+        return self.learned_rotation.weight.detach().float().clone()
 
     def rotation_matrix(self, size: int) -> torch.Tensor:
         """The learned rotation, ``[size, size]`` float32 with its gradient: one matrix exponential,
@@ -600,11 +632,54 @@ class CafeLoss(nn.Module):
 
     def reset_rotation(self) -> None:
         """Start the learned rotation again from the identity (after `CafeTrainer` folded it into the model)."""
-        if self.learned_rotation is not None:
+        if isinstance(self.learned_rotation, RunningPrincipalBasis):
+            self.learned_rotation.fold()
+        elif self.learned_rotation is not None:
             size = self.learned_rotation.weight.shape[0]
             device = self.learned_rotation.weight.device
             with torch.no_grad():
                 self.learned_rotation.weight = torch.eye(size, device=device)
+
+
+class RunningPrincipalBasis(nn.Module):
+    """The principal basis of the embeddings a loss sees in training, kept as a running statistic.
+
+    ``weight`` (``[D, D]``) holds, as rows and largest first, the principal directions of an
+    exponential moving average of the unit embeddings' (uncentred) second moment: the basis
+    `cafe.rotation.principal_rotation` fits on a sample, here over the last ``~1 / (1 - decay)``
+    training steps, so it follows the model while it trains. Buffers, not parameters (as batch
+    norm's running statistics): no optimizer sees them, and they are saved with the loss's state
+    (``cafe_loss.pt`` in a checkpoint), so a resumed run goes on with the same basis.
+    """
+
+    def __init__(self, size: int, decay: float = MATRYOSHKA_ROTATION_DECAY):
+        super().__init__()
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"matryoshka_rotation_decay must be in [0, 1), got {decay}.")
+        self.decay = decay
+        self.register_buffer("second_moment", torch.zeros(size, size))
+        self.register_buffer("weight", torch.eye(size))
+
+    @torch.no_grad()
+    def update(self, *embeddings: torch.Tensor | None) -> torch.Tensor:
+        """Add a step's ``[N, D]`` embeddings (queries, documents, negatives) to the statistic and
+        return the new basis, ``[D, D]`` float32."""
+        with torch.autocast(self.weight.device.type, enabled=False):
+            vectors = torch.cat([F.normalize(e.detach().float(), dim=-1) for e in embeddings if e is not None])
+            self.second_moment.mul_(self.decay).add_(vectors.T @ vectors / vectors.shape[0], alpha=1.0 - self.decay)
+            # `eigh`: ascending eigenvalues, a full orthonormal basis even while the statistic has
+            # seen fewer vectors than D. The order within (near-)equal eigenvalues and the signs
+            # may change from step to step; the truncated terms see only the nested subspaces.
+            _, eigenvectors = torch.linalg.eigh(self.second_moment)
+            self.weight.copy_(eigenvectors.flip(-1).T)
+        return self.weight
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """After the model took ``weight`` as its own rotation: its embeddings now come out in this
+        basis, so the statistic is re-expressed in it and the basis restarts at the identity."""
+        self.second_moment.copy_(self.weight @ self.second_moment @ self.weight.T)
+        self.weight.copy_(torch.eye(self.weight.shape[0], device=self.weight.device))
 
 
 def learned_rotation(size: int) -> nn.Linear:

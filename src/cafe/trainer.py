@@ -17,7 +17,13 @@ from transformers.utils import logging
 
 from .batch import CafeBatch, MiniBatches
 from .collator import MiniBatchCollator
-from .losses import CONTRASTIVE_GRADIENTS, CachedCafeLoss, CafeLoss
+from .losses import (
+    CONTRASTIVE_GRADIENTS,
+    MATRYOSHKA_ROTATION_DECAY,
+    MATRYOSHKA_ROTATION_METHODS,
+    CachedCafeLoss,
+    CafeLoss,
+)
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo
@@ -115,9 +121,21 @@ class CafeTrainingArguments(TrainingArguments):
             "prefixes hold the directions that matter (saved as the sentence-transformers Dense module). See CafeLoss."
         },
     )
+    matryoshka_rotation_method: str = field(
+        default="learned",
+        metadata={
+            "help": "How matryoshka_rotation finds the rotation: 'learned' (an orthogonal matrix trained by the "
+            "truncated terms) or 'principal' (the running principal basis of the training embeddings). See CafeLoss.",
+            "choices": list(MATRYOSHKA_ROTATION_METHODS),
+        },
+    )
     matryoshka_rotation_learning_rate: float = field(
         default=MATRYOSHKA_ROTATION_LEARNING_RATE,
         metadata={"help": "Learning rate of the learned Matryoshka rotation (it starts at the identity)."},
+    )
+    matryoshka_rotation_decay: float = field(
+        default=MATRYOSHKA_ROTATION_DECAY,
+        metadata={"help": "Decay per step of the 'principal' rotation's running statistic (~1/(1-decay) steps)."},
     )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep raw record columns: CafeCollator reads them."}
@@ -145,6 +163,11 @@ class CafeTrainingArguments(TrainingArguments):
             raise ValueError(
                 "matryoshka_rotation=True needs matryoshka_dims (e.g. 896 512 256 128 64): only the truncated terms "
                 "train the rotation."
+            )
+        if self.matryoshka_rotation_method not in MATRYOSHKA_ROTATION_METHODS:
+            raise ValueError(
+                f"matryoshka_rotation_method must be one of {MATRYOSHKA_ROTATION_METHODS}, "
+                f"got {self.matryoshka_rotation_method!r}."
             )
         if self.torch_compile:
             warnings.warn("torch_compile=True with CafeTrainer is untested; it is off by default.", stacklevel=2)
@@ -278,6 +301,8 @@ class CafeTrainer(Trainer):
             matryoshka_dims=args.matryoshka_dims,
             matryoshka_weights=args.matryoshka_weights,
             matryoshka_rotation=args.matryoshka_rotation,
+            matryoshka_rotation_method=args.matryoshka_rotation_method,
+            matryoshka_rotation_decay=args.matryoshka_rotation_decay,
         )
         if args.gradient_cache:
             return CachedCafeLoss(mini_batch_size=args.gradient_cache_mini_batch_size, **kwargs)
@@ -320,7 +345,7 @@ class CafeTrainer(Trainer):
         loss_params = [p for p in self.loss.parameters() if p.requires_grad and id(p) not in rotation_params]
         if loss_params:
             param_groups.append({"params": loss_params, "lr": self.args.learning_rate, "weight_decay": 0.0})
-        if rotation is not None:
+        if rotation is not None and rotation_params:  # a running principal basis has none
             # Its own rate: it starts at the identity and has to turn far in a few hundred steps,
             # where the LLM's rate (1e-5 - 1e-4) would leave it there.
             param_groups.append(
@@ -362,6 +387,9 @@ class CafeTrainer(Trainer):
     ) -> torch.Tensor | tuple[torch.Tensor, CafeLossOutput]:
         for name, value in getattr(inputs, "counts", {}).items():
             self._metrics[f"data/{name}"].append(float(value))
+        # Running statistics in the loss (a principal-basis rotation) update on training steps
+        # only, as batch norm's do: the loss follows the model's train / eval mode.
+        self.loss.train(model.training)
         output = self.loss(model, inputs)
         for name, value in output.metrics().items():
             self._metrics[name].append(value)
