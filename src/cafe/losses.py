@@ -343,8 +343,10 @@ class CafeLoss(nn.Module):
             truncated terms always train the subspace that currently holds most of the
             embeddings' length, and it follows the model as it changes.
         matryoshka_rotation_decay: For ``"principal"``: the running second moment's decay per
-            training step (0.95 averages over about the last 20 steps; use more steps' worth,
-            i.e. a decay closer to 1, when a step holds fewer vectors than the embedding width).
+            training batch (each call in training mode; a gradient-accumulation micro-batch
+            counts as one). 0.95 averages over about the last 20 batches; the window should hold
+            several times the embedding width in vectors (queries, documents and negatives), so
+            raise it towards 1 for small batches or wide models.
     """
 
     def __init__(

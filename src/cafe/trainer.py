@@ -117,8 +117,9 @@ class CafeTrainingArguments(TrainingArguments):
     matryoshka_rotation: bool = field(
         default=False,
         metadata={
-            "help": "Learn an orthogonal rotation of the embedding space with the Matryoshka terms, so that truncated "
-            "prefixes hold the directions that matter (saved as the sentence-transformers Dense module). See CafeLoss."
+            "help": "Rotate the embedding space for the Matryoshka terms (learned, or the running principal basis: "
+            "matryoshka_rotation_method), so that truncated prefixes hold the directions that matter; saved as the "
+            "sentence-transformers Dense module. See CafeLoss."
         },
     )
     matryoshka_rotation_method: str = field(
@@ -135,7 +136,10 @@ class CafeTrainingArguments(TrainingArguments):
     )
     matryoshka_rotation_decay: float = field(
         default=MATRYOSHKA_ROTATION_DECAY,
-        metadata={"help": "Decay per step of the 'principal' rotation's running statistic (~1/(1-decay) steps)."},
+        metadata={
+            "help": "Decay per training batch of the 'principal' rotation's running statistic (it averages over "
+            "about the last 1/(1-decay) batches)."
+        },
     )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep raw record columns: CafeCollator reads them."}
