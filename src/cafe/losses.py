@@ -339,7 +339,7 @@ class CafeLoss(nn.Module):
             at its own learning rate; it turns slowly (a few hundred steps to reach the data's
             principal basis). ``"principal"``: the principal basis of the embeddings this loss
             sees in training, a running statistic (`RunningPrincipalBasis`, like batch norm's
-            running mean: a buffer updated on every training step, no gradient), so the
+            running mean: a buffer updated on every training batch, no gradient), so the
             truncated terms always train the subspace that currently holds most of the
             embeddings' length, and it follows the model as it changes.
         matryoshka_rotation_decay: For ``"principal"``: the running second moment's decay per
@@ -633,7 +633,8 @@ class CafeLoss(nn.Module):
         return rotation.float()
 
     def reset_rotation(self) -> None:
-        """Start the learned rotation again from the identity (after `CafeTrainer` folded it into the model)."""
+        """Start the rotation again from the identity, after `CafeTrainer` folded it into the model (a
+        running principal basis keeps its statistic, re-expressed in the model's new basis)."""
         if isinstance(self.learned_rotation, RunningPrincipalBasis):
             self.learned_rotation.fold()
         elif self.learned_rotation is not None:
