@@ -101,16 +101,6 @@ VARIANTS = [
     # Matryoshka 1/4 with a rotation of the embedding space learned by the same loss
     # (`matryoshka_rotation`, see `ROTATION_VARIANTS`).
     ("CAFe 1:10 + Matryoshka 1/4, learned rotation", 1.0, 10.0, [576, 256, 128, 64], [0.25] * 4),
-    # Both: the rotation is learned from the base model's principal basis instead of the identity,
-    # so the 80 steps that left the identity-started rotation at ~94 % of full size start where
-    # a fitted rotation is.
-    (
-        "CAFe 1:10 + Matryoshka 1/4, learned rotation from the principal basis",
-        1.0,
-        10.0,
-        [576, 256, 128, 64],
-        [0.25] * 4,
-    ),
     # The rotation as the running principal basis of the training embeddings
     # (`matryoshka_rotation_method="principal"`): no steps spent turning it, it follows the model.
     ("CAFe 1:10 + Matryoshka 1/4, running principal rotation", 1.0, 10.0, [576, 256, 128, 64], [0.25] * 4),
@@ -121,10 +111,7 @@ VARIANTS = [
 # stalled at ~93 % of full-size R@1 at 128 dimensions. A fixed principal basis gives the truncated
 # terms coordinates the model can keep its information in. Without Matryoshka the rotation changes
 # nothing in training (InfoNCE on cosines is rotation-invariant).
-PRINCIPAL_BASIS_VARIANTS = {
-    "CAFe 1:10 + Matryoshka 1/4, principal basis",
-    "CAFe 1:10 + Matryoshka 1/4, learned rotation from the principal basis",
-}
+PRINCIPAL_BASIS_VARIANTS = {"CAFe 1:10 + Matryoshka 1/4, principal basis"}
 # Variants whose loss rotates the embedding space for the Matryoshka terms
 # (`CafeLoss(matryoshka_rotation=True)`), by `matryoshka_rotation_method`: "learned", an orthogonal
 # matrix trained by the truncated terms, or "principal", the running principal basis of the
@@ -133,7 +120,6 @@ PRINCIPAL_BASIS_VARIANTS = {
 # truncated term to use it: the run without Matryoshka is its comparison.
 ROTATION_VARIANTS = {
     "CAFe 1:10 + Matryoshka 1/4, learned rotation": "learned",
-    "CAFe 1:10 + Matryoshka 1/4, learned rotation from the principal basis": "learned",
     "CAFe 1:10 + Matryoshka 1/4, running principal rotation": "principal",
 }
 DEFAULT_VARIANTS = [v[0] for v in VARIANTS[:5]]
