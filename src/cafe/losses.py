@@ -655,6 +655,9 @@ class RunningPrincipalBasis(nn.Module):
     (``cafe_loss.pt`` in a checkpoint), so a resumed run goes on with the same basis.
     """
 
+    second_moment: torch.Tensor  # [D, D] float32 buffers (registered in __init__)
+    weight: torch.Tensor
+
     def __init__(self, size: int, decay: float = MATRYOSHKA_ROTATION_DECAY):
         super().__init__()
         if not 0.0 <= decay < 1.0:
