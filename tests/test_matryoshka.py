@@ -61,11 +61,14 @@ def test_bad_settings_name_the_fix(caplog):
         CafeSettings(matryoshka_dims=[0])
 
 
-@pytest.mark.parametrize("with_lm", [True, False])
-def test_gradient_cache_gives_the_plain_matryoshka_loss_and_gradients(tiny_checkpoint, with_lm):
-    """CachedCafeLoss caches the gradient of the whole Matryoshka sum w.r.t. the full embeddings."""
+@pytest.mark.parametrize("with_lm,rotation", [(True, None), (False, None), (True, "principal")])
+def test_gradient_cache_gives_the_plain_matryoshka_loss_and_gradients(tiny_checkpoint, with_lm, rotation):
+    """CachedCafeLoss caches the gradient of the whole Matryoshka sum w.r.t. the full embeddings
+    (with a running principal basis: updated once per step, on the whole batch)."""
     model = load(tiny_checkpoint)
     kwargs = dict(lm_weight=1.0 if with_lm else 0.0, matryoshka_dims=DIMS, matryoshka_weights=[1.0, 1.0, 0.5, 0.5])
+    if rotation:
+        kwargs.update(matryoshka_rotation=True, matryoshka_rotation_method=rotation)
     plain, cached = CafeLoss(**kwargs), CachedCafeLoss(mini_batch_size=2, **kwargs)
     # One hard negative: with the mined one too, a vision k_proj gradient of ~1e-2 lands 2e-7 off,
     # float noise just past the 1e-5 + 1e-7 bound (the masking itself is checked in test_gradient_cache).
@@ -85,6 +88,9 @@ def test_gradient_cache_gives_the_plain_matryoshka_loss_and_gradients(tiny_check
     assert out.loss.item() == pytest.approx(plain_out.loss.item(), rel=1e-5)
     assert out.contrastive.loss_by_dim.keys() == plain_out.contrastive.loss_by_dim.keys()
     assert_same_grads(grads(model), expected)
+    if rotation:
+        moment = cached.learned_rotation.second_moment
+        assert moment.any() and torch.allclose(moment, plain.learned_rotation.second_moment, atol=1e-6)
 
 
 def test_trainer_wires_the_dims_and_saves_them(tiny_checkpoint, tmp_path):
@@ -138,6 +144,16 @@ def test_matryoshka_dims_parse_from_the_command_line():
     assert (args.matryoshka_rotation_method, args.matryoshka_rotation_decay) == ("principal", 0.9)
     with pytest.raises(ValueError, match="matryoshka_rotation_method must be one of"):
         CafeTrainingArguments(output_dir="x", use_cpu=True, matryoshka_rotation_method="pca")
+    with pytest.raises(ValueError, match="has no effect without matryoshka_rotation=True"):
+        CafeTrainingArguments(output_dir="x", use_cpu=True, matryoshka_rotation_method="principal")
+    with pytest.raises(ValueError, match="matryoshka_rotation_decay must be in"):
+        CafeTrainingArguments(
+            output_dir="x",
+            use_cpu=True,
+            matryoshka_dims=[64, 8],
+            matryoshka_rotation=True,
+            matryoshka_rotation_decay=1.5,
+        )
 
 
 # ---------------------------------------------------------------------- learned rotation
@@ -242,6 +258,12 @@ def test_a_principal_rotation_is_the_running_principal_basis_of_the_training_emb
     assert moment.diagonal()[:8].min() > moment.diagonal()[8:].max()
     with pytest.raises(ValueError, match="matryoshka_rotation_method must be one of"):
         CafeLoss(matryoshka_dims=[64, 8], matryoshka_rotation=True, matryoshka_rotation_method="pca")
+    # A non-finite batch leaves the statistic as it was (a NaN would stay in the running sum for good).
+    before = loss.learned_rotation.second_moment.clone()
+    bad = torch.randn(4, 64)
+    bad[1, 3] = float("nan")
+    loss.learned_rotation.update(bad)
+    assert torch.equal(loss.learned_rotation.second_moment, before)
     with pytest.raises(ValueError, match="matryoshka_rotation_decay must be in"):
         CafeLoss(
             matryoshka_dims=[64, 8],
@@ -371,3 +393,34 @@ def test_a_passed_loss_without_the_rotation_says_the_argument_is_not_used(tiny_c
             model, data, tmp_path, loss=CafeLoss(matryoshka_dims=DIMS), matryoshka_dims=DIMS, matryoshka_rotation=True
         )
     assert any("learns no rotation: this run trains none" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        make_trainer(
+            model,
+            data,
+            tmp_path,
+            loss=CafeLoss(matryoshka_dims=DIMS, matryoshka_rotation=True),
+            matryoshka_dims=DIMS,
+            matryoshka_rotation=True,
+            matryoshka_rotation_method="principal",
+        )
+    assert any("has a 'learned' rotation, which this run uses" in r.getMessage() for r in caplog.records)
+
+
+def test_the_principal_basis_moves_on_training_steps_only(tiny_checkpoint, tmp_path):
+    """CafeTrainer puts the loss in the model's mode: an evaluation step leaves the statistic alone."""
+    from _training import first_batch
+
+    data = write_training_data(tmp_path, names=("red", "green", "blue", "yellow"))
+    model, trainer = _rotation_run(
+        tiny_checkpoint, data, tmp_path, tmp_path / "run", matryoshka_rotation_method="principal"
+    )
+    batch = first_batch(trainer)
+    statistic = trainer.loss.learned_rotation.second_moment
+    model.eval()  # as Trainer's evaluation loop
+    with torch.no_grad():
+        trainer.compute_loss(model, batch)
+    assert not statistic.any()
+    model.train()  # as Trainer's training_step
+    trainer.compute_loss(model, batch)
+    assert statistic.any()

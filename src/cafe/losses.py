@@ -508,7 +508,7 @@ class CafeLoss(nn.Module):
             # The rotation is no DDP parameter: on local batches every process would turn its own.
             raise ValueError(
                 "matryoshka_rotation=True under several processes needs gather_negatives=True, so that every "
-                "process learns the rotation from the same global loss."
+                "process learns the same rotation from the same global batch of embeddings."
             )
         if self.gather_negatives and is_distributed():
             world_size = torch.distributed.get_world_size()
@@ -672,13 +672,24 @@ class RunningPrincipalBasis(nn.Module):
         return the new basis, ``[D, D]`` float32."""
         with torch.autocast(self.weight.device.type, enabled=False):
             vectors = torch.cat([F.normalize(e.detach().float(), dim=-1) for e in embeddings if e is not None])
+            if not torch.isfinite(vectors).all():
+                # One NaN would stay in the running sum (and in every checkpoint) for good; the
+                # step's loss is NaN anyway, which is what the user sees. Keep the last basis.
+                logger.warning_once(
+                    "Non-finite embeddings in a training batch: the principal rotation skipped them (the loss of that "
+                    "batch is not finite either)."
+                )
+                return self.weight.clone()
             self.second_moment.mul_(self.decay).add_(vectors.T @ vectors / vectors.shape[0], alpha=1.0 - self.decay)
             # `eigh`: ascending eigenvalues, a full orthonormal basis even while the statistic has
             # seen fewer vectors than D. The order within (near-)equal eigenvalues and the signs
             # may change from step to step; the truncated terms see only the nested subspaces.
+            # Under DDP every process gathered the same embeddings, so every process computes the
+            # same statistic and the same basis: nothing to synchronise.
             _, eigenvectors = torch.linalg.eigh(self.second_moment)
             self.weight.copy_(eigenvectors.flip(-1).T)
-        return self.weight
+        # A copy: the loss's graph keeps it for backward, and the buffer changes in place next step.
+        return self.weight.clone()
 
     @torch.no_grad()
     def fold(self) -> None:

@@ -23,6 +23,7 @@ from .losses import (
     MATRYOSHKA_ROTATION_METHODS,
     CachedCafeLoss,
     CafeLoss,
+    RunningPrincipalBasis,
 )
 
 if TYPE_CHECKING:
@@ -173,6 +174,13 @@ class CafeTrainingArguments(TrainingArguments):
                 f"matryoshka_rotation_method must be one of {MATRYOSHKA_ROTATION_METHODS}, "
                 f"got {self.matryoshka_rotation_method!r}."
             )
+        if self.matryoshka_rotation_method != "learned" and not self.matryoshka_rotation:
+            raise ValueError(
+                f"matryoshka_rotation_method={self.matryoshka_rotation_method!r} has no effect without "
+                "matryoshka_rotation=True: turn the rotation on (with matryoshka_dims)."
+            )
+        if not 0.0 <= self.matryoshka_rotation_decay < 1.0:
+            raise ValueError(f"matryoshka_rotation_decay must be in [0, 1), got {self.matryoshka_rotation_decay}.")
         if self.torch_compile:
             warnings.warn("torch_compile=True with CafeTrainer is untested; it is off by default.", stacklevel=2)
 
@@ -243,11 +251,20 @@ class CafeTrainer(Trainer):
         frozen = self._cafe_model().freeze_unused_parameters()
         if frozen:
             logger.info("Froze %d parameters the forward pass never uses: %s", len(frozen), frozen)
-        if loss is not None and self.args.matryoshka_rotation and getattr(loss, "learned_rotation", None) is None:
+        passed_rotation = None if loss is None else getattr(loss, "learned_rotation", None)
+        if loss is not None and self.args.matryoshka_rotation and passed_rotation is None:
             logger.warning(
                 "matryoshka_rotation=True in the training arguments, but the loss passed to CafeTrainer learns no "
                 "rotation: this run trains none. Build it with CafeLoss(..., matryoshka_rotation=True)."
             )
+        elif self.args.matryoshka_rotation and passed_rotation is not None:
+            passed_method = "principal" if isinstance(passed_rotation, RunningPrincipalBasis) else "learned"
+            if passed_method != self.args.matryoshka_rotation_method:
+                logger.warning(
+                    f"matryoshka_rotation_method={self.args.matryoshka_rotation_method!r} in the training arguments, "
+                    f"but the loss passed to CafeTrainer has a {passed_method!r} rotation, which this run uses. Build "
+                    "the loss with the same matryoshka_rotation_method."
+                )
         self.loss = (loss if loss is not None else self.default_loss()).to(self.args.device)
         # Our losses are means over their own batch; let Trainer divide by the accumulation steps.
         self.model_accepts_loss_kwargs = False
