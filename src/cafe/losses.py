@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from transformers.utils import logging
 
 from .distributed import gather_no_grad, gather_with_grad, is_distributed
+from .rotation import principal_basis
 
 if TYPE_CHECKING:
     from .batch import CafeBatch, MiniBatches
@@ -681,13 +682,11 @@ class RunningPrincipalBasis(nn.Module):
                 )
                 return self.weight.clone()
             self.second_moment.mul_(self.decay).add_(vectors.T @ vectors / vectors.shape[0], alpha=1.0 - self.decay)
-            # `eigh`: ascending eigenvalues, a full orthonormal basis even while the statistic has
-            # seen fewer vectors than D. The order within (near-)equal eigenvalues and the signs
-            # may change from step to step; the truncated terms see only the nested subspaces.
-            # Under DDP every process gathered the same embeddings, so every process computes the
-            # same statistic and the same basis: nothing to synchronise.
-            _, eigenvectors = torch.linalg.eigh(self.second_moment)
-            self.weight.copy_(eigenvectors.flip(-1).T)
+            # The order within (near-)equal eigenvalues and the signs may change from step to step;
+            # the truncated terms see only the nested subspaces. Under DDP every process gathered
+            # the same embeddings, so every process computes the same statistic and the same
+            # basis: nothing to synchronise.
+            self.weight.copy_(principal_basis(self.second_moment))
         # A copy: the loss's graph keeps it for backward, and the buffer changes in place next step.
         return self.weight.clone()
 

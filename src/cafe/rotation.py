@@ -59,10 +59,17 @@ def principal_rotation(embeddings: torch.Tensor) -> torch.Tensor:
             f"truncating past {count} dimensions keeps an arbitrary subspace. Fit it on more inputs."
         )
     # The eigenvectors of the [D, D] second-moment matrix are the right singular vectors of the
-    # vectors, without the [N, N] factor an SVD builds (memory quadratic in the sample). `eigh`
-    # returns a full orthonormal basis even when N < D; its eigenvalues come in ascending order.
-    _, eigenvectors = torch.linalg.eigh(vectors.T @ vectors)
-    return eigenvectors.flip(-1).T.contiguous().to(torch.float32)
+    # vectors, without the [N, N] factor an SVD builds (memory quadratic in the sample).
+    return principal_basis(vectors.T @ vectors).contiguous().to(torch.float32)
+
+
+def principal_basis(second_moment: torch.Tensor) -> torch.Tensor:
+    """The eigenvectors of a symmetric ``[D, D]`` second-moment matrix as rows, largest eigenvalue
+    first: the rotation whose every prefix is the leading principal subspace. `eigh` returns a
+    full orthonormal basis even when the matrix has rank < D (the rest in no particular order);
+    its eigenvalues come in ascending order, hence the flip."""
+    _, eigenvectors = torch.linalg.eigh(second_moment)
+    return eigenvectors.flip(-1).T
 
 
 def check_rotation(rotation: torch.Tensor, size: int) -> torch.Tensor:
