@@ -273,6 +273,14 @@ def test_a_principal_rotation_is_the_running_principal_basis_of_the_training_emb
         )
 
 
+def test_a_principal_rotation_over_fewer_embeddings_than_its_width_says_so(caplog):
+    from cafe.losses import RunningPrincipalBasis
+
+    with caplog.at_level("WARNING"):
+        RunningPrincipalBasis(64, decay=0.5).update(torch.randn(3, 64), torch.randn(3, 64))
+    assert any("averages over about 12 embeddings" in r.getMessage() for r in caplog.records)
+
+
 def test_a_learned_rotation_needs_the_sizes_and_the_full_width():
     with pytest.raises(ValueError, match="matryoshka_rotation=True needs matryoshka_dims"):
         CafeLoss(matryoshka_rotation=True)

@@ -687,6 +687,15 @@ class RunningPrincipalBasis(nn.Module):
             # the same embeddings, so every process computes the same statistic and the same
             # basis: nothing to synchronise.
             self.weight.copy_(principal_basis(self.second_moment))
+        window = vectors.shape[0] / (1.0 - self.decay)
+        if window < self.weight.shape[0]:
+            # Past the window's rank the basis is an arbitrary completion: prefixes that reach
+            # into it are cut in no particular order (what `principal_rotation` warns of too).
+            logger.warning_once(
+                f"The principal rotation averages over about {window:.0f} embeddings ({vectors.shape[0]} a batch, "
+                f"matryoshka_rotation_decay={self.decay}), fewer than their width {self.weight.shape[0]}: directions "
+                "past that count are in no particular order. Raise matryoshka_rotation_decay towards 1 or the batch size."
+            )
         # A copy: the loss's graph keeps it for backward, and the buffer changes in place next step.
         return self.weight.clone()
 
